@@ -1,0 +1,34 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both create .venv from nothing when it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint format clean-venv
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU build that lies on this disk. A looser
+	# requirement pulled in later would fetch a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+test: $(BIN)/.installed
+	$(BIN)/python -m ruff check neva_jax tests configs
+	$(BIN)/python -m pytest -n 2 tests
+
+demo: $(BIN)/.installed
+	$(BIN)/python -m neva_jax.demo
+
+lint: $(BIN)/.installed
+	$(BIN)/python -m ruff check neva_jax tests configs
+	$(BIN)/python -m ruff format --check neva_jax tests configs
+
+format: $(BIN)/.installed
+	$(BIN)/python -m ruff format neva_jax tests configs
+	$(BIN)/python -m ruff check --fix neva_jax tests configs
+
+clean-venv:
+	rm -rf $(VENV)
