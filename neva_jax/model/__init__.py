@@ -1,0 +1,1 @@
+"""NeVA model: the LLaMA-family decoder, the CLIP vision tower, projectors and the wrapper."""

@@ -1,0 +1,291 @@
+"""Multi-head / grouped-query attention with RoPE and a preallocated KV cache.
+
+Axis letters: B batch, T query length, S key length, N query heads, K kv heads,
+H head dim, D model width, L layers.
+
+The attention core is `jax.nn.dot_product_attention` (layout BTNH, GQA native). Masks
+follow docs/CONTRACTS.md: a query attends to keys with the same non-zero segment id
+and a position <= its own. Without segment ids or a cache the causal mask is
+expressed with `is_causal` (no materialised mask, cuDNN flash friendly); otherwise an
+explicit boolean mask [B, 1, T, S] is passed. Fully masked rows (padding queries)
+stay finite: the XLA and cuDNN paths mask with a large finite negative number, so
+such rows attend uniformly and never produce NaNs; no real token reads them.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from neva_jax.model.layers import DEFAULT_KERNEL_INIT, Dense, Initializer
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def select_implementation(
+    attention_impl: str,
+    dtype: jnp.dtype,
+    head_dim: int,
+    *,
+    q_len: int = 2,
+    kv_len: int = 2,
+    has_mask: bool = False,
+) -> str:
+    """Resolves the `attention_impl` knob to the `implementation` of dot_product_attention.
+
+    `auto` picks cuDNN flash attention when the backend is a GPU, the compute dtype
+    is bf16/fp16, the head dim is one cuDNN supports (multiple of 8, <= 128) and, with
+    an explicit mask (which cuDNN takes as a bias), both lengths are even (cuDNN's
+    rule for a bias in training; odd lengths such as 1-token decode steps go to XLA).
+    Everywhere else (CPU, fp32) it picks XLA. `cudnn` is honoured as asked (it
+    raises where cuDNN is missing or the shape is unsupported); `xla` always works.
+    """
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    if attention_impl != "auto":
+        return attention_impl
+    cudnn_ok = (
+        jax.default_backend() == "gpu"
+        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and not (has_mask and (q_len % 2 or kv_len % 2))
+    )
+    return "cudnn" if cudnn_ok else "xla"
+
+
+# ---------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
+    """Inverse frequencies [rotary_dim / 2], float32, as `transformers` computes them."""
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+    return (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float, rotary_dim: int) -> jax.Array:
+    """Rotary embedding, Hugging Face `rotate_half` convention (no q/k permutation needed).
+
+    x [B, T, N, H], positions [B, T] int. The first `rotary_dim` features of each head
+    are rotated (NeMo's `rotary_percentage` < 1 leaves the rest untouched); the two
+    halves of that block form the (real, imaginary) pairs.
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(rotary_dim, theta))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, rot]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x_rot, x_pass = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = (x_rot * cos + rotated * sin).astype(x.dtype)
+    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def make_attention_mask(
+    q_segment_ids: jax.Array,
+    q_positions: jax.Array,
+    kv_segment_ids: jax.Array,
+    kv_positions: jax.Array,
+) -> jax.Array:
+    """Boolean mask [B, 1, T, S]: same non-zero segment and key position <= query position.
+
+    q_* are [B, T], kv_* are [B, S]. Covers packed rows, left/right padding (segment 0)
+    and a KV cache (whose empty slots carry segment 0).
+    """
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    real = kv_segment_ids[:, None, :] != 0
+    causal = kv_positions[:, None, :] <= q_positions[:, :, None]
+    return (same & real & causal)[:, None, :, :]
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated KV cache for all layers (static shapes; one write slot for the batch).
+
+    k, v: [L, B, S, K, H] in the compute dtype. segment_ids, positions: [B, S] int32 of
+    the cached tokens (segment 0 marks empty slots and left padding). index: [] int32,
+    the next slot to write; a call with T tokens writes slots [index, index + T).
+    Rows with different prompt lengths are left padded so they share `index`.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(
+        cls,
+        num_layers: int,
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: jnp.dtype,
+    ) -> KVCache:
+        """An empty cache: zeros, segment ids 0, index 0."""
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+            positions=jnp.zeros((batch, max_len), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        """S, the number of slots."""
+        return self.segment_ids.shape[1]
+
+    def next_positions(self) -> jax.Array:
+        """[B] int32: one past the largest cached position of each row (0 when empty)."""
+        cached = jnp.where(self.segment_ids != 0, self.positions, -1)
+        return jnp.max(cached, axis=1) + 1
+
+    def append_tokens(self, segment_ids: jax.Array, positions: jax.Array) -> KVCache:
+        """Records the segment ids/positions [B, T] of T new tokens and advances index.
+
+        The per-layer k/v are written by the layers themselves (`Attention`).
+        """
+        start = (jnp.zeros((), jnp.int32), self.index)
+        return self.replace(
+            segment_ids=jax.lax.dynamic_update_slice(
+                self.segment_ids, segment_ids.astype(jnp.int32), start
+            ),
+            positions=jax.lax.dynamic_update_slice(
+                self.positions, positions.astype(jnp.int32), start
+            ),
+            index=self.index + segment_ids.shape[1],
+        )
+
+
+def write_kv(cache_kv: jax.Array, new_kv: jax.Array, index: jax.Array) -> jax.Array:
+    """Writes new_kv [B, T, K, H] into one layer's cache [B, S, K, H] at slot `index`."""
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(
+        cache_kv, new_kv.astype(cache_kv.dtype), (zero, index, zero, zero)
+    )
+
+
+# ---------------------------------------------------------------------------- module
+
+
+class Attention(nnx.Module):
+    """Self-attention: q/k/v projections, optional RoPE, GQA, output projection.
+
+    Parameters (logical axes): q/kernel [D, N, H] ('embed', 'heads', 'head_dim'),
+    k/kernel and v/kernel [D, K, H] ('embed', 'kv_heads', 'head_dim'),
+    o/kernel [N, H, D] ('heads', 'head_dim', 'embed'); biases, when `use_bias`, on the
+    output axes. Q/K/V are column-parallel and O row-parallel under tensor parallelism.
+    `rope_theta=None` disables RoPE (CLIP, learned absolute positions); `causal=False`
+    gives bidirectional attention (CLIP).
+    """
+
+    def __init__(
+        self,
+        features: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        use_bias: bool = False,
+        rope_theta: float | None = 10000.0,
+        rotary_percentage: float = 1.0,
+        causal: bool = True,
+        attention_impl: str = "auto",
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        kernel_init: Initializer = DEFAULT_KERNEL_INIT,
+        rngs: nnx.Rngs,
+    ):
+        num_kv_heads = num_kv_heads or num_heads
+        head_dim = head_dim or features // num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+            )
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.rotary_dim = int(head_dim * rotary_percentage) // 2 * 2
+        self.causal = causal
+        self.attention_impl = attention_impl
+        self.dtype = dtype
+        kw = dict(
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=kernel_init,
+            rngs=rngs,
+        )
+        self.q = Dense(features, (num_heads, head_dim), axes=("embed", "heads", "head_dim"), **kw)
+        self.k = Dense(
+            features, (num_kv_heads, head_dim), axes=("embed", "kv_heads", "head_dim"), **kw
+        )
+        self.v = Dense(
+            features, (num_kv_heads, head_dim), axes=("embed", "kv_heads", "head_dim"), **kw
+        )
+        self.o = Dense((num_heads, head_dim), features, axes=("heads", "head_dim", "embed"), **kw)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        cache_kv: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x [B, T, D] -> [B, T, D].
+
+        positions [B, T]: RoPE positions (default arange(T)). mask [B, 1, T, S] bool:
+        the complete mask (causality included), e.g. from `make_attention_mask`; when
+        None the attention is causal (or full when `causal=False`) over x itself.
+        cache_kv: this layer's cache (k, v), each [B, S, K, H]; the new keys/values are
+        written at `cache_index` and the queries attend over the whole cache (a mask
+        is then required). Returns the output, plus the updated (k, v) with a cache.
+        """
+        B, T, _ = x.shape
+        q = self.q(x)  # [B, T, N, H]
+        k = self.k(x)  # [B, T, K, H]
+        v = self.v(x)
+        if self.rope_theta is not None:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            q = apply_rope(q, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
+            k = apply_rope(k, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
+        new_cache = None
+        if cache_kv is not None:
+            if mask is None or cache_index is None:
+                raise ValueError("attention with a KV cache needs an explicit mask and cache_index")
+            k = write_kv(cache_kv[0], k, cache_index)  # [B, S, K, H]
+            v = write_kv(cache_kv[1], v, cache_index)
+            new_cache = (k, v)
+        impl = select_implementation(
+            self.attention_impl,
+            self.dtype,
+            self.head_dim,
+            q_len=T,
+            kv_len=k.shape[1],
+            has_mask=mask is not None,
+        )
+        out = jax.nn.dot_product_attention(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            mask=mask,
+            is_causal=self.causal and mask is None,
+            implementation=impl,
+        )  # [B, T, N, H]
+        out = self.o(out)
+        return out if new_cache is None else (out, new_cache)

@@ -1,0 +1,293 @@
+"""Leaf layers shared by the decoder and the vision tower: dense, norms, MLPs, embeddings.
+
+Axis letters: B batch, T length, D model width, F FFN width, V vocab.
+
+Every parameter is created through `nnx.with_partitioning` with logical axis names;
+`neva_jax.sharding.LOGICAL_RULES` maps those names onto mesh axes. Parameters are
+stored in `param_dtype` and cast to the compute `dtype` where they are used, so bf16
+compute with fp32 master weights needs no special code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+Shape = int | Sequence[int]
+
+DEFAULT_INIT_STD = 0.02  # LLaMA / GPT initializer_range
+DEFAULT_KERNEL_INIT = nnx.initializers.normal(DEFAULT_INIT_STD)
+ZEROS_INIT = nnx.initializers.zeros_init()
+
+
+def _as_tuple(shape: Shape) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(shape)
+
+
+def param(
+    rngs: nnx.Rngs | None,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype: jnp.dtype,
+) -> nnx.Param:
+    """Creates an `nnx.Param` of `shape` carrying the logical axis names `axes`."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(nnx.with_partitioning(init, tuple(axes))(key, tuple(shape), dtype))
+
+
+class Dense(nnx.Module):
+    """A linear map from `in_shape` trailing dims to `out_shape` dims (DenseGeneral).
+
+    The kernel has shape `in_shape + out_shape` and logical axes `axes` (one name per
+    kernel dim); the optional bias has shape `out_shape` with the output axes' names.
+    E.g. a query projection: `Dense(D, (N, H), axes=('embed', 'heads', 'head_dim'))`
+    maps [B, T, D] -> [B, T, N, H]; the output projection
+    `Dense((N, H), D, axes=('heads', 'head_dim', 'embed'))` maps back.
+    """
+
+    def __init__(
+        self,
+        in_shape: Shape,
+        out_shape: Shape,
+        *,
+        axes: Sequence[str | None],
+        use_bias: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        kernel_init: Initializer = DEFAULT_KERNEL_INIT,
+        bias_init: Initializer = ZEROS_INIT,
+        rngs: nnx.Rngs,
+    ):
+        self.in_shape = _as_tuple(in_shape)
+        self.out_shape = _as_tuple(out_shape)
+        self.dtype = dtype
+        self.kernel = param(rngs, kernel_init, self.in_shape + self.out_shape, axes, param_dtype)
+        out_axes = tuple(axes)[len(self.in_shape) :]
+        self.bias = (
+            param(rngs, bias_init, self.out_shape, out_axes, param_dtype) if use_bias else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Contracts the trailing `len(in_shape)` dims of `x` with the kernel."""
+        n_in = len(self.in_shape)
+        if x.shape[x.ndim - n_in :] != self.in_shape:
+            raise ValueError(f"Dense expects trailing dims {self.in_shape}, got {x.shape}")
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=n_in)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm (LLaMA): statistics in float32, then `scale * x`."""
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float = 1e-5,
+        axis_name: str = "norm",
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(
+            rngs, nnx.initializers.ones_init(), (features,), (axis_name,), param_dtype
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalises the last axis of `x` [..., D]."""
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+        return y * self.scale[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with optional bias; `zero_centered_gamma` is NeMo's `layernorm1p`.
+
+    Statistics are computed in float32. Used by CLIP (eps 1e-5, with bias) and by
+    NeMo-style decoders (`normalization='layernorm'`/`'layernorm1p'`).
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float = 1e-5,
+        use_bias: bool = True,
+        zero_centered_gamma: bool = False,
+        axis_name: str = "norm",
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.eps = eps
+        self.dtype = dtype
+        self.zero_centered_gamma = zero_centered_gamma
+        scale_init = (
+            nnx.initializers.zeros_init() if zero_centered_gamma else nnx.initializers.ones_init()
+        )
+        self.scale = param(rngs, scale_init, (features,), (axis_name,), param_dtype)
+        self.bias = (
+            param(rngs, nnx.initializers.zeros_init(), (features,), (axis_name,), param_dtype)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalises the last axis of `x` [..., D]."""
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+        scale = self.scale[...].astype(self.dtype)
+        if self.zero_centered_gamma:
+            scale = scale + 1
+        y = y * scale
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+NORMALIZATIONS = ("rmsnorm", "layernorm", "layernorm1p")
+
+
+def make_norm(
+    kind: str,
+    features: int,
+    *,
+    eps: float,
+    use_bias: bool = True,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs | None = None,
+) -> RMSNorm | LayerNorm:
+    """Builds the norm named by NeMo's `normalization` knob (see NORMALIZATIONS)."""
+    if kind == "rmsnorm":
+        return RMSNorm(features, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if kind in ("layernorm", "layernorm1p"):
+        return LayerNorm(
+            features,
+            eps=eps,
+            use_bias=use_bias,
+            zero_centered_gamma=kind == "layernorm1p",
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+    raise ValueError(f"normalization={kind!r} is not one of {NORMALIZATIONS}")
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def squared_relu(x: jax.Array) -> jax.Array:
+    """NeMo's `squared-relu` activation relu(x)^2."""
+    return jnp.square(jax.nn.relu(x))
+
+
+# Non-gated activations by name; 'swiglu' is the gated SiLU handled by `Mlp`.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "squared-relu": squared_relu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+GATED_ACTIVATIONS = ("swiglu",)
+
+
+class Mlp(nnx.Module):
+    """Feed-forward block D -> F -> D.
+
+    `activation='swiglu'`: down(silu(gate(x)) * up(x)) with parameters `gate`, `up`,
+    `down` (LLaMA). Any name in ACTIVATIONS: down(act(up(x))) with `up`, `down`.
+    Kernels: up/gate [D, F] ('embed', 'mlp'), down [F, D] ('mlp', 'embed'), i.e.
+    column-parallel then row-parallel under tensor parallelism.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        hidden: int,
+        *,
+        activation: str = "swiglu",
+        use_bias: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        kernel_init: Initializer = DEFAULT_KERNEL_INIT,
+        rngs: nnx.Rngs,
+    ):
+        if activation not in GATED_ACTIVATIONS and activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation={activation!r} is not one of {GATED_ACTIVATIONS + tuple(ACTIVATIONS)}"
+            )
+        self.activation = activation
+        kw = dict(
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=kernel_init,
+            rngs=rngs,
+        )
+        self.gate = (
+            Dense(features, hidden, axes=("embed", "mlp"), **kw)
+            if activation in GATED_ACTIVATIONS
+            else None
+        )
+        self.up = Dense(features, hidden, axes=("embed", "mlp"), **kw)
+        self.down = Dense(hidden, features, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> [..., D]."""
+        if self.gate is not None:
+            h = jax.nn.silu(self.gate(x)) * self.up(x)
+        else:
+            h = ACTIVATIONS[self.activation](self.up(x))
+        return self.down(h)
+
+
+class Embed(nnx.Module):
+    """Token (or position) embedding table [V, D] with axes ('vocab', 'embed').
+
+    `attend(x)` multiplies by the transposed table, for a tied LM head.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        axes: tuple[str, str] = ("vocab", "embed"),
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        embedding_init: Initializer = DEFAULT_KERNEL_INIT,
+        rngs: nnx.Rngs,
+    ):
+        self.num_embeddings = num_embeddings
+        self.dtype = dtype
+        self.embedding = param(rngs, embedding_init, (num_embeddings, features), axes, param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids [B, T] int -> [B, T, D] in the compute dtype."""
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> float32 logits [B, T, V]."""
+        table = self.embedding[...].astype(self.dtype)
+        return jnp.einsum(
+            "BTD,VD->BTV", x.astype(self.dtype), table, preferred_element_type=jnp.float32
+        )

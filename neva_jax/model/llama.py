@@ -1,0 +1,437 @@
+"""LLaMA-family decoder (LLaMA 2, Vicuna, NeMo GPT/nvgpt variants) in Flax NNX.
+
+Axis letters: B batch, T query length, S key length, N query heads, K kv heads,
+H head dim, D model width, F FFN width, V vocab, L layers.
+
+Parameter tree (logical axes in brackets; layers stacked along a leading L axis):
+  embed/embedding             [V, D]        ('vocab', 'embed')
+  pos_embed/embedding         [S, D]        ('position', 'embed')    learned_absolute only
+  layers/attn_norm/scale      [L, D]        ('layers', 'norm')       (+ bias for layernorm)
+  layers/attn/{q}/kernel      [L, D, N, H]  ('layers', 'embed', 'heads', 'head_dim')
+  layers/attn/{k,v}/kernel    [L, D, K, H]  ('layers', 'embed', 'kv_heads', 'head_dim')
+  layers/attn/o/kernel        [L, N, H, D]  ('layers', 'heads', 'head_dim', 'embed')
+  layers/mlp_norm/scale       [L, D]
+  layers/mlp/{gate,up}/kernel [L, D, F]     ('layers', 'embed', 'mlp')  (gate: swiglu only)
+  layers/mlp/down/kernel      [L, F, D]     ('layers', 'mlp', 'embed')
+  final_norm/scale            [D]
+  lm_head/kernel              [D, V]        ('embed', 'vocab')       untied only
+(`bias=True` adds `bias` next to each kernel, on the output axes.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from neva_jax.model.attention import ATTENTION_IMPLS, Attention, KVCache, make_attention_mask
+from neva_jax.model.layers import (
+    ACTIVATIONS,
+    GATED_ACTIVATIONS,
+    NORMALIZATIONS,
+    Dense,
+    Embed,
+    Mlp,
+    make_norm,
+)
+from neva_jax.sharding import constrain
+
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+REMAT_POLICIES = ("none", "full", "selective")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Decoder architecture plus run-time choices (NeMo knob names where they exist)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 11008
+    num_layers: int = 32
+    num_attention_heads: int = 32
+    num_query_groups: int | None = None  # GQA kv heads; None = one per query head
+    head_dim: int | None = None  # None = hidden_size // num_attention_heads
+    encoder_seq_length: int = 4096  # max positions (size of a learned position table)
+    position_embedding_type: str = "rope"
+    rope_theta: float = 10000.0
+    rotary_percentage: float = 1.0
+    normalization: str = "rmsnorm"
+    layernorm_epsilon: float = 1e-5
+    activation: str = "swiglu"
+    bias: bool = False
+    share_embeddings_and_output_weights: bool = False  # tied LM head
+    init_method_std: float = 0.02
+    # Run-time choices.
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"  # auto | xla | cudnn
+    remat_policy: str = "none"  # none | full | selective
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        def check(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"model.llm.{name}={getattr(self, name)!r} is not one of {allowed}"
+                )
+
+        check("position_embedding_type", POSITION_EMBEDDINGS)
+        check("normalization", NORMALIZATIONS)
+        check("activation", GATED_ACTIVATIONS + tuple(ACTIVATIONS))
+        check("attention_impl", ATTENTION_IMPLS)
+        check("remat_policy", REMAT_POLICIES)
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.llm.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_query_groups={self.num_query_groups}"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.llm.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}; set head_dim"
+            )
+        for name in ("dtype", "param_dtype"):
+            jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
+
+    @property
+    def num_kv_heads(self) -> int:
+        """K, the number of key/value heads."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        """H, the per-head width."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+
+def llama2_7b_chat(**overrides: Any) -> LlamaConfig:
+    """LLaMA-2-7B(-Chat): 32 layers, width 4096, FFN 11008, 32 heads, vocab 32000."""
+    return LlamaConfig(**overrides)
+
+
+def llama2_13b_chat(**overrides: Any) -> LlamaConfig:
+    """LLaMA-2-13B(-Chat): 40 layers, width 5120, FFN 13824, 40 heads, vocab 32000."""
+    base = dict(hidden_size=5120, ffn_hidden_size=13824, num_layers=40, num_attention_heads=40)
+    return LlamaConfig(**{**base, **overrides})
+
+
+def vicuna_7b(**overrides: Any) -> LlamaConfig:
+    """Vicuna-7B v1.5 (LLaVA-1.5's LLM): the LLaMA-2-7B shapes."""
+    return llama2_7b_chat(**overrides)
+
+
+def vicuna_13b(**overrides: Any) -> LlamaConfig:
+    """Vicuna-13B v1.5: the LLaMA-2-13B shapes."""
+    return llama2_13b_chat(**overrides)
+
+
+def tiny(**overrides: Any) -> LlamaConfig:
+    """A 2-layer, width-64 decoder with GQA (4 heads, 2 kv heads) for tests and demos."""
+    base = dict(
+        vocab_size=512,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_layers=2,
+        num_attention_heads=4,
+        num_query_groups=2,
+        encoder_seq_length=512,
+    )
+    return LlamaConfig(**{**base, **overrides})
+
+
+def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
+    """Maps a `transformers` LlamaConfig dict (config.json) onto LlamaConfig.
+
+    Accepts both `rope_theta` (transformers 4) and `rope_parameters` (transformers 5).
+    RoPE scaling other than the default, and different attention/MLP bias settings,
+    are refused rather than silently ignored.
+    """
+    if hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json model_type={hf.get('model_type')!r} is not a LLaMA model")
+    rope = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise ValueError(f"config.json rope_type={rope_type!r} is not supported (only 'default')")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(
+            f"config.json hidden_act={hf['hidden_act']!r} is not supported (only 'silu')"
+        )
+    attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if attn_bias != mlp_bias:
+        raise ValueError(
+            f"config.json attention_bias={attn_bias} and mlp_bias={mlp_bias} differ; "
+            "neva-jax has one `bias` switch"
+        )
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        head_dim=None if head_dim in (None, hf["hidden_size"] // heads) else head_dim,
+        encoder_seq_length=hf.get("max_position_embeddings", 4096),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        bias=attn_bias,
+        share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
+        init_method_std=float(hf.get("initializer_range", 0.02)),
+    )
+    return LlamaConfig(**{**fields, **overrides})
+
+
+# ---------------------------------------------------------------------------- modules
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h + attn(norm(h)), then h + mlp(norm(h))."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        init = nnx.initializers.normal(cfg.init_method_std)
+        norm = dict(eps=cfg.layernorm_epsilon, use_bias=True, rngs=rngs, **dt)
+        self.attn_norm = make_norm(cfg.normalization, cfg.hidden_size, **norm)
+        self.attn = Attention(
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_kv_heads,
+            cfg.head_size,
+            use_bias=cfg.bias,
+            rope_theta=cfg.rope_theta if cfg.position_embedding_type == "rope" else None,
+            rotary_percentage=cfg.rotary_percentage,
+            attention_impl=cfg.attention_impl,
+            kernel_init=init,
+            rngs=rngs,
+            **dt,
+        )
+        self.mlp_norm = make_norm(cfg.normalization, cfg.hidden_size, **norm)
+        self.mlp = Mlp(
+            cfg.hidden_size,
+            cfg.ffn_hidden_size,
+            activation=cfg.activation,
+            use_bias=cfg.bias,
+            kernel_init=init,
+            rngs=rngs,
+            **dt,
+        )
+
+    def __call__(
+        self,
+        h: jax.Array,
+        *,
+        positions: jax.Array,
+        mask: jax.Array | None,
+        cache_kv: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """h [B, T, D] -> (h [B, T, D], updated (k, v) [B, S, K, H] or None)."""
+        a = self.attn(
+            self.attn_norm(h),
+            positions=positions,
+            mask=mask,
+            cache_kv=cache_kv,
+            cache_index=cache_index,
+        )
+        kv = None
+        if cache_kv is not None:
+            a, kv = a
+        h = h + a
+        h = h + self.mlp(self.mlp_norm(h))
+        return constrain(h, ("act_batch", "act_length", "act_embed")), kv
+
+
+def _remat_policy(name: str) -> Any:
+    """The jax.checkpoint policy for `remat_policy` (None = save nothing: full remat)."""
+    if name == "selective":
+        # Keep the projection/MLP matmul outputs (no batch dims); recompute the
+        # attention scores and softmax (batched dots) and elementwise ops.
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return None
+
+
+class Llama(nnx.Module):
+    """The decoder. Layers are stored stacked ([L, ...]) whatever `scan_layers` says.
+
+    `llm.embed(input_ids)` gives token embeddings [B, T, D] in the compute dtype (the
+    `Embed` submodule); `hidden_states(...)` the final-normed states; `logits(h)` the
+    float32 LM head; `__call__` both.
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        init = nnx.initializers.normal(cfg.init_method_std)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs, **dt)
+        self.pos_embed = (
+            Embed(
+                cfg.encoder_seq_length,
+                cfg.hidden_size,
+                axes=("position", "embed"),
+                embedding_init=init,
+                rngs=rngs,
+                **dt,
+            )
+            if cfg.position_embedding_type == "learned_absolute"
+            else None
+        )
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = make_norm(
+            cfg.normalization, cfg.hidden_size, eps=cfg.layernorm_epsilon, rngs=rngs, **dt
+        )
+        self.lm_head = (
+            None
+            if cfg.share_embeddings_and_output_weights
+            else Dense(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                axes=("embed", "vocab"),
+                kernel_init=init,
+                rngs=rngs,
+                **dt,
+            )
+        )
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens."""
+        cfg = self.config
+        return KVCache.create(
+            cfg.num_layers,
+            batch,
+            max_len,
+            cfg.num_kv_heads,
+            cfg.head_size,
+            dtype or cfg.compute_dtype,
+        )
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Final-normed hidden states [B, T, D] (and the updated cache when one is given).
+
+        Give exactly one of `input_ids` [B, T] or `embeds` [B, T, D]. `positions` [B, T]
+        default to arange(T) (with a cache: each row's next positions). `segment_ids`
+        [B, T] (0 = padding, 1..k = packed samples) switch to an explicit mask; without
+        them and without a cache the attention is plainly causal.
+        """
+        if (input_ids is None) == (embeds is None):
+            raise ValueError("give exactly one of input_ids or embeds")
+        x = self.embed(input_ids) if embeds is None else embeds.astype(self.config.compute_dtype)
+        B, T = x.shape[:2]
+        arange = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        mask, cache_index = None, None
+        if cache is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones((B, T), jnp.int32)
+            if positions is None:
+                positions = cache.next_positions()[:, None] + arange
+            cache_index = cache.index
+            cache = cache.append_tokens(segment_ids, positions)
+            mask = make_attention_mask(segment_ids, positions, cache.segment_ids, cache.positions)
+        else:
+            if positions is None:
+                positions = arange
+            if segment_ids is not None:
+                mask = make_attention_mask(segment_ids, positions, segment_ids, positions)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        x, new_kv = self._apply_layers(x, positions, mask, cache, cache_index)
+        h = self.final_norm(x)
+        if cache is None:
+            return h
+        return h, cache.replace(k=new_kv[0], v=new_kv[1])
+
+    def _apply_layers(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array | None,
+        cache: KVCache | None,
+        cache_index: jax.Array | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Runs the stacked layers with lax.scan or an unrolled loop, remat per layer."""
+        cfg = self.config
+        graphdef, state = nnx.split(self.layers)
+
+        def layer_fn(h, layer_state, kv, positions, mask, cache_index):
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(h, positions=positions, mask=mask, cache_kv=kv, cache_index=cache_index)
+
+        if cfg.remat_policy != "none":
+            layer_fn = jax.checkpoint(
+                layer_fn, policy=_remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers
+            )
+        cache_kv = (cache.k, cache.v) if cache is not None else None  # each [L, B, S, K, H]
+
+        if cfg.scan_layers:
+
+            def body(h, xs):
+                layer_state, kv = xs
+                return layer_fn(h, layer_state, kv, positions, mask, cache_index)
+
+            return jax.lax.scan(body, x, (state, cache_kv))
+
+        new_k, new_v = [], []
+        for i in range(cfg.num_layers):
+            layer_state = jax.tree.map(lambda a, i=i: a[i], state)
+            kv = jax.tree.map(lambda a, i=i: a[i], cache_kv)
+            x, kv = layer_fn(x, layer_state, kv, positions, mask, cache_index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        return x, ((jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, T, D] (final-normed) -> float32 logits [B, T, V]."""
+        if self.lm_head is None:
+            return constrain(self.embed.attend(hidden), ("act_batch", "act_length", "act_vocab"))
+        dtype = self.config.compute_dtype
+        kernel = self.lm_head.kernel[...].astype(dtype)  # [D, V]
+        out = jnp.einsum(
+            "BTD,DV->BTV", hidden.astype(dtype), kernel, preferred_element_type=jnp.float32
+        )
+        return constrain(out, ("act_batch", "act_length", "act_vocab"))
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits [B, T, V] float32, or (logits, updated cache) when `cache` is given."""
+        out = self.hidden_states(
+            input_ids, embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache
+        )
+        if cache is None:
+            return self.logits(out)
+        h, cache = out
+        return self.logits(h), cache

@@ -1,0 +1,308 @@
+"""The LLaMA decoder: parity with transformers, causality, KV cache, packing, bf16.
+
+Axis letters: B batch, T length, D width, V vocab.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from neva_jax.convert import hf_llama
+from neva_jax.model import llama
+from neva_jax.model.attention import select_implementation
+from neva_jax.sharding import unsharded
+
+B, T, V = 2, 12, 64
+
+
+def _hf_model(tied: bool, seed: int) -> transformers.LlamaForCausalLM:
+    """A tiny random LlamaForCausalLM with GQA (4 heads, 2 kv heads), fp32."""
+    config = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 10000.0 if not tied else 500.0, "rope_type": "default"},
+        tie_word_embeddings=tied,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # random norms too, and weights large enough to matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _load(cfg: llama.LlamaConfig, params: dict) -> tuple[nnx.GraphDef, nnx.State]:
+    model = unsharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.update(model, state)
+    return nnx.split(model)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, ids, positions=None, segment_ids=None):
+    return nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=segment_ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_cached(graphdef, state, ids, cache, positions=None, segment_ids=None):
+    return nnx.merge(graphdef, state)(
+        ids, positions=positions, segment_ids=segment_ids, cache=cache
+    )
+
+
+def _convert(hf_model: transformers.LlamaForCausalLM) -> tuple[llama.LlamaConfig, dict]:
+    cfg = hf_llama.from_hf_config(hf_model.config.to_dict(), attention_impl="xla")
+    tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    return cfg, hf_llama.hf_to_params(tensors, cfg)
+
+
+@pytest.fixture(scope="module")
+def untied():
+    hf_model = _hf_model(tied=False, seed=0)
+    cfg, params = _convert(hf_model)
+    return hf_model, cfg, params, _load(cfg, params)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.random.default_rng(0).integers(0, V, (B, T)).astype(np.int32)
+
+
+def _torch_logits(hf_model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def test_config_mapping(untied):
+    hf_model, cfg, _, _ = untied
+    assert (cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_size) == (4, 2, 8)
+    assert not cfg.share_embeddings_and_output_weights and cfg.layernorm_epsilon == 1e-5
+    old_style = {**hf_model.config.to_dict(), "rope_theta": 123.0}
+    del old_style["rope_parameters"]
+    assert hf_llama.from_hf_config(old_style).rope_theta == 123.0
+    with pytest.raises(ValueError, match="rope_type"):
+        hf_llama.from_hf_config({**old_style, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    back = hf_llama.to_hf_config(cfg)
+    assert back["num_key_value_heads"] == 2 and back["rope_parameters"]["rope_theta"] == 10000.0
+
+
+def test_parity_untied_gqa(untied, ids):
+    hf_model, _, _, (graphdef, state) = untied
+    ours = np.asarray(_forward(graphdef, state, ids))
+    diff = np.abs(ours - _torch_logits(hf_model, ids)).max()
+    print(f"\nLlamaForCausalLM parity (untied, GQA 4/2): max abs diff {diff:.2e}")
+    assert ours.dtype == np.float32 and ours.shape == (B, T, V)
+    assert diff <= 1e-4
+
+
+def test_parity_tied(ids):
+    hf_model = _hf_model(tied=True, seed=1)
+    cfg, params = _convert(hf_model)
+    assert cfg.share_embeddings_and_output_weights and "lm_head" not in params
+    graphdef, state = _load(cfg, params)
+    diff = np.abs(np.asarray(_forward(graphdef, state, ids)) - _torch_logits(hf_model, ids)).max()
+    print(f"\nLlamaForCausalLM parity (tied, rope theta 500): max abs diff {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_export_round_trip_and_strict_keys(untied):
+    hf_model, cfg, params, _ = untied
+    tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    back = hf_llama.params_to_hf(params, cfg)
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    missing = dict(tensors)
+    del missing["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        hf_llama.hf_to_params(missing, cfg)
+    with pytest.raises(KeyError, match=r"model\.extra"):
+        hf_llama.hf_to_params({**tensors, "model.extra": np.zeros(1)}, cfg)
+
+
+def test_causality(untied, ids):
+    """d logits[:, t0] / d embeds[:, t > t0] is exactly zero, with and without segment ids."""
+    _, _, _, (graphdef, state) = untied
+    t0 = 4
+    embeds = nnx.merge(graphdef, state).embed(jnp.asarray(ids))
+
+    @jax.jit
+    def grads(embeds, segment_ids):
+        def f(e):
+            model = nnx.merge(graphdef, state)
+            return model(embeds=e, segment_ids=segment_ids)[:, t0].sum()
+
+        return jax.grad(f)(embeds)
+
+    for segment_ids in (None, jnp.ones((B, T), jnp.int32)):
+        g = np.asarray(grads(embeds, segment_ids))
+        assert np.all(g[:, t0 + 1 :] == 0.0)
+        assert np.all(np.abs(g[:, : t0 + 1]).sum(-1) > 0)
+
+
+def test_kv_cache_matches_full_recompute(untied):
+    """Prefill (left padded, two prompt lengths) + greedy decode == recomputing everything."""
+    _, _, _, (graphdef, state) = untied
+    n_prompt, n_new, lengths = 8, 4, (8, 5)
+    rng = np.random.default_rng(1)
+    prompt = np.zeros((B, n_prompt), np.int32)
+    segment_ids = np.zeros((B, n_prompt), np.int32)
+    positions = np.zeros((B, n_prompt), np.int32)
+    for b, n in enumerate(lengths):
+        prompt[b, n_prompt - n :] = rng.integers(0, V, n)
+        segment_ids[b, n_prompt - n :] = 1
+        positions[b, n_prompt - n :] = np.arange(n)
+    cache = nnx.merge(graphdef, state).init_cache(B, n_prompt + n_new)
+    logits, cache = _forward_cached(graphdef, state, prompt, cache, positions, segment_ids)
+    step_logits = [np.asarray(logits)]
+    tokens = [prompt]
+    for _ in range(n_new):
+        next_ids = np.asarray(jnp.argmax(step_logits[-1][:, -1:], -1)).astype(np.int32)
+        tokens.append(next_ids)
+        logits, cache = _forward_cached(
+            graphdef, state, next_ids, cache
+        )  # positions from the cache
+        step_logits.append(np.asarray(logits))
+    cached = np.concatenate(step_logits, axis=1)[:, :-1]  # logits for every fed token but the last
+    fed = np.concatenate(tokens, axis=1)  # [B, 12]
+    assert int(cache.index) == n_prompt + n_new
+
+    # Reference: each row alone, unpadded (trailing filler is invisible to causal attention).
+    alone = np.zeros((B, T), np.int32)
+    for b, n in enumerate(lengths):
+        alone[b, : n + n_new] = fed[b, n_prompt - n :]
+    ref = np.asarray(_forward(graphdef, state, alone))
+    diff = 0.0
+    for b, n in enumerate(lengths):
+        ours_b = cached[b, n_prompt - n :]
+        diff = max(diff, np.abs(ours_b - ref[b, : n + n_new - 1]).max())
+    print(f"\nKV cache prefill+decode vs full recompute: max abs diff {diff:.2e}")
+    assert diff <= 1e-5
+    assert np.all(np.isfinite(cached))  # padding rows stay finite
+
+
+def test_packing_equals_separate(untied):
+    """Two samples packed in one row (+ a padded row) == each sample alone."""
+    _, _, _, (graphdef, state) = untied
+    rng = np.random.default_rng(2)
+    a, b, c = (rng.integers(0, V, n).astype(np.int32) for n in (5, 7, 8))
+    ids = np.zeros((B, T), np.int32)
+    ids[0] = np.concatenate([a, b])
+    ids[1, :8] = c
+    segment_ids = np.array([[1] * 5 + [2] * 7, [1] * 8 + [0] * 4], np.int32)
+    positions = np.array([list(range(5)) + list(range(7)), list(range(8)) + [0] * 4], np.int32)
+    packed = np.asarray(_forward(graphdef, state, ids, positions, segment_ids))
+    alone = np.zeros((2 * B, T), np.int32).reshape(2, B, T)
+    alone[0, 0, :5], alone[0, 1, :7], alone[1, 0, :8] = a, b, c
+    ref0, ref1 = (np.asarray(_forward(graphdef, state, x)) for x in alone)
+    diffs = [
+        np.abs(packed[0, :5] - ref0[0, :5]).max(),
+        np.abs(packed[0, 5:] - ref0[1, :7]).max(),
+        np.abs(packed[1, :8] - ref1[0, :8]).max(),
+    ]
+    print(f"\npacked vs alone: max abs diff {max(diffs):.2e}")
+    assert max(diffs) <= 1e-5
+    assert np.all(np.isfinite(packed))
+
+
+def test_unrolled_remat_and_bf16(untied, ids):
+    """The same stacked params run unrolled + remat, and in bf16 compute with fp32 params."""
+    _, cfg, params, (graphdef, state) = untied
+    ref = np.asarray(_forward(graphdef, state, ids))
+    unrolled = _load(dataclasses.replace(cfg, scan_layers=False, remat_policy="full"), params)
+    assert np.abs(np.asarray(_forward(*unrolled, ids)) - ref).max() <= 1e-5
+
+    g16, s16 = _load(dataclasses.replace(cfg, dtype="bfloat16"), params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s16))
+    out16 = np.asarray(_forward(g16, s16, ids))
+    assert out16.dtype == np.float32 and np.all(np.isfinite(out16))
+    rel = np.abs(out16 - ref).max() / np.abs(ref).max()
+    print(f"\nbf16 compute vs fp32: max abs diff / max |logit| = {rel:.3f}")
+    assert rel < 0.1  # bf16 keeps ~3 significant digits: a sanity bound, not a parity test
+
+
+def test_remat_selective_gradients(untied, ids):
+    _, cfg, params, (graphdef, state) = untied
+
+    def grad_fn(graphdef):
+        @jax.jit
+        def g(state):
+            return jax.grad(lambda s: nnx.merge(graphdef, s)(ids).mean())(state)
+
+        return g
+
+    base = grad_fn(graphdef)(state)
+    g_sel, s_sel = _load(dataclasses.replace(cfg, remat_policy="selective"), params)
+    sel = grad_fn(g_sel)(s_sel)
+    diff = max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), base, sel)))
+    assert diff <= 1e-6
+
+
+def test_attention_impl_choice():
+    assert select_implementation("xla", jnp.bfloat16, 128) == "xla"
+    assert select_implementation("cudnn", jnp.float32, 128) == "cudnn"
+    expected = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    assert select_implementation("auto", jnp.bfloat16, 128) == expected
+    assert select_implementation("auto", jnp.float32, 128) == "xla"
+    with pytest.raises(ValueError, match="attention_impl"):
+        llama.tiny(attention_impl="flash")
+
+
+def test_presets_and_nemo_knobs():
+    c7, c13 = llama.llama2_7b_chat(), llama.llama2_13b_chat()
+    assert (c7.num_layers, c7.hidden_size, c7.ffn_hidden_size, c7.num_attention_heads) == (
+        32,
+        4096,
+        11008,
+        32,
+    )
+    assert (c13.num_layers, c13.hidden_size, c13.ffn_hidden_size, c13.num_attention_heads) == (
+        40,
+        5120,
+        13824,
+        40,
+    )
+    assert llama.vicuna_7b() == c7 and llama.vicuna_13b() == c13
+    assert (c7.vocab_size, c7.encoder_seq_length, c7.rope_theta, c7.layernorm_epsilon) == (
+        32000,
+        4096,
+        10000.0,
+        1e-5,
+    )
+    # An nvgpt-style decoder is a config: layernorm1p, squared-relu, biases, learned positions.
+    cfg = llama.tiny(
+        vocab_size=V,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        normalization="layernorm1p",
+        activation="squared-relu",
+        bias=True,
+        position_embedding_type="learned_absolute",
+        share_embeddings_and_output_weights=True,
+        scan_layers=False,
+    )
+    model = unsharded(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+    assert model.pos_embed is not None and model.layers.mlp.gate is None and model.lm_head is None
+    assert model.layers.attn.q.bias.shape == (2, 4, 8)
+    out = model(jnp.zeros((1, 4), jnp.int32))
+    assert out.shape == (1, 4, V) and bool(jnp.all(jnp.isfinite(out)))
+    with pytest.raises(ValueError, match="normalization"):
+        llama.tiny(normalization="batchnorm")
