@@ -1,0 +1,143 @@
+"""`python -m neva_jax.convert`: Hugging Face folders <-> neva-jax model folders.
+
+Subcommands register themselves in `SUBCOMMANDS` (name -> (add_arguments, run));
+errors print one line `error: ...` naming the key or file and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+IMPORT_HELP = """\
+Import Hugging Face weights (safetensors only) into a neva-jax model folder.
+
+Two forms:
+  import-hf SRC OUT
+      SRC is a llava-hf LlavaForConditionalGeneration folder (e.g. llava-1.5-7b-hf):
+      config.json, *.safetensors (sharded with model.safetensors.index.json too),
+      tokenizer and preprocessor files.
+  import-hf --llm LLAMA_DIR --vision CLIP_DIR [--projector linear|mlp2x_gelu] OUT
+      A LLaMA/Vicuna folder plus a CLIP folder (e.g. clip-vit-large-patch14-336);
+      the projector starts freshly initialised (the stage-1 starting point) and
+      <image> (and <pad>) are added to the tokenizer, growing the embeddings.
+
+OUT receives model_config.json, params/ (Orbax), tokenizer/ and
+preprocessor_config.json. Folders with only pickled *.bin weights are refused:
+convert them once with transformers (from_pretrained, then
+save_pretrained(..., safe_serialization=True)).
+"""
+
+
+def _add_import_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="SRC OUT, or OUT alone with --llm and --vision"
+    )
+    p.add_argument("--llm", metavar="LLAMA_DIR", help="Hugging Face LLaMA/Vicuna folder")
+    p.add_argument("--vision", metavar="CLIP_DIR", help="Hugging Face CLIP(Vision)Model folder")
+    p.add_argument(
+        "--projector",
+        default="mlp2x_gelu",
+        help="fresh projector for --llm/--vision: linear or mlpNx_gelu (default mlp2x_gelu)",
+    )
+    p.add_argument(
+        "--vision-select-layer",
+        type=int,
+        default=-2,
+        help="CLIP hidden state used as image features (default -2)",
+    )
+    p.add_argument(
+        "--class-token-length",
+        type=int,
+        default=1,
+        choices=(0, 1),
+        help="1 drops the CLIP class token (default), 0 keeps it",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh projector")
+    p.add_argument(
+        "--param-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="stored parameter dtype",
+    )
+
+
+def _run_import(args: argparse.Namespace) -> None:
+    from neva_jax.convert import checkpoint, hf
+
+    two_folders = args.llm is not None or args.vision is not None
+    if two_folders:
+        if args.llm is None or args.vision is None or len(args.paths) != 1:
+            raise ValueError("import-hf with --llm needs --vision too and exactly one OUT folder")
+    elif len(args.paths) != 2:
+        raise ValueError("import-hf needs SRC OUT (or --llm LLAMA_DIR --vision CLIP_DIR OUT)")
+    out = Path(args.paths[-1])
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: already exists and is not empty; choose a new output folder")
+    start = time.time()
+    if two_folders:
+        imported = hf.import_llm_and_clip(
+            args.llm,
+            args.vision,
+            projector=args.projector,
+            vision_select_layer=args.vision_select_layer,
+            class_token_length=args.class_token_length,
+            seed=args.seed,
+            param_dtype=args.param_dtype,
+        )
+    else:
+        imported = hf.import_llava(args.paths[0], param_dtype=args.param_dtype)
+    checkpoint.save_model(
+        out,
+        imported.model,
+        tokenizer=imported.tokenizer,
+        preprocessor_config=imported.preprocessor_config,
+    )
+    cfg = imported.config
+    print(
+        f"wrote {out}: LLM {cfg.llm.num_layers} layers x {cfg.llm.hidden_size}, vocab "
+        f"{cfg.llm.vocab_size}, <image> = {cfg.image_token_id}; vision {cfg.vision.image_size}px "
+        f"({cfg.num_image_tokens} image tokens); projector {cfg.projector} ({time.time() - start:.1f}s)"
+    )
+
+
+# name -> (help, description, add_arguments, run). `export-hf` is added here by its module.
+SUBCOMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
+    "import-hf": (
+        "Hugging Face folders -> neva-jax model folder",
+        IMPORT_HELP,
+        _add_import_arguments,
+        _run_import,
+    ),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one subcommand; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m neva_jax.convert", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (short, description, add_arguments, _) in SUBCOMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=short,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        SUBCOMMANDS[args.command][3](args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, OSError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
