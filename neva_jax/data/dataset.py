@@ -1,0 +1,372 @@
+"""Records -> prepared samples, with every bad sample turned into a counted reason.
+
+Sources are random-access (grain's protocol: `len`, `__getitem__`) and return
+`(raw record, origin)` where origin names the file and record for messages:
+
+    RecordFileSource("train.json")        LLaVA JSON list or JSONL
+    TfdsSource("tfds:name:train", ...)    tfds.data_source over array_record
+
+`SamplePreparer(cfg)(item)` validates one record and returns either a good
+sample `{"ids", "trained", "images", "where"}` (int32 [L], bool [L],
+float32 [k, S, S, 3]) or a bad marker `{"bad": REASON, "where", "detail"}`; it
+never raises for a data problem, so worker processes keep going and the batcher
+(in the main process) counts, enforces `strict` and the skip ratio.
+
+Over-long samples are cut at round boundaries (whole user/answer pairs are dropped
+from the end). A single round that is still too long is cut at `max_seq_len` if
+its image slots stay whole and a trained token remains; otherwise it is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from neva_jax.data import conversation, image
+from neva_jax.data.config import TFDS_PREFIX, DataConfig
+from neva_jax.data.tokenize import Encoded, TemplateMismatchError, TextTokenizer, encode_spans
+
+REASONS = (
+    "malformed_record",
+    "image_count_mismatch",
+    "too_many_images",
+    "image_missing",
+    "image_unreadable",
+    "image_file_truncated",
+    "image_path_outside_folder",
+    "image_slots_cut",
+    "no_trained_token",
+    "template_mismatch",
+)
+
+
+_TOKENIZER_LOCK = threading.Lock()  # grain reader threads may ask for it at once
+
+
+class DataError(ValueError):
+    """An unusable dataset or a stop condition (strict mode, skip ratio); one line."""
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def load_records(path: str) -> list[Any]:
+    """Reads a LLaVA JSON list or a JSONL file; raises DataError naming the file/line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); check config.data paths") from e
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        return records
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            records.append(_Unparsable(f"line {lineno} is not valid JSON"))
+    if not records and stripped:
+        raise DataError(f"{path}: neither a JSON list nor JSONL records")
+    return records
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unparsable:
+    detail: str
+
+
+class RecordFileSource:
+    """Random-access records of one JSON/JSONL file: item i -> (record, origin)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._records = load_records(path)
+        self._name = os.path.basename(path)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, i: int) -> tuple[Any, str]:
+        rec = self._records[i]
+        where = f"{self._name} record {i}"
+        if isinstance(rec, dict) and isinstance(rec.get("id"), str | int):
+            where += f" (id {rec['id']!r})"
+        return rec, where
+
+
+class TfdsSource:
+    """`tfds:NAME:SPLIT` through `tfds.data_source` (array_record, no TensorFlow).
+
+    Features: `conversations` (JSON text, or a sequence of {from, value}), `image`
+    (decoded uint8 array, encoded bytes, or a path under the image folder) or
+    `images` (a sequence of those), optional `id` and `system`.
+    """
+
+    def __init__(self, spec: str, data_dir: str = ""):
+        import tensorflow_datasets as tfds  # heavy; only for TFDS sources
+
+        body = spec[len(TFDS_PREFIX) :]
+        name, sep, split = body.rpartition(":")
+        if not sep or not name or not split:
+            raise DataError(f"{spec!r}: expected tfds:NAME:SPLIT (e.g. tfds:my_llava:train)")
+        try:
+            self._src = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        except Exception as e:  # tfds raises many kinds
+            raise DataError(f"{spec}: cannot open TFDS dataset: {str(e).splitlines()[0]}") from e
+        self.path = spec
+        self._name = f"{name}[{split}]"
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def __getitem__(self, i: int) -> tuple[Any, str]:
+        return record_from_example(self._src[i]), f"{self._name} record {i}"
+
+
+def _text(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, np.ndarray) and v.dtype == object and v.ndim == 0:
+        return _text(v.item())
+    return v
+
+
+def record_from_example(ex: dict) -> dict:
+    """A decoded TFDS example -> a LLaVA-style record (images may be inline)."""
+    rec: dict[str, Any] = {}
+    if "id" in ex:
+        rec["id"] = _text(ex["id"])
+    if "system" in ex:
+        rec["system"] = _text(ex["system"])
+    conv = ex.get("conversations")
+    if isinstance(conv, dict):
+        conv = [
+            {"from": _text(f), "value": _text(v)}
+            for f, v in zip(conv.get("from", []), conv.get("value", []), strict=False)
+        ]
+    else:
+        conv = _text(conv)
+        if isinstance(conv, str):
+            try:
+                conv = json.loads(conv)
+            except json.JSONDecodeError:
+                conv = None
+    rec["conversations"] = conv
+    imgs = ex.get("images", ex.get("image"))
+    if imgs is not None:
+        if isinstance(imgs, np.ndarray) and imgs.dtype == np.uint8 and imgs.ndim == 3:
+            rec["image"] = imgs
+        elif isinstance(imgs, list | tuple) or (isinstance(imgs, np.ndarray) and imgs.ndim == 4):
+            rec["image"] = [_text(x) for x in imgs]
+        else:
+            rec["image"] = _text(imgs)
+    return rec
+
+
+def open_source(spec: str, cfg: DataConfig) -> RecordFileSource | TfdsSource:
+    """A source for one entry of `train_files`/`eval_files`."""
+    if spec.startswith(TFDS_PREFIX):
+        return TfdsSource(spec, cfg.tfds_data_dir)
+    return RecordFileSource(spec)
+
+
+# ------------------------------------------------------------------------- preparation
+
+
+class BadSampleError(Exception):
+    """One unusable sample; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A good sample, with what `inspect` shows."""
+
+    encoded: Encoded
+    images: np.ndarray  # float32 [k, S, S, 3]
+    image_names: list[str]
+    where: str
+    dropped_rounds: int
+    cut_tokens: int
+
+
+class SamplePreparer:
+    """Picklable record -> sample transform (the tokenizer loads lazily per process)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer | None = None):
+        cfg.require_model_fields()
+        self.cfg = cfg
+        self.template = conversation.get_template(cfg.template)
+        self._tok = tokenizer
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg, "template": self.template, "_tok": None}
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The tokenizer (loaded on first use in each process, once)."""
+        with _TOKENIZER_LOCK:
+            if self._tok is None:
+                from neva_jax.data.tokenize import load_tokenizer
+
+                self._tok = load_tokenizer(
+                    self.cfg.tokenizer,
+                    use_im_start_end=self.cfg.use_im_start_end,
+                    control_tokens=self.template.control_tokens,
+                )
+        return self._tok
+
+    def __call__(self, item: tuple[Any, str]) -> dict:
+        """(record, origin) -> good sample dict or bad marker dict (never raises)."""
+        raw, where = item
+        try:
+            p = self.prepare(raw, where)
+        except BadSampleError as e:
+            return {"bad": e.reason, "where": where, "detail": e.detail}
+        return {
+            "ids": p.encoded.ids,
+            "trained": p.encoded.trained,
+            "images": p.images,
+            "where": where,
+        }
+
+    def prepare(self, raw: Any, where: str) -> Prepared:
+        """Validates and prepares one record; raises `BadSampleError(reason, detail)`."""
+        cfg = self.cfg
+        if isinstance(raw, _Unparsable):
+            raise BadSampleError("malformed_record", raw.detail)
+        if not isinstance(raw, dict):
+            raise BadSampleError(
+                "malformed_record", f"record is a {type(raw).__name__}, not an object"
+            )
+        turns = raw.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            raise BadSampleError("malformed_record", "missing or empty 'conversations' list")
+        images = raw.get("image", raw.get("images"))
+        if images is None:
+            images = []
+        elif isinstance(images, str | bytes | np.ndarray):
+            images = [images]
+        elif not isinstance(images, list):
+            raise BadSampleError("malformed_record", f"'image' is a {type(images).__name__}")
+        system = raw.get("system", cfg.system_prompt)
+        try:
+            messages = conversation.messages_from_llava(turns)
+            spans = self.template.render(messages, system if isinstance(system, str) else None)
+        except conversation.ConversationError as e:
+            raise BadSampleError("malformed_record", str(e)) from e
+        n_placeholders = sum(s.text.count(conversation.IMAGE_PLACEHOLDER) for s in spans)
+        n_in_turns = sum(m.text.count(conversation.IMAGE_PLACEHOLDER) for m in messages)
+        if n_in_turns != len(images) or n_placeholders != n_in_turns:
+            raise BadSampleError(
+                "image_count_mismatch",
+                f"{n_in_turns} <image> placeholder(s) for {len(images)} image(s)",
+            )
+        if len(images) > cfg.max_images_per_row:
+            raise BadSampleError(
+                "too_many_images",
+                f"{len(images)} images > config.data.max_images_per_row={cfg.max_images_per_row}",
+            )
+        enc, dropped, cut = self._encode_fitting(spans)
+        pixels = np.zeros((len(images), cfg.image_size, cfg.image_size, 3), np.float32)
+        names = []
+        for j, ref in enumerate(images):
+            pixels[j], name = self._load_image(ref, where)
+            names.append(name)
+        return Prepared(enc, pixels, names, where, dropped, cut)
+
+    def _encode_fitting(self, spans: list[conversation.Span]) -> tuple[Encoded, int, int]:
+        cfg, tok = self.cfg, self.tokenizer
+        rounds = max(s.round for s in spans) + 1
+        total_images = sum(s.text.count(conversation.IMAGE_PLACEHOLDER) for s in spans)
+        keep = rounds
+        while True:
+            kept = [s for s in spans if s.round < keep]
+            try:
+                enc = encode_spans(kept, tok, cfg.num_image_slots)
+            except TemplateMismatchError as e:
+                raise BadSampleError("template_mismatch", str(e)) from e
+            if len(enc) <= cfg.max_seq_len or keep == 1:
+                break
+            keep -= 1
+        if enc.num_images != total_images:
+            raise BadSampleError(
+                "image_slots_cut",
+                f"an image in round {keep + 1} would be cut by config.data.max_seq_len="
+                f"{cfg.max_seq_len}",
+            )
+        cut = max(0, len(enc) - cfg.max_seq_len)
+        if cut:
+            if enc.image[cfg.max_seq_len :].any() or (
+                cfg.use_im_start_end and enc.ids[cfg.max_seq_len - 1] == tok.image_token_id
+            ):
+                raise BadSampleError(
+                    "image_slots_cut",
+                    f"{len(enc)} tokens; image slots end past config.data.max_seq_len="
+                    f"{cfg.max_seq_len}",
+                )
+            enc = _truncate(enc, cfg.max_seq_len)
+        if not enc.trained[1:].any():
+            raise BadSampleError(
+                "no_trained_token",
+                "no answer token within config.data.max_seq_len"
+                if cut
+                else "no answer to train on",
+            )
+        return enc, rounds - keep, cut
+
+    def _load_image(self, ref: Any, where: str) -> tuple[np.ndarray, str]:
+        cfg = self.cfg
+        try:
+            if isinstance(ref, str):
+                path = image.resolve_image_path(cfg.image_folder, ref)
+                label = f"image {ref!r}"
+                if not os.path.exists(path):
+                    raise image.ImageError(
+                        "image_missing",
+                        f"{label} not found under config.data.image_folder={cfg.image_folder!r}",
+                    )
+                img = image.open_image(path, where=label)
+                name = ref
+            elif isinstance(ref, bytes | np.ndarray):
+                img = image.open_image(ref, where="inline image")
+                name = "<inline>"
+            else:
+                raise image.ImageError("malformed_record", f"image entry is a {type(ref).__name__}")
+            px = image.preprocess(
+                img,
+                size=cfg.image_size,
+                aspect=cfg.image_aspect_ratio,
+                mean=cfg.image_mean,  # type: ignore[arg-type]
+                std=cfg.image_std,  # type: ignore[arg-type]
+            )
+        except image.ImageError as e:
+            raise BadSampleError(e.reason, str(e)) from e
+        return px, name
+
+
+def _truncate(enc: Encoded, n: int) -> Encoded:
+    return dataclasses.replace(
+        enc,
+        ids=enc.ids[:n],
+        trained=enc.trained[:n],
+        image=enc.image[:n],
+        round=enc.round[:n],
+        char_span=enc.char_span[:n],
+    )
