@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from neva_jax.convert import hf_export
+
 IMPORT_HELP = """\
 Import Hugging Face weights (safetensors only) into a neva-jax model folder.
 
@@ -104,7 +106,7 @@ def _run_import(args: argparse.Namespace) -> None:
     )
 
 
-# name -> (help, description, add_arguments, run). `export-hf` is added here by its module.
+# name -> (help, description, add_arguments, run).
 SUBCOMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
     "import-hf": (
         "Hugging Face folders -> neva-jax model folder",
@@ -112,6 +114,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
         _add_import_arguments,
         _run_import,
     ),
+    "export-hf": hf_export.SUBCOMMAND,
 }
 
 

@@ -1,0 +1,487 @@
+"""Batched generation with a preallocated KV cache.
+
+Axis letters: B batch, T prompt length (bucketed), N new tokens (bucketed),
+S = T + N cache slots, V vocab, M images per row.
+
+One jitted function does the whole request: the prompt (with its image slots)
+is prefilled in one call, which runs the vision tower once per image, then a
+`jax.lax.while_loop` decodes one token per step into the static-shape cache
+until every row has produced an end-of-sequence token or `max_new_tokens` is
+reached. Rows have different prompt lengths: prompts are left padded (segment
+id 0) with per-row positions, so every row's next token sits in the same slot.
+
+Shapes are bucketed so that nearby requests share a compiled program: the
+prompt length to the next {2^k, 1.5 * 2^k}, the new-token budget to the next
+power of two (`max_new_tokens` itself, and every sampling knob, is a traced
+value), and the batch to a multiple of the mesh's batch shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from neva_jax.convert.checkpoint import load_model
+from neva_jax.data import image as image_lib
+from neva_jax.data.conversation import IMAGE_PLACEHOLDER, Message, Template, get_template
+from neva_jax.data.tokenize import TextTokenizer, encode_spans, load_tokenizer
+from neva_jax.eval.sampling import SamplingParams, select_next
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_TOKENS_BUCKET = 8
+
+
+def bucket_prompt_length(length: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+    """The smallest of 2^k and 1.5 * 2^k (at least `minimum`) that holds `length`."""
+    size = minimum
+    while size < length:
+        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
+    return size
+
+
+def bucket_new_tokens(n: int, minimum: int = MIN_NEW_TOKENS_BUCKET) -> int:
+    """The smallest power of two (at least `minimum`) that holds `n`."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    """What `generate_tokens` returns, one entry per prompt.
+
+    Attributes:
+      token_ids: the generated ids, ending with the end-of-sequence id when one
+        was produced (the prompt is not included).
+      logprobs: the model's log-probability of each generated token (from the
+        raw logits, before repetition penalty, temperature or filtering).
+      finished: True where generation stopped at an end-of-sequence id.
+      logits: [B, N, V] float32 raw next-token logits of every step, only with
+        `return_logits=True` (rows past their end hold the logits of padding).
+    """
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    finished: list[bool]
+    logits: np.ndarray | None = None
+
+
+def _batch_shards(state: nnx.State) -> tuple[jax.sharding.Mesh | None, int]:
+    """The mesh the model lives on (if any) and how many ways it splits the batch."""
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            mesh = sharding.mesh
+            shards = 1
+            for axis in ("data", "fsdp"):
+                shards *= dict(mesh.shape).get(axis, 1)
+            return mesh, shards
+    return None, 1
+
+
+def generate_tokens(
+    model: nnx.Module,
+    prompts: Sequence[Sequence[int]],
+    images: np.ndarray | None = None,
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int = 0,
+    sampling: SamplingParams | None = None,
+    return_logits: bool = False,
+) -> GenerationOutput:
+    """Generates continuations of token-id prompts.
+
+    Args:
+      model: a `Neva` (or anything with its `hidden_states(..., cache=)` and
+        `llm` API), on one device or sharded on a mesh.
+      prompts: B token-id lists, image slots already expanded to the model's
+        `image_token_id` (the vision tower fills them).
+      images: [B, M, H, W, 3] CLIP-normalised pixels, or None for text only.
+      max_new_tokens: how many tokens to generate at most.
+      eos_ids: ids that end a row (e.g. the tokenizer's `</s>`).
+      pad_id: id written after a row has ended (and used for prompt padding).
+      sampling: how to pick tokens (default greedy); see `SamplingParams`.
+      return_logits: also return the raw logits of every step (tests, scoring).
+
+    Returns:
+      A `GenerationOutput`.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_tokens needs at least one prompt and no empty prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not eos_ids:
+        raise ValueError("eos_ids is empty: give at least one end-of-sequence id")
+    sampling = sampling or SamplingParams()
+    graphdef, state = nnx.split(model)
+    mesh, shards = _batch_shards(state)
+    rows = len(prompts)
+    B = -(-rows // shards) * shards
+    T = bucket_prompt_length(max(len(p) for p in prompts))
+    N = bucket_new_tokens(max_new_tokens)
+    # Rows that pad the batch to the mesh repeat the last prompt (and start done).
+    padded = list(prompts) + [prompts[-1]] * (B - rows)
+    input_ids = np.full((B, T), pad_id, np.int32)
+    segment_ids = np.zeros((B, T), np.int32)
+    positions = np.zeros((B, T), np.int32)
+    for b, p in enumerate(padded):
+        input_ids[b, T - len(p) :] = p
+        segment_ids[b, T - len(p) :] = 1
+        positions[b, T - len(p) :] = np.arange(len(p))
+    if images is not None:
+        images = np.asarray(images, np.float32)
+        if images.shape[0] != rows:
+            raise ValueError(f"got {images.shape[0]} image rows for {rows} prompts")
+        images = np.concatenate([images, np.repeat(images[-1:], B - rows, axis=0)])
+    knobs = {
+        "temperature": np.float32(sampling.temperature),
+        "top_k": np.int32(sampling.top_k),
+        "top_p": np.float32(sampling.top_p),
+        "repetition_penalty": np.float32(sampling.repetition_penalty),
+    }
+    args = (
+        state,
+        input_ids,
+        segment_ids,
+        positions,
+        images,
+        np.int32(max_new_tokens),
+        knobs,
+        jax.random.key(sampling.seed),
+        np.asarray(eos_ids, np.int32),
+        np.int32(pad_id),
+        np.int32(rows),
+    )
+    static = dict(graphdef=graphdef, new_tokens_bucket=N, return_logits=return_logits)
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            tokens, logprobs, done, logits = _generate_jit(*args, **static)
+    else:
+        tokens, logprobs, done, logits = _generate_jit(*args, **static)
+    tokens, logprobs, done = np.asarray(tokens), np.asarray(logprobs), np.asarray(done)
+    out_ids, out_lps = [], []
+    for b in range(rows):
+        n = max_new_tokens
+        ends = np.flatnonzero(np.isin(tokens[b, :n], eos_ids))
+        if ends.size:
+            n = int(ends[0]) + 1
+        out_ids.append(tokens[b, :n].tolist())
+        out_lps.append(logprobs[b, :n].tolist())
+    return GenerationOutput(
+        token_ids=out_ids,
+        logprobs=out_lps,
+        finished=[bool(d) for d in done[:rows]],
+        logits=np.asarray(logits[:rows, :max_new_tokens]) if return_logits else None,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens_bucket", "return_logits"))
+def _generate_jit(
+    state: nnx.State,
+    input_ids: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    images: jax.Array | None,
+    max_new_tokens: jax.Array,
+    knobs: dict[str, jax.Array],
+    rng: jax.Array,
+    eos_ids: jax.Array,
+    pad_id: jax.Array,
+    num_rows: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    new_tokens_bucket: int,
+    return_logits: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """Prefill + while-loop decode; returns tokens, logprobs [B, N], done [B], logits."""
+    model = nnx.merge(graphdef, state)
+    B, T = input_ids.shape
+    N = new_tokens_bucket
+    max_new_tokens = jnp.minimum(max_new_tokens, N)
+    cache = model.llm.init_cache(B, T + N)
+    h, cache = model.hidden_states(
+        input_ids, images, positions=positions, segment_ids=segment_ids, cache=cache
+    )
+    logits = model.llm.logits(h[:, -1:])[:, 0]  # left padding: the last slot is real
+    V = logits.shape[-1]
+    row = jnp.arange(B)
+    prompt_counts = jnp.zeros((B, V), jnp.int32).at[row[:, None], input_ids].add(segment_ids != 0)
+    seen = prompt_counts > 0  # for the repetition penalty
+
+    def pick(step: jax.Array, carry: dict[str, Any]) -> dict[str, Any]:
+        """Chooses token `step` from carry['logits'] and records it."""
+        rng, key = jax.random.split(carry["rng"])
+        tok = select_next(carry["logits"], carry["seen"], key, **knobs)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(carry["logits"]), tok[:, None], axis=-1)[:, 0]
+        done = carry["done"]
+        tok = jnp.where(done, pad_id, tok)
+        lp = jnp.where(done, 0.0, lp)
+        out = dict(carry, rng=rng)
+        out["tokens"] = carry["tokens"].at[:, step].set(tok)
+        out["logprobs"] = carry["logprobs"].at[:, step].set(lp)
+        if return_logits:
+            out["all_logits"] = carry["all_logits"].at[:, step].set(carry["logits"])
+        out["done"] = done | jnp.isin(tok, eos_ids)
+        out["seen"] = carry["seen"].at[row, tok].set(True)
+        out["last"] = tok
+        return out
+
+    carry = {
+        "rng": rng,
+        "logits": logits,
+        "seen": seen,
+        "done": jnp.arange(B) >= num_rows,  # rows that only pad the batch are done
+        "tokens": jnp.full((B, N), pad_id, jnp.int32),
+        "logprobs": jnp.zeros((B, N), jnp.float32),
+        "last": jnp.zeros((B,), jnp.int32),
+        "cache": cache,
+    }
+    if return_logits:
+        carry["all_logits"] = jnp.zeros((B, N, V), jnp.float32)
+    carry = pick(jnp.int32(0), carry)
+
+    def cond(state: tuple[jax.Array, dict[str, Any]]) -> jax.Array:
+        step, carry = state
+        return (step < max_new_tokens) & ~jnp.all(carry["done"])
+
+    def body(state: tuple[jax.Array, dict[str, Any]]) -> tuple[jax.Array, dict[str, Any]]:
+        step, carry = state
+        # Feed the previous token; positions continue each row's own sequence.
+        h, cache = model.llm.hidden_states(carry["last"][:, None], cache=carry["cache"])
+        carry = dict(carry, cache=cache, logits=model.llm.logits(h)[:, 0])
+        return step + 1, pick(step, carry)
+
+    _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), carry))
+    return carry["tokens"], carry["logprobs"], carry["done"], carry.get("all_logits")
+
+
+# ---------------------------------------------------------------------------- text in, text out
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One answer: the rendered prompt, the answer text, its tokens and log-probs."""
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finished: bool  # stopped at an end-of-sequence id or a stop string
+
+
+class Generator:
+    """A loaded model with its tokenizer, conversation template and image preprocessing.
+
+    Example:
+      gen = Generator.load("workdir/")
+      [c] = gen.generate(["What colour are the shapes?"], [PIL.Image.open("x.png")])
+      print(c.text)
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        tokenizer: TextTokenizer,
+        template: Template,
+        *,
+        image_aspect: str = "square",
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        system: str | None = None,
+    ):
+        """Wraps a `Neva` model.
+
+        Args:
+          model: the model (its `config` is a NevaConfig).
+          tokenizer: the tokenizer, `<image>` included (`data.tokenize.load_tokenizer`).
+          template: the conversation template.
+          image_aspect: "square" (center crop), "pad" (LLaVA-1.5) or "keep".
+          image_mean, image_std: normalisation (default CLIP's).
+          system: system prompt (None: the template's default).
+        """
+        cfg = model.config
+        if tokenizer.image_token_id != cfg.image_token_id:
+            raise ValueError(
+                f"tokenizer {tokenizer.path}: <image> is id {tokenizer.image_token_id}, the model "
+                f"expects {cfg.image_token_id}; use the tokenizer the model was trained with"
+            )
+        self.model, self.tokenizer, self.template, self.system = model, tokenizer, template, system
+        self.image_aspect = image_aspect
+        self.image_mean = tuple(image_mean or image_lib.CLIP_MEAN)
+        self.image_std = tuple(image_std or image_lib.CLIP_STD)
+        stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        if template.stop:
+            ids = tokenizer.hf.encode(template.stop, add_special_tokens=False)
+            if len(ids) == 1 and tokenizer.hf.convert_ids_to_tokens(ids[0]) == template.stop:
+                stop_ids.append(int(ids[0]))
+        if not stop_ids:
+            raise ValueError(
+                f"tokenizer {tokenizer.path} has no EOS token and {template.name!r} no stop token"
+            )
+        self.eos_ids = tuple(dict.fromkeys(stop_ids))
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        template: str | None = None,
+        image_aspect: str | None = None,
+        **runtime: Any,
+    ) -> Generator:
+        """Loads a model folder, training workdir/step folder or llava-hf folder.
+
+        The template and image aspect mode default to what the checkpoint
+        records (else `vicuna_v1` and `square`); `runtime` sets run-time model
+        fields such as `dtype`.
+        """
+        model, info = load_model(path, mesh, **runtime)
+        if info.tokenizer_path is None:
+            raise ValueError(
+                f"{path}: the checkpoint has no tokenizer folder; generation needs one"
+            )
+        chat = get_template(template or getattr(info, "template", None) or "vicuna_v1")
+        tok = load_tokenizer(
+            str(info.tokenizer_path),
+            use_im_start_end=model.config.use_im_start_end,
+            control_tokens=chat.control_tokens,
+        )
+        pre = info.preprocessor_config or {}
+        return cls(
+            model,
+            tok,
+            chat,
+            image_aspect=image_aspect or getattr(info, "image_aspect_ratio", None) or "square",
+            image_mean=pre.get("image_mean"),
+            image_std=pre.get("image_std"),
+        )
+
+    def prompt_ids(self, question: str, has_image: bool) -> tuple[str, list[int]]:
+        """The rendered prompt for one question and its ids (image slots expanded).
+
+        With an image and no `<image>` in the question, the placeholder goes first
+        (LLaVA's evaluation scripts do the same).
+        """
+        if has_image and IMAGE_PLACEHOLDER not in question:
+            question = IMAGE_PLACEHOLDER + "\n" + question
+        if not has_image and IMAGE_PLACEHOLDER in question:
+            raise ValueError(
+                f"question {question[:40]!r} has {IMAGE_PLACEHOLDER} but no image was given"
+            )
+        spans = self.template.render([Message("user", question)], system=self.system)
+        enc = encode_spans(spans, self.tokenizer, self.model.config.num_image_tokens)
+        return enc.text, enc.ids.tolist()
+
+    def preprocess(self, image: Any) -> np.ndarray:
+        """A PIL image or a path -> CLIP-normalised [H, W, 3] float32 (arrays pass through)."""
+        if isinstance(image, np.ndarray):
+            return image.astype(np.float32)
+        img = (
+            image
+            if hasattr(image, "convert")
+            else image_lib.open_image(str(image), where=str(image))
+        )
+        size = self.model.config.vision.image_size
+        return image_lib.preprocess(
+            img, size=size, aspect=self.image_aspect, mean=self.image_mean, std=self.image_std
+        )
+
+    def generate(
+        self,
+        questions: Sequence[str],
+        images: Sequence[Any | None],
+        *,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+    ) -> list[Completion]:
+        """Answers a batch of questions, each about one image (or None).
+
+        Images are PIL images, paths, or arrays already made by `preprocess`.
+
+        Generation ends at the tokenizer's EOS or the template's stop token; the
+        text is also cut at the first of `stop` (and the template's stop string).
+        """
+        if len(questions) != len(images):
+            raise ValueError(f"{len(questions)} questions but {len(images)} images")
+        rendered = [
+            self.prompt_ids(q, im is not None) for q, im in zip(questions, images, strict=True)
+        ]
+        pixels = None
+        if any(im is not None for im in images):
+            size = self.model.config.vision.image_size
+            pixels = np.zeros((len(images), 1, size, size, 3), np.float32)
+            for i, im in enumerate(images):
+                if im is not None:
+                    pixels[i, 0] = self.preprocess(im)
+        out = generate_tokens(
+            self.model,
+            [ids for _, ids in rendered],
+            pixels,
+            max_new_tokens=max_new_tokens,
+            eos_ids=self.eos_ids,
+            pad_id=self.tokenizer.pad_id,
+            sampling=sampling,
+        )
+        stops = [s for s in (*stop, self.template.stop) if s]
+        results = []
+        for (prompt, _), ids, lps, done in zip(
+            rendered, out.token_ids, out.logprobs, out.finished, strict=True
+        ):
+            ids, lps, text, stopped = self._cut(ids, lps, stops)
+            results.append(Completion(prompt, text, ids, lps, done or stopped))
+        return results
+
+    def answer_questions(
+        self,
+        questions: Sequence[dict[str, Any]],
+        image_folder: str | None = None,
+        *,
+        batch_size: int = 8,
+        **kwargs: Any,
+    ) -> list[Completion]:
+        """Answers LLaVA eval records (`{"question_id", "image", "text"}`) in batches.
+
+        Image paths resolve inside `image_folder` (paths that leave it are refused);
+        `kwargs` go to `generate` (max_new_tokens, sampling, stop).
+        """
+        if any(q.get("image") for q in questions) and not image_folder:
+            raise ValueError("questions name images; give the image folder")
+        out: list[Completion] = []
+        for i in range(0, len(questions), batch_size):
+            chunk = questions[i : i + batch_size]
+            images = [
+                image_lib.resolve_image_path(image_folder, q["image"]) if q.get("image") else None
+                for q in chunk
+            ]
+            out += self.generate([str(q.get("text", "")) for q in chunk], images, **kwargs)
+        return out
+
+    def _cut(
+        self, ids: list[int], lps: list[float], stops: Sequence[str]
+    ) -> tuple[list[int], list[float], str, bool]:
+        """Decodes ids (EOS dropped); cuts text and tokens at the first stop string."""
+        hf = self.tokenizer.hf
+        body = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
+        text = hf.decode(body, skip_special_tokens=True)
+        hits = [text.find(s) for s in stops if s in text]
+        if not hits:
+            return ids, lps, text.strip(), False
+        text = text[: min(hits)]
+        # Keep the tokens up to the one that completes the first stop string.
+        n = next(
+            k
+            for k in range(1, len(body) + 1)
+            if any(s in hf.decode(body[:k], skip_special_tokens=True) for s in stops)
+        )
+        return ids[:n], lps[:n], text.strip(), True
