@@ -6,9 +6,9 @@ A model folder (docs/CONTRACTS.md "Checkpoint folders"):
   tokenizer/                Hugging Face tokenizer files, `<image>` included
   preprocessor_config.json  the image processor, when the source had one
 
-`load_model(path, mesh=None)` accepts a model folder or a llava-hf folder (imported
-on the fly); training workdirs and step folders are recognised by `_detect` once
-the trainer defines them (add a kind there and a loader below).
+`load_model(path, mesh=None)` accepts a model folder, a llava-hf folder (imported
+on the fly), or a training workdir / step folder (read through
+`neva_jax.train.checkpoint`, which owns that format).
 """
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ class ModelInfo:
     """What `load_model` found besides the model."""
 
     path: Path
-    kind: str  # "model_folder" | "llava_hf"
+    kind: str  # "model_folder" | "llava_hf" | "training"
     config: NevaConfig
     tokenizer_path: Path | None  # a folder for `AutoTokenizer.from_pretrained`
     preprocessor_config: dict[str, Any] | None
     step: int | None = None  # training step, for checkpoints that have one
+    template: str | None = None  # conversation template the run trained with
+    image_aspect_ratio: str | None = None  # square | pad | keep, as trained
 
 
 def save_model(
@@ -116,6 +118,23 @@ def load_model(
     """Loads a model folder or a llava-hf folder; `runtime` sets `neva.RUNTIME_FIELDS`
     (compute dtype, attention implementation, ...) on the loaded config."""
     path = Path(path)
+    # Imported lazily: the training checkpoint format lives with the trainer.
+    from neva_jax.train import checkpoint as train_checkpoint
+
+    if train_checkpoint.is_training_checkpoint(str(path)):
+        model, found = train_checkpoint.restore_model_from_workdir(str(path), mesh, **runtime)
+        data = found["config"].get("data", {}) if isinstance(found["config"], dict) else {}
+        info = ModelInfo(
+            path,
+            "training",
+            found["model_config"],
+            Path(found["tokenizer"]) if found["tokenizer"] else None,
+            None,
+            found["step"],
+            template=data.get("template"),
+            image_aspect_ratio=data.get("image_aspect_ratio"),
+        )
+        return model, info
     kind = _detect(path)
     if kind == "llava_hf":
         imported = hf.import_llava(path, mesh=mesh, **runtime)

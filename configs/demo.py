@@ -1,0 +1,78 @@
+"""The demo: a small NeVA that learns to answer questions about synthetic images on a CPU.
+
+64x64 images of 1-4 shapes of one colour in one corner (`python -m neva_jax.data
+synth`); a 2-layer ViT (8 px patches: 64 image tokens, width 64) frozen at its random
+initialisation, an `mlp2x_gelu` projector and a 2-layer LLaMA-style decoder of width
+128 with 4 heads, in float32 (DESIGN.md section 9). Stage 1 aligns the projector on
+captions (`plain`); stage 2 trains projector + decoder on four-question conversations
+(`vicuna_v1`). `make demo` (`python -m neva_jax.demo`) runs:
+
+    python -m neva_jax.data synth --out runs/demo/data --n-train 8000 --n-eval 200
+    python -m neva_jax.main --config=configs/demo.py:stage1,data_dir=runs/demo/data \\
+        --workdir=runs/demo/stage1
+    python -m neva_jax.main --config=configs/demo.py:stage2,data_dir=runs/demo/data \\
+        --workdir=runs/demo/stage2 --config.init_from=runs/demo/stage1
+
+Measured (8,000 training images, batch 32): the held-out teacher-forced token accuracy
+of stage 2 was 0.967 at step 250 and 0.994 at step 500 of a 1,000-step run, and greedy
+answers were 1.000 correct after 1,000 steps; 600 steps keep a margin at about 40 %
+less time. Stage 1 trains only the projector into a random frozen decoder, so its
+caption loss moves little (6.07 -> 5.63); it is there to run the real two-stage path.
+
+Arguments (after the colon, comma-separated): 'stage1' | 'stage2', `data_dir=DIR`
+(where `synth` wrote the data; default data/synthetic).
+"""
+
+import os
+
+from neva_jax.config import default_config, parse_arg
+
+
+def get_config(arg: str | None = None):
+    """The demo config for `arg` (see the module docstring)."""
+    a = parse_arg(arg, variant="stage1", data_dir="data/synthetic")
+    stage2 = a["variant"] == "stage2"
+    c = default_config()
+
+    llm = c.model.llm
+    llm.freeze = not stage2
+    llm.vocab_size = 512
+    llm.encoder_seq_length = 256
+    llm.num_layers = 2
+    llm.hidden_size = 128
+    llm.ffn_hidden_size = 344
+    llm.num_attention_heads = 4
+    vis = c.model.vision_encoder
+    vis.image_size = 64
+    vis.patch_dim = 8
+    vis.hidden_size = 64
+    vis.ffn_hidden_size = 256
+    vis.num_layers = 2
+    vis.num_attention_heads = 4
+    c.model.projector = "mlp2x_gelu"
+    c.precision.compute_dtype = "float32"
+
+    d, data = a["data_dir"], c.data
+    data.train_files = (os.path.join(d, "stage2.json" if stage2 else "stage1.json"),)
+    data.eval_files = (os.path.join(d, "stage2_eval.json" if stage2 else "stage1_eval.json"),)
+    data.image_folder = os.path.join(d, "images")
+    data.tokenizer = os.path.join(d, "tokenizer")
+    data.template = "vicuna_v1" if stage2 else "plain"
+    # The longest sample of each stage (system prompt + 64 image slots + text); padding
+    # to exactly that keeps the step cheap.
+    data.max_seq_len = 128 if stage2 else 72
+    data.read_threads = 2
+
+    t = c.train
+    t.steps = 600 if stage2 else 150
+    t.batch_size = 32
+    t.lr = 1e-3
+    t.min_lr = 1e-4
+    t.warmup_steps = 40 if stage2 else 15
+    t.grad_clip = 1.0
+    t.logits_fraction = 0.125 if stage2 else 0.25
+    t.log_every = 20 if stage2 else 10
+    c.checkpoint.every_steps = 200
+    c.checkpoint.keep = 1
+    c.eval.every_steps = 100 if stage2 else 50
+    return c

@@ -1,0 +1,140 @@
+"""Entry point: train or evaluate a NeVA experiment.
+
+    python -m neva_jax.main --config configs/F.py[:ARG] --workdir DIR [--mode train|eval] \\
+        [--config.KEY=VALUE ...]
+
+Training resumes from the newest complete checkpoint in DIR. Exit status: 0 the job
+finished (or saved and stopped on SIGTERM); 2 a bad flag, config value or dataset
+(one line on stderr naming the key or file, before anything is compiled); 3 the
+run stopped after `train.max_consecutive_nonfinite` non-finite steps in a row.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from neva_jax.config import ConfigError, from_config_dict
+
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file: configs/F.py[:ARG]", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, logs")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or evaluate a checkpoint")
+
+
+def _fail(message: str, status: int = EXIT_USAGE) -> None:
+    """Prints `error: message` as one line on stderr and exits."""
+    line = " ".join(str(message).split())
+    sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+    sys.exit(status)
+
+
+def _unknown_key_message(err: AttributeError, argv: Sequence[str]) -> str:
+    """A one-line message for config_flags' unknown-key AttributeError."""
+    text = str(err).replace("\\n", "\n").replace("\\'", "'")
+    names = re.findall(r"'([^'\s]+)'", text)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    bad = names[0] if names else ""
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if key.startswith("--config.") and key.split(".")[-1] == bad:
+            fix = f"; did you mean {key.rsplit('.', 1)[0][2:]}.{hint.group(1)}?" if hint else ""
+            return f"{key[2:]}: unknown config key{fix}"
+    return f"config: unknown key {bad!r}" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
+
+
+def _last_error_line(err: BaseException) -> str:
+    """The useful line of an error: config_flags wraps config-file errors in a traceback."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if "Error whilst parsing config file" in lines[0] and len(lines) > 1:
+        last = lines[-1]  # "neva_jax.config.ConfigError: config argument ..."
+        return re.sub(r"^[\w.]*(Error|Exception)[\w]*: ", "", last)
+    return lines[0]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose every failure is one line and exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except AttributeError as e:  # config_flags: --config.KEY that does not exist
+        _fail(_unknown_key_message(e, argv))
+    except (flags.Error, ValueError, TypeError, FileNotFoundError) as e:
+        _fail(_last_error_line(e))
+    except Exception as e:  # the config file itself failed to import or run
+        _fail(f"--config: {type(e).__name__}: {e}")
+    return []  # unreachable
+
+
+def _config_value():
+    """The parsed ConfigDict, or a one-line failure if the file could not be loaded."""
+    value = _CONFIG.value
+    if type(value).__name__ == "_ErrorConfig":  # config_flags defers load errors
+        err = object.__getattribute__(value, "_error")
+        path = flags.FLAGS["config"].config_filename
+        if isinstance(err, OSError) and not os.path.isfile(path.split(":", 1)[0]):
+            _fail(f"--config={path}: no such file; configs live in configs/*.py")
+        _fail(f"--config={path}: {_last_error_line(err)}")
+    return value
+
+
+class _OwnInfoOnly(pylogging.Filter):
+    """Keeps INFO lines from neva_jax only; libraries (Orbax, grain, ...) log warnings up."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or f"{os.sep}neva_jax{os.sep}" in record.pathname
+
+
+def main(argv: Sequence[str]) -> None:
+    """Dispatches to training or evaluation."""
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+        handler.addFilter(_OwnInfoOnly())
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None:
+        _fail("--config is required: --config=configs/F.py[:ARG]")
+    if not _WORKDIR.value:
+        _fail("--workdir is required: the folder for checkpoints and metrics")
+    # Imported here so that `--help` and flag errors stay fast.
+    from neva_jax import distributed
+    from neva_jax.data.dataset import DataError
+    from neva_jax.train import loop
+
+    try:
+        distributed.initialize()  # before anything asks JAX for devices; 1 process: no-op
+        cfg = from_config_dict(_config_value())
+        if _MODE.value == "train":
+            loop.train(cfg, _WORKDIR.value)
+        else:
+            loop.evaluate(cfg, _WORKDIR.value)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+    except loop.NonFiniteError as e:
+        _fail(str(e), EXIT_NONFINITE)
+    except (ValueError, FileNotFoundError) as e:
+        # Errors that name a config key (tokenizer, data files, imports) are usage errors.
+        if str(e).startswith(("config.", "--config")):
+            _fail(str(e))
+        raise
+
+
+def run() -> None:
+    """`python -m neva_jax.main`."""
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

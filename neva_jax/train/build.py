@@ -1,0 +1,297 @@
+"""Putting a run together: mesh, model config, the sharded initial or restored state.
+
+Initialisation order for a fresh run (no checkpoint in the workdir):
+1. every parameter is created on its shards with random values (`config.seed`);
+2. `model.llm.from_pretrained` / `model.vision_encoder.from_pretrained` (Hugging Face
+   folders) replace the decoder / vision tower;
+3. `init_from` (a training workdir or step folder, or an imported model folder)
+   replaces every parameter it holds. A stage-1 checkpoint holds the trained
+   projector and the untouched pretrained LLM and vision tower, so stage 2 starts
+   from exactly what stage 1 ended with.
+The config's architecture must match what is loaded; a mismatch is a ConfigError
+naming the parameter and both shapes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from neva_jax import sharding
+from neva_jax.config import ConfigError, RunConfig
+from neva_jax.config_checks import mesh_shape, neva_config
+from neva_jax.model.neva import Neva, NevaConfig
+from neva_jax.train import checkpoint as ckpt_lib
+from neva_jax.train import optimizer as opt_lib
+from neva_jax.train import state as state_lib
+
+PyTree = Any
+
+
+def make_mesh(cfg: RunConfig) -> Mesh:
+    """The (data, fsdp, tensor) mesh over all devices."""
+    data, fsdp, tensor = mesh_shape(cfg.mesh, jax.device_count())
+    return sharding.make_mesh(data, fsdp, tensor)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_shardings(mesh: Mesh, keys: tuple[str, ...]) -> dict[str, NamedSharding]:
+    """Every batch array is split over rows along (data, fsdp)."""
+    spec = PartitionSpec(("data", "fsdp"))
+    return {k: NamedSharding(mesh, spec) for k in keys}
+
+
+def mesh_info(mesh: Mesh) -> dict[str, Any]:
+    """JSON description of the mesh (for checkpoint metadata)."""
+    return {
+        "shape": {k: int(v) for k, v in mesh.shape.items()},
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "platform": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+    }
+
+
+def model_constructor(ncfg: NevaConfig, seed: int):
+    """A zero-argument constructor of the model (for sharded creation / eval_shape)."""
+    return lambda: Neva(ncfg, rngs=nnx.Rngs(seed))
+
+
+def param_shardings(ncfg: NevaConfig, mesh: Mesh) -> tuple[PyTree, PyTree]:
+    """(abstract params with shardings, their shardings), as nested dicts."""
+    _, abstract = sharding.abstract_sharded(model_constructor(ncfg, 0), mesh)
+    params = nnx.to_pure_dict(abstract.filter(nnx.Param))
+    return params, jax.tree.map(lambda a: a.sharding, params)
+
+
+def abstract_train_state(
+    ncfg: NevaConfig, parts: tuple[str, ...], tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[nnx.GraphDef, state_lib.TrainState, state_lib.TrainState]:
+    """(graphdef, abstract TrainState with shardings, TrainState of shardings)."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+        graphdef, shapes = state_lib.abstract(model_constructor(ncfg, 0), parts, tx)
+    _, param_sh = param_shardings(ncfg, mesh)
+    shards = state_lib.shardings(shapes, param_sh, tx, replicated(mesh))
+    return graphdef, state_lib.with_shardings(shapes, shards), shards
+
+
+def _check_shapes(source: str, loaded: Mapping[str, Any], target: Mapping[str, Any]) -> None:
+    """Raises ConfigError at the first parameter whose shape differs."""
+    flat_t = {
+        jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]
+    }
+    flat_l = {
+        jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]
+    }
+    for key, t in flat_t.items():
+        if key in flat_l and tuple(flat_l[key].shape) != tuple(t.shape):
+            raise ConfigError(
+                f"config.init_from={source!r}: parameter {key} has shape "
+                f"{tuple(flat_l[key].shape)}, the config builds {tuple(t.shape)}; make model.* "
+                "match the checkpoint"
+            )
+
+
+def load_init_params(path: str, abstract_params: PyTree) -> tuple[PyTree, str]:
+    """Parameters from `init_from` placed onto `abstract_params`' shardings.
+
+    Returns (nested dict of the parameters the source holds, a description).
+    """
+    if ckpt_lib.is_training_checkpoint(path):
+        ckpt_dir, step = ckpt_lib.resolve_checkpoint(path)
+        saved = ckpt_lib.saved_param_shapes(os.path.join(ckpt_dir, str(step)))
+        _check_shapes(path, saved, abstract_params)
+        target = _subset(abstract_params, saved)
+        params, _ = ckpt_lib.restore_params(path, target)
+        return params, f"training checkpoint {ckpt_dir}/{step}"
+    params_dir = os.path.join(path, "params")
+    if os.path.isdir(params_dir) and os.path.isfile(os.path.join(path, "model_config.json")):
+        saved = ckpt_lib.saved_param_shapes(params_dir, root=True)
+        _check_shapes(path, saved, abstract_params)
+        target = _subset(abstract_params, saved)
+        params = ckpt_lib.restore_param_tree(params_dir, target, root=True)
+        return params, f"model folder {path}"
+    raise ConfigError(
+        f"config.init_from={path!r}: neither a training workdir/step folder nor a model folder "
+        "(model_config.json + params/); import Hugging Face folders with "
+        "`python -m neva_jax.convert import-hf`"
+    )
+
+
+def _subset(target: Mapping[str, Any], present: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of `target` whose keys are in `present` (nested)."""
+    out = {}
+    for k, v in target.items():
+        if k not in present:
+            continue
+        out[k] = _subset(v, present[k]) if isinstance(v, Mapping) else v
+    return out
+
+
+def _deep_update(base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _deep_update(out.get(k, {}), v) if isinstance(v, Mapping) else v
+    return out
+
+
+def load_pretrained_parts(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh) -> PyTree:
+    """The LLM and vision tower from `from_pretrained` Hugging Face folders ({} if unset).
+
+    Both folders are needed (they are imported together, as `convert import-hf --llm
+    --vision` does); the imported architecture must match the config's.
+    """
+    llm_dir, clip_dir = cfg.model.llm.from_pretrained, cfg.model.vision_encoder.from_pretrained
+    if not llm_dir and not clip_dir:
+        return {}
+    if not (llm_dir and clip_dir):
+        missing = "vision_encoder" if llm_dir else "llm"
+        raise ConfigError(
+            f"config.model.{missing}.from_pretrained is empty: set both LLM and vision folders, "
+            "or import them once with `python -m neva_jax.convert import-hf` and use init_from"
+        )
+    from neva_jax.convert import hf as convert_hf
+
+    vis = cfg.model.vision_encoder
+    try:
+        imported = convert_hf.import_llm_and_clip(
+            llm_dir,
+            clip_dir,
+            projector=ncfg.projector,
+            vision_select_layer=vis.vision_select_layer,
+            class_token_length=vis.class_token_length,
+            seed=cfg.seed,
+            mesh=mesh,
+        )
+    except convert_hf.HFImportError as e:
+        raise ConfigError(f"config.model.*.from_pretrained: {e}") from None
+    for name, ours, theirs in (
+        ("llm", ncfg.llm, imported.config.llm),
+        ("vision_encoder", ncfg.vision, imported.config.vision),
+    ):
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "image_size",
+            "patch_dim",
+        ):
+            if hasattr(ours, f) and getattr(ours, f) != getattr(theirs, f):
+                raise ConfigError(
+                    f"config.model.{name}.{f}={getattr(ours, f)}: the pretrained folder has "
+                    f"{getattr(theirs, f)}; set it to match"
+                )
+    params = nnx.to_pure_dict(nnx.state(imported.model, nnx.Param))
+    logging.info("llm from %s, vision from %s", llm_dir, clip_dir)
+    return {"llm": params["llm"], "vision": params["vision"]}
+
+
+def _covers(tree: Mapping[str, Any], target: Mapping[str, Any]) -> bool:
+    """Whether `tree` has a leaf for every leaf of `target`."""
+    for k, v in target.items():
+        if k not in tree:
+            return False
+        if isinstance(v, Mapping) and not (isinstance(tree[k], Mapping) and _covers(tree[k], v)):
+            return False
+    return True
+
+
+def initial_state(
+    cfg: RunConfig,
+    ncfg: NevaConfig,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    abstract: state_lib.TrainState,
+    shards: state_lib.TrainState,
+) -> state_lib.TrainState:
+    """A fresh sharded TrainState: random, then from_pretrained, then init_from.
+
+    When the loaded weights cover every parameter (stage 2 from a stage-1 run, or an
+    imported model folder) nothing is initialised at random.
+    """
+    parts = cfg.trained_parts
+    abstract_params = opt_lib.merge_dicts(abstract.params, abstract.frozen)
+    loaded = load_pretrained_parts(cfg, ncfg, mesh)
+    if cfg.init_from:
+        init, what = load_init_params(cfg.init_from, abstract_params)
+        loaded = _deep_update(loaded, init)
+        logging.info("init_from: %s", what)
+    if _covers(loaded, abstract_params) and not jax.tree.leaves(abstract.other):
+        full, other = _subset(loaded, abstract_params), {}
+    else:
+        model = sharding.create_sharded(model_constructor(ncfg, cfg.seed), mesh)
+        _, params, frozen, other = opt_lib.split_model(model, parts)
+        del model
+        full = _deep_update(opt_lib.merge_dicts(params, frozen), loaded)
+    params, frozen = opt_lib.split_dict(full, parts)
+    rep = replicated(mesh)
+    opt_state = jax.jit(tx.init, out_shardings=shards.opt_state)(params)
+
+    def zero() -> jax.Array:  # a distinct buffer each (the step donates them)
+        return jax.device_put(jnp.zeros((), jnp.int32), rep)
+
+    return state_lib.TrainState(
+        step=zero(),
+        params=params,
+        frozen=frozen,
+        other=other,
+        opt_state=opt_state,
+        nonfinite_count=zero(),
+        nonfinite_streak=zero(),
+    )
+
+
+def run_neva_config(cfg: RunConfig, image_token_id: int, vocab_in_use: int) -> NevaConfig:
+    """The NevaConfig for `cfg` with the tokenizer's `<image>` id; checks the vocab fits."""
+    if vocab_in_use > cfg.model.llm.vocab_size:
+        raise ConfigError(
+            f"config.model.llm.vocab_size={cfg.model.llm.vocab_size}: the tokenizer uses "
+            f"{vocab_in_use} ids; raise it to at least {vocab_in_use}"
+        )
+    return neva_config(cfg, image_token_id=image_token_id)
+
+
+def versions() -> dict[str, str]:
+    """Library versions for checkpoint metadata."""
+    import sys
+
+    import flax
+    import grain
+    import optax as optax_mod
+    import orbax.checkpoint as ocp
+
+    return {
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax_mod.__version__,
+        "orbax-checkpoint": ocp.__version__,
+        "grain": getattr(grain, "__version__", "?"),
+    }
+
+
+def run_meta(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh, **extra: Any) -> dict[str, Any]:
+    """The JSON `meta` item of a checkpoint."""
+    from neva_jax.model.neva import config_to_dict
+
+    return {
+        "config": cfg.to_dict(),
+        "model_config": config_to_dict(ncfg),
+        "trained_parts": list(cfg.trained_parts),
+        "versions": versions(),
+        "mesh": mesh_info(mesh),
+        **extra,
+    }

@@ -1,0 +1,121 @@
+"""Config conversion and validation: one-line ConfigErrors naming the key, before compiling."""
+
+import importlib.util
+import os
+
+import pytest
+
+from neva_jax import config as config_lib
+from neva_jax.config import ConfigError, from_config_dict, parse_arg
+from neva_jax.config_checks import mesh_shape, neva_config
+from neva_jax.data import synth
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("tiny", "demo", "neva_llama2_7b", "neva_llama2_13b", "llava_v15")
+
+
+def load(name: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth"))
+    synth.generate(out, n_train=8, n_eval=4)
+    return out
+
+
+def tiny(data_dir, variant="stage1", **changes):
+    """The tiny config as a plain dict (so any key or type can be set) with `changes`."""
+    cd = load("tiny", f"{variant},data_dir={data_dir}").to_dict()
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        target = cd
+        for part in filter(None, section.split(".")):
+            target = target[part]
+        target[name] = value
+    return cd
+
+
+def error(data_dir, **changes) -> str:
+    with pytest.raises(ConfigError) as e:
+        from_config_dict(tiny(data_dir, **changes))
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_tiny_stages(data_dir):
+    s1 = from_config_dict(tiny(data_dir, "stage1"))
+    s2 = from_config_dict(tiny(data_dir, "stage2"))
+    assert s1.trained_parts == ("projector",)
+    assert s2.trained_parts == ("projector", "llm")
+    assert s1.data.template == "plain" and s2.data.template == "vicuna_v1"
+    assert s1.data.batch_size == s1.train.batch_size
+    assert neva_config(s1).llm.num_kv_heads == 2
+    assert s1.to_dict()["model"]["llm"]["freeze"] is True
+    assert from_config_dict(load("tiny", f"stage1,data_dir={data_dir}")) == s1
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("variant", ["stage1", "stage2"])
+def test_every_config_file_builds(name, variant):
+    cd = load(name, variant)
+    assert cd.model.llm.freeze is (variant == "stage1")
+    with open(os.path.join(ROOT, "configs", f"{name}.py")) as f:
+        docstring = f.read().split('"""')[1]
+    assert "python -m neva_jax.main" in docstring  # the exact commands
+    assert f"configs/{name}.py:{variant}" in docstring
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"mesh.tensor": 3}, "config.mesh.tensor=3: must divide model.llm.num_attention_heads=4"),
+        ({"mesh.tensor": 4}, "config.mesh.tensor=4: must divide model.llm.num_query_groups"),
+        ({"data.template": "nope"}, "config.data.template='nope': unknown"),
+        ({"mesh.data": 3}, "config.mesh: data*fsdp*tensor = 3*1*1 = 3 but 8 devices"),
+        ({"train.batch_size": 4}, "config.train.batch_size=4"),
+        ({"train.stpes": 3}, "config.train.stpes: unknown key; did you mean train.steps?"),
+        ({"model.llm.hiden_size": 3}, "did you mean model.llm.hidden_size?"),
+        ({"train.steps": "ten"}, "config.train.steps='ten': expected an int"),
+        ({"train.min_lr": 1.0}, "config.train.min_lr=1.0: must be in [0, train.lr]"),
+        ({"remat.policy": "most"}, "config.remat.policy='most'"),
+        ({"model.projector": "mlp"}, "projector"),
+        ({"precision.compute_dtype": "fp8"}, "config.precision.compute_dtype='fp8'"),
+        ({"data.tokenizer": "/no/such"}, "config.data.tokenizer='/no/such': no such folder"),
+        ({"data.batch_size": 8}, "config.data.batch_size: set train.batch_size"),
+        ({"init_from": "/no/such"}, "config.init_from='/no/such': no such file or folder"),
+        ({"attention.implementation": "cudnn"}, "needs a GPU backend"),
+        ({"model.llm.hidden_dropout": 0.1}, "dropout is not implemented"),
+        ({"data.max_seq_len": 8}, "config.data.max_seq_len=8"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_key(data_dir, changes, expected):
+    assert expected in error(data_dir, **changes)
+
+
+def test_mesh_shape_fills_minus_one():
+    assert mesh_shape(config_lib.MeshSection(data=-1, tensor=2), 8) == (4, 1, 2)
+    with pytest.raises(ConfigError, match="only one axis may be -1"):
+        mesh_shape(config_lib.MeshSection(data=-1, fsdp=-1), 8)
+
+
+def test_parse_arg():
+    assert parse_arg("stage2,data_dir=/x", variant="stage1", data_dir="d") == {
+        "variant": "stage2",
+        "data_dir": "/x",
+    }
+    with pytest.raises(ConfigError, match="unknown"):
+        parse_arg("stage1,nope=1", variant="stage1")
+
+
+def test_default_config_has_every_key():
+    cd = config_lib.default_config()
+    assert cd.train.steps == config_lib.TrainSection().steps
+    assert "template" in cd.data and "batch_size" not in cd.data
+    assert cd.data.system_prompt is None  # a str-typed slot: overridable from the CLI
+    cd.data.system_prompt = "be brief"

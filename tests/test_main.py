@@ -1,0 +1,75 @@
+"""The entry point: bad flags and config values end with one line on stderr and status 2,
+before anything is built or compiled."""
+
+import os
+import sys
+
+import pytest
+from absl import flags
+
+from neva_jax import main as main_lib
+from neva_jax.data import synth
+from neva_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth"))
+    synth.generate(out, n_train=8, n_eval=4)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_training(monkeypatch):
+    """Validation must fail before training starts; reaching it is a test failure."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("training started despite a bad config")
+
+    monkeypatch.setattr(loop, "train", fail)
+    monkeypatch.setattr(loop, "evaluate", fail)
+    yield
+    flags.FLAGS.unparse_flags()
+
+
+def run(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    argv = ["neva_jax.main", *args]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads --config.* overrides here
+    flags.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit) as e:
+        main_lib.main(main_lib.parse_flags(argv))
+    err = capsys.readouterr().err.strip()
+    return e.value.code, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--config.mesh.tensor=3"], "error: config.mesh.tensor=3: must divide"),
+        (["--config.data.template=nope"], "error: config.data.template='nope': unknown"),
+        (["--config.mesh.tensr=2"], "error: config.mesh.tensr: unknown config key; did you mean "),
+        (["--config.train.steps=x"], "error: "),
+        (["--mode=predict"], "error: "),
+        (["stray"], "error: unexpected arguments: stray"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, tmp_path, data_dir, extra, expected):
+    config = f"--config={TINY}:stage1,data_dir={data_dir}"
+    code, err = run(capsys, monkeypatch, config, f"--workdir={tmp_path}", *extra)
+    assert code == main_lib.EXIT_USAGE
+    assert err.startswith(expected), err
+    assert len(err.splitlines()) == 1
+
+
+def test_bad_config_file_argument_and_missing_workdir(capsys, monkeypatch, data_dir):
+    code, err = run(capsys, monkeypatch, f"--config={TINY}:stage1,dat_dir=x", "--workdir=/x")
+    assert code == 2 and err.startswith("error: config argument 'dat_dir': unknown"), err
+    code, err = run(capsys, monkeypatch, "--config=/no/such.py", "--workdir=/x")
+    assert code == 2 and err.startswith("error: --config=/no/such.py: no such file"), err
+    code, err = run(capsys, monkeypatch, f"--config={TINY}:stage1,data_dir={data_dir}")
+    assert (
+        code == 2 and err == "error: --workdir is required: the folder for checkpoints and metrics"
+    )

@@ -1,0 +1,142 @@
+"""Fixtures for the training tests: a small stand-in for `Neva` (same top-level names and
+step interface) and random batches in the docs/CONTRACTS.md layout."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from neva_jax.config import RunConfig, from_config_dict
+from neva_jax.data import synth
+
+V, D, T, B = 32, 16, 12, 4
+
+
+class StandInLlm(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(V, D, rngs=rngs)
+        self.block = nnx.Linear(D, D, rngs=rngs)
+        self.final_norm = nnx.RMSNorm(D, rngs=rngs)
+        self.lm_head = nnx.Linear(D, V, use_bias=False, rngs=rngs)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        return self.lm_head(h).astype(jnp.float32)
+
+
+class StandIn(nnx.Module):
+    """vision -> projector -> added to every token embedding -> llm."""
+
+    def __init__(self, seed: int = 0):
+        rngs = nnx.Rngs(seed)
+        self.vision = nnx.Linear(3, 8, rngs=rngs)
+        self.projector = nnx.Linear(8, D, rngs=rngs)
+        self.llm = StandInLlm(rngs)
+
+    def hidden_states(self, input_ids, images, *, positions=None, segment_ids=None, **_):
+        feats = self.projector(self.vision(images.mean(axis=(1, 2, 3))))  # [B, D]
+        x = self.llm.embed(input_ids) + feats[:, None, :]
+        x = x + jnp.tanh(self.llm.block(x))
+        return self.llm.final_norm(x)
+
+
+def batch(seed: int = 0, b: int = B) -> dict[str, np.ndarray]:
+    """A random batch in the docs/CONTRACTS.md layout (some rows with few trained tokens)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, size=(b, T)).astype(np.int32)
+    mask = np.zeros((b, T), np.float32)
+    for r in range(b):
+        n = 2 + r % 3
+        mask[r, T - 1 - n : T - 1] = 1.0
+    return {
+        "input_ids": ids,
+        "targets": np.roll(ids, -1, axis=1),
+        "loss_mask": mask,
+        "segment_ids": np.ones((b, T), np.int32),
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (b, T)).copy(),
+        "images": rng.normal(size=(b, 1, 4, 4, 3)).astype(np.float32),
+    }
+
+
+@pytest.fixture
+def standin() -> type[StandIn]:
+    return StandIn
+
+
+@pytest.fixture
+def make_batch():
+    return batch
+
+
+# ----------------------------------------------------------------------------------------
+# The real tiny model on the bundled synthetic data.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache: identical programs (resumed runs, subprocesses, the other
+    xdist worker) compile once per test session."""
+    base = tmp_path_factory.getbasetemp()
+    path = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("synth"))
+    synth.generate(out, n_train=96, n_eval=16)
+    return out
+
+
+def tiny_dict(data_dir: str, variant: str = "stage1", **changes: Any) -> dict[str, Any]:
+    """configs/tiny.py as a plain dict with dotted-key `changes` applied."""
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cd = module.get_config(f"{variant},data_dir={data_dir}").to_dict()
+    for key, value in changes.items():
+        *parents, name = key.split(".")
+        target = cd
+        for part in parents:
+            target = target[part]
+        target[name] = value
+    return cd
+
+
+@pytest.fixture
+def tiny_config(synth_dir):
+    """tiny_config(variant, **changes) -> RunConfig of configs/tiny.py on the synthetic data."""
+
+    def make(variant: str = "stage1", **changes: Any) -> RunConfig:
+        return from_config_dict(tiny_dict(synth_dir, variant, **changes))
+
+    return make
+
+
+def read_metrics(workdir: str) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl training lines by step (the last line per step wins)."""
+    rows = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                rows[row["step"]] = row
+    return rows
+
+
+@pytest.fixture
+def metrics_of():
+    return read_metrics

@@ -1,0 +1,99 @@
+"""Stage 1 then stage 2 of the tiny model on the synthetic data, through `loop.train`."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+from flax import nnx
+
+from neva_jax import sharding
+from neva_jax.config_checks import neva_config
+from neva_jax.train import build, loop
+from neva_jax.train import checkpoint as ckpt_lib
+from neva_jax.train import optimizer as opt_lib
+
+
+def _initial_params(cfg):
+    """The random initialisation a run starts from (same construction, same mesh)."""
+    constructor = build.model_constructor(neva_config(cfg, image_token_id=4), cfg.seed)
+    model = sharding.create_sharded(constructor, build.make_mesh(cfg))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _same(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
+
+
+def _falls(rows) -> bool:
+    losses = [rows[s]["loss"] for s in sorted(rows)]
+    return np.mean(losses[-2:]) < np.mean(losses[:2])
+
+
+def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of):
+    w1, w2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
+    common = {"train.steps": 6, "train.log_every": 1, "checkpoint.every_steps": 6}
+    cfg1 = tiny_config("stage1", **common)
+    summary1 = loop.train(cfg1, w1)
+    rows1 = metrics_of(w1)
+    assert sorted(rows1) == list(range(1, 7)) and _falls(rows1)
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "accuracy"):
+        assert np.isfinite(rows1[6][key])
+    assert "eval/loss" in summary1 and summary1["step"] == 6
+    assert os.path.isdir(os.path.join(w1, "tokenizer"))
+    with open(os.path.join(w1, "data_report.json")) as f:
+        assert json.load(f)["samples_skipped"] == 0
+
+    # Stage 1: LLM and vision bit-identical to their initialisation; optimizer state
+    # only for the projector.
+    init = _initial_params(cfg1)
+    p1, meta = ckpt_lib.restore_params(w1)
+    assert meta["trained_parts"] == ["projector"] and meta["step"] == 6
+    assert _same(p1["llm"], init["llm"]) and _same(p1["vision"], init["vision"])
+    assert not _same(p1["projector"], init["projector"])
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(w1, "checkpoints/6/state")).tree
+    projector = opt_lib.largest_leaf(p1["projector"])
+    opt_sizes = [int(np.prod(m.shape)) for m in jax.tree.leaves(tree["opt_state"])]
+    assert opt_sizes and max(opt_sizes) <= projector
+
+    # Stage 2 from the stage-1 workdir: vision bit-identical, LLM and projector change.
+    cfg2 = tiny_config("stage2", init_from=w1, **common)
+    loop.train(cfg2, w2)
+    rows2 = metrics_of(w2)
+    assert _falls(rows2)
+    p2, meta2 = ckpt_lib.restore_params(w2)
+    assert meta2["trained_parts"] == ["projector", "llm"]
+    assert _same(p2["vision"], p1["vision"])
+    assert not _same(p2["llm"], p1["llm"]) and not _same(p2["projector"], p1["projector"])
+
+    # --mode eval restores the newest checkpoint and writes eval/* at its step.
+    out = loop.evaluate(cfg2, w2)
+    assert np.isfinite(out["eval/loss"]) and 0 <= out["eval/accuracy"] <= 1
+    model, info = ckpt_lib.restore_model_from_workdir(w2)
+    assert info["step"] == 6 and info["tokenizer"] == os.path.join(w2, "tokenizer")
+    assert _same(nnx.to_pure_dict(nnx.state(model, nnx.Param)), p2)
+
+
+def test_nan_steps_are_skipped_then_k_in_a_row_stop(tmp_path, tiny_config, metrics_of):
+    cfg = tiny_config(
+        "stage1",
+        **{
+            "train.steps": 6,
+            "train.log_every": 1,
+            "train.max_consecutive_nonfinite": 2,
+            "debug.inject_nan_steps": (1, 3, 4),  # 0-based: steps 2, 4 and 5
+            "data.eval_files": (),
+        },
+    )
+    with pytest.raises(loop.NonFiniteError) as e:
+        loop.train(cfg, str(tmp_path))
+    assert str(e.value).startswith("train: 2 consecutive non-finite steps (loss=nan) up to step 5")
+    assert "raise train.max_consecutive_nonfinite" in str(e.value)
+    rows = metrics_of(str(tmp_path))
+    assert rows[2]["nonfinite_count"] == 1 and np.isnan(rows[2]["loss"])
+    assert rows[3]["nonfinite_count"] == 1 and np.isfinite(rows[3]["loss"])
+    assert rows[4]["nonfinite_count"] == 2

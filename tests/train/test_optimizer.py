@@ -1,0 +1,112 @@
+"""Stage freezing, the optimizer and the pure step, on a small stand-in model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from neva_jax.config import TrainSection
+from neva_jax.train import loop
+from neva_jax.train import optimizer as opt_lib
+from neva_jax.train import state as state_lib
+from neva_jax.train import step as step_lib
+
+TRAIN = TrainSection(steps=20, lr=1e-2, warmup_steps=2, min_lr=1e-3, weight_decay=0.1)
+
+
+def _run(standin, make_batch, parts, n_steps=3, nan_steps=(), **kw):
+    tx = opt_lib.make_optimizer(TRAIN)
+    graphdef, state = state_lib.create(standin(), parts, tx)
+    init = jax.tree.map(np.asarray, state.checkpoint_tree()["params"])
+    schedule = opt_lib.learning_rate_schedule(TRAIN)
+    fn = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, trained_parts=parts, **kw))
+    losses, metrics = [], None
+    for i in range(n_steps):
+        batch = make_batch(i)
+        state, metrics = fn(state, loop.inject_nan(batch) if i in nan_steps else batch)
+        losses.append(float(metrics["loss"]))
+    return init, state, losses, metrics
+
+
+def _same(a, b):
+    return all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def test_stage1_trains_projector_only(standin, make_batch):
+    init, state, losses, _ = _run(standin, make_batch, ("projector",))
+    final = state.checkpoint_tree()["params"]
+    assert _same(init["llm"], final["llm"]) and _same(init["vision"], final["vision"])
+    assert not _same(init["projector"], final["projector"])
+    proj = opt_lib.largest_leaf(init["projector"])
+    sizes = [x.size for x in jax.tree.leaves(state.opt_state)]
+    assert sizes and max(sizes) <= proj
+    assert set(state.params) == {"projector"}
+    assert losses[-1] < losses[0]
+
+
+def test_stage2_trains_projector_and_llm(standin, make_batch):
+    init, state, _, _ = _run(standin, make_batch, ("projector", "llm"))
+    final = state.checkpoint_tree()["params"]
+    assert _same(init["vision"], final["vision"])
+    assert not _same(init["llm"], final["llm"])
+    assert not _same(init["projector"], final["projector"])
+
+
+def test_decay_mask_excludes_norms_and_biases(standin, make_batch):
+    _, params, frozen, _ = opt_lib.split_model(standin(), ("projector", "llm", "vision"))
+    mask = opt_lib.decay_mask(params)
+    assert mask["projector"]["kernel"] and not mask["projector"]["bias"]
+    assert not mask["llm"]["final_norm"]["scale"]
+    assert mask["llm"]["embed"]["embedding"] and mask["llm"]["lm_head"]["kernel"]
+    assert frozen == {}
+
+
+def test_schedule_warmup_then_cosine_to_min_lr():
+    s = opt_lib.learning_rate_schedule(TRAIN)
+    assert float(s(0)) == 0.0
+    assert float(s(2)) == pytest.approx(TRAIN.lr)
+    assert float(s(TRAIN.steps)) == pytest.approx(TRAIN.min_lr)
+    assert float(s(10)) < TRAIN.lr
+
+
+def test_nan_step_is_skipped_and_counted(standin, make_batch):
+    init, state, _, m = _run(standin, make_batch, ("projector",), n_steps=2, nan_steps=(0, 1))
+    assert int(state.nonfinite_count) == 2 and int(state.nonfinite_streak) == 2
+    assert not bool(m["finite"])
+    assert _same(init, state.checkpoint_tree()["params"])
+    # The Adam step count did not move either.
+    counts = [x for x in jax.tree.leaves(state.opt_state) if x.ndim == 0]
+    assert all(int(c) == 0 for c in counts)
+
+
+def test_streak_resets_after_finite_step(standin, make_batch):
+    _, state, _, _ = _run(standin, make_batch, ("projector",), n_steps=3, nan_steps=(1,))
+    assert int(state.nonfinite_count) == 1 and int(state.nonfinite_streak) == 0
+
+
+@pytest.mark.parametrize("kw", [{"grad_accum_steps": 2}, {"logits_fraction": 0.4}])
+def test_accumulation_and_logit_capacity_match_plain_step(standin, make_batch, kw):
+    _, ref, ref_losses, _ = _run(standin, make_batch, ("projector", "llm"), n_steps=2)
+    _, got, losses, _ = _run(standin, make_batch, ("projector", "llm"), n_steps=2, **kw)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(got.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_overflow_falls_back_to_all_positions(standin, make_batch):
+    graphdef, state = state_lib.create(standin(), ("projector",), optax.sgd(0.0))
+    b = make_batch(3)
+    b["loss_mask"][0] = 1.0  # row 0: every position trained, more than the capacity
+
+    @jax.jit
+    def sums(state, batch):
+        model = opt_lib.merge_model(graphdef, state.params, state.frozen, state.other)
+        full = step_lib.token_loss_sums(model, batch, 1.0)
+        small = step_lib.token_loss_sums(model, batch, 0.1)
+        return jnp.stack(full), jnp.stack(small)
+
+    full, small = sums(state, b)
+    np.testing.assert_allclose(small, full, rtol=1e-6)
