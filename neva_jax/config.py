@@ -189,6 +189,29 @@ class DebugSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    """`distributed`: a multi-process launch (`neva_jax.distributed`); unset = the environment.
+
+    Unset values come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID,
+    else SLURM or Open MPI (auto-detected), else one process.
+    """
+
+    coordinator_address: str = ""  # host:port where process 0 serves the coordinator
+    num_processes: int = 0  # 0 = from the environment
+    process_id: int = -1  # -1 = from the environment
+    initialization_timeout: int = 300  # seconds to wait for every process to connect
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSection:
+    """`plan`: what `--mode plan` (`neva_jax.train.plan`) estimates memory for."""
+
+    num_devices: int = 0  # 0 = the devices this process sees
+    device_memory_gb: float = 0.0  # per device, GB = 1e9 bytes; 0 = the device's own limit
+    memory_fraction: float = 0.9  # share of device memory the estimate may fill
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The whole experiment, typed. `data` is the data package's own `DataConfig`."""
 
@@ -204,6 +227,8 @@ class RunConfig:
     data: Any
     seed: int = 0
     init_from: str = ""  # a training workdir / step folder / imported model folder
+    distributed: DistributedSection = DistributedSection()
+    plan: PlanSection = PlanSection()
 
     @property
     def trained_parts(self) -> tuple[str, ...]:
@@ -234,6 +259,8 @@ _SECTIONS: dict[str, type] = {
     "eval": EvalSection,
     "checkpoint": CheckpointSection,
     "debug": DebugSection,
+    "distributed": DistributedSection,
+    "plan": PlanSection,
 }
 
 
@@ -447,8 +474,18 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
     return out
 
 
-def from_config_dict(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> RunConfig:
-    """Converts and validates an experiment ConfigDict; raises `ConfigError`."""
+def from_config_dict(
+    cd: ml_collections.ConfigDict | Mapping[str, Any],
+    *,
+    num_devices: int | None = None,
+    check_environment: bool = True,
+) -> RunConfig:
+    """Converts and validates an experiment ConfigDict; raises `ConfigError`.
+
+    The mesh is checked against `num_devices` (default: the devices JAX sees);
+    `check_environment=False` skips what depends on this machine (files and folders
+    exist, a cuDNN backend): `--mode plan` plans for another machine.
+    """
     top = dict(_as_mapping(cd))
     kwargs: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -466,7 +503,7 @@ def from_config_dict(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> RunCo
     cfg = RunConfig(**kwargs)
     from neva_jax.config_checks import validate  # the rules need model/data configs
 
-    validate(cfg)
+    validate(cfg, num_devices, check_environment=check_environment)
     return cfg
 
 

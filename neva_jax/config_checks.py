@@ -111,7 +111,7 @@ def neva_config(cfg: RunConfig, image_token_id: int | None = None) -> Any:
         raise ConfigError(f"config.{msg}" if not msg.startswith("config.") else msg) from None
 
 
-def _validate_model(cfg: RunConfig) -> None:
+def _validate_model(cfg: RunConfig, check_files: bool = True) -> None:
     llm = cfg.model.llm
     _check(
         llm.model_type in MODEL_TYPES,
@@ -141,7 +141,7 @@ def _validate_model(cfg: RunConfig) -> None:
         ("init_from", cfg.init_from),
     ):
         _check(
-            not path or os.path.exists(path),
+            not check_files or not path or os.path.exists(path),
             f"config.{key}={path!r}: no such file or folder; fix the path or set ''",
         )
 
@@ -220,7 +220,7 @@ def _validate_mesh(cfg: RunConfig, num_devices: int) -> None:
         )
 
 
-def _validate_data(cfg: RunConfig) -> None:
+def _validate_data(cfg: RunConfig, check_files: bool = True) -> None:
     """The data package's own checks (files, template, lengths) plus model cross-checks."""
     vis = cfg.model.vision_encoder
     data = cfg.data.with_model(
@@ -229,7 +229,7 @@ def _validate_data(cfg: RunConfig) -> None:
         use_im_start_end=cfg.model.use_im_start_end,
     )
     try:
-        data.validate()
+        data.validate(check_files=check_files)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e).strip().splitlines()[0]) from None
     _check(
@@ -239,15 +239,39 @@ def _validate_data(cfg: RunConfig) -> None:
     )
 
 
-def validate(cfg: RunConfig, num_devices: int | None = None) -> None:
-    """Checks every rule that needs no model; raises `ConfigError` (one line)."""
-    _validate_model(cfg)
+def _validate_scale(cfg: RunConfig) -> None:
+    d, p = cfg.distributed, cfg.plan
+    _check(
+        d.num_processes >= 0, f"config.distributed.num_processes={d.num_processes}: must be >= 0"
+    )
+    _check(
+        d.process_id >= -1 and (not d.num_processes or d.process_id < d.num_processes),
+        f"config.distributed.process_id={d.process_id}: must be in [0, num_processes) "
+        "(-1 = from the environment)",
+    )
+    _check(p.num_devices >= 0, f"config.plan.num_devices={p.num_devices}: must be >= 0")
+    _check(p.device_memory_gb >= 0, f"config.plan.device_memory_gb={p.device_memory_gb}: >= 0")
+    _check(
+        0 < p.memory_fraction <= 1,
+        f"config.plan.memory_fraction={p.memory_fraction}: must be in (0, 1]",
+    )
+
+
+def validate(
+    cfg: RunConfig, num_devices: int | None = None, *, check_environment: bool = True
+) -> None:
+    """Checks every rule that needs no model; raises `ConfigError` (one line).
+
+    `check_environment=False` skips the rules about this machine (paths exist, cuDNN).
+    """
+    _validate_model(cfg, check_environment)
     _validate_train(cfg)
+    _validate_scale(cfg)
     if num_devices is None:
         num_devices = jax.device_count()
     _validate_mesh(cfg, num_devices)
-    _validate_data(cfg)
-    if cfg.attention.implementation == "cudnn":
+    _validate_data(cfg, check_environment)
+    if cfg.attention.implementation == "cudnn" and check_environment:
         _check(
             jax.default_backend() == "gpu",
             "config.attention.implementation='cudnn': needs a GPU backend, this one is "

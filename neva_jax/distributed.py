@@ -61,6 +61,16 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
+def _scheduler(env: Mapping[str, str]) -> Launch | None:
+    """The launch SLURM (`srun`) or Open MPI (`mpirun`) describes, if any."""
+    if all(v in env for v in _SLURM_VARS):
+        return Launch("slurm", int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]))
+    if _OMPI_SIZE in env:
+        rank = _env_int(env, "OMPI_COMM_WORLD_RANK") or 0
+        return Launch("openmpi", int(env[_OMPI_SIZE]), rank)
+    return None
+
+
 def detect(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -70,9 +80,10 @@ def detect(
 ) -> Launch:
     """Resolves the launch from arguments, then environment, then scheduler (no side effects).
 
-    Empty/None arguments (`""`, `None`, `num_processes <= 0`, `process_id < 0`) count as
-    unset. Raises ValueError naming the missing value when a multi-process launch is
-    only half specified.
+    Empty arguments (`""`, `None`, `num_processes <= 0`, `process_id < 0`) are unset; a
+    scheduler fills what the others leave unset (an empty `coordinator_address` then
+    means JAX's choice: the first node). Raises ValueError naming the missing value
+    when a multi-process launch is only half specified.
     """
     env = os.environ if env is None else env
     explicit = bool(coordinator_address) or (num_processes or 0) > 0
@@ -81,36 +92,31 @@ def detect(
     pid = process_id if process_id is not None and process_id >= 0 else None
     if pid is None:
         pid = _env_int(env, ENV_PROCESS_ID)
-    if count is not None or address:
-        source = "explicit" if explicit else "env"
-        if count == 1 and not address:
-            return Launch(source, 1, 0)
-        missing = [
-            name
-            for name, value in (
-                ("coordinator_address", address),
-                ("num_processes", count),
-                ("process_id", pid),
-            )
-            if value in (None, "")
-        ]
-        if missing:
+    sched = _scheduler(env)
+    if count is None and not address:
+        return sched if sched and sched.multi_process else Launch("single")
+    source = "explicit" if explicit else "env"
+    if sched is not None:
+        count = sched.num_processes if count is None else count
+        pid = sched.process_id if pid is None else pid
+    if count == 1:
+        return Launch(source, 1, 0, address)
+    for name, value in (
+        ("coordinator_address", address or ("(the scheduler's)" if sched else "")),
+        ("num_processes", count),
+        ("process_id", pid),
+    ):
+        if value in (None, ""):
             raise ValueError(
-                f"config.distributed.{missing[0]} is not set (nor {ENV_COORDINATOR}/"
+                f"config.distributed.{name} is not set (nor {ENV_COORDINATOR}/"
                 f"{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}); a multi-process launch needs "
                 "coordinator_address (host:port of process 0), num_processes and process_id"
             )
-        if not 0 <= pid < count:
-            raise ValueError(
-                f"config.distributed.process_id={pid}: must be in [0, num_processes={count})"
-            )
-        return Launch(source, count, pid, address)
-    if all(v in env for v in _SLURM_VARS) and (_env_int(env, "SLURM_NTASKS") or 1) > 1:
-        return Launch("slurm", int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]))
-    if (_env_int(env, _OMPI_SIZE) or 1) > 1:
-        rank = _env_int(env, "OMPI_COMM_WORLD_RANK") or 0
-        return Launch("openmpi", int(env[_OMPI_SIZE]), rank)
-    return Launch("single")
+    if not 0 <= pid < count:
+        raise ValueError(
+            f"config.distributed.process_id={pid}: must be in [0, num_processes={count})"
+        )
+    return Launch(source, count, pid, address)
 
 
 def initialize(
@@ -123,24 +129,20 @@ def initialize(
     """Starts JAX's distributed runtime when this is a multi-process launch; returns it.
 
     One process (the default): does nothing. Calling it again after a successful
-    initialisation is a no-op. Under SLURM/Open MPI JAX itself reads the scheduler's
-    variables (coordinator = first node, port derived from the job id; with one task
-    per GPU each process takes the GPU of its local rank).
+    initialisation is a no-op. Under SLURM/Open MPI JAX itself reads what is not given
+    (coordinator = first node, port derived from the job id; with one task per GPU each
+    process takes the GPU of its local rank).
     """
     launch = detect(coordinator_address, num_processes, process_id)
-    if not launch.multi_process:
+    if not launch.multi_process or jax.distributed.is_initialized():
         return launch
-    if jax.distributed.is_initialized():
-        return launch
-    if launch.source in ("explicit", "env"):
-        jax.distributed.initialize(
-            launch.coordinator_address,
-            num_processes=launch.num_processes,
-            process_id=launch.process_id,
-            initialization_timeout=initialization_timeout,
-        )
-    else:  # JAX's own cluster detection (SLURM, Open MPI)
-        jax.distributed.initialize(initialization_timeout=initialization_timeout)
+    explicit = launch.source in ("explicit", "env")
+    jax.distributed.initialize(
+        launch.coordinator_address or None,
+        num_processes=launch.num_processes if explicit else None,
+        process_id=launch.process_id if explicit else None,
+        initialization_timeout=initialization_timeout,
+    )
     logging.info(
         "jax.distributed (%s): process %d of %d, %d local / %d global devices",
         launch.source,

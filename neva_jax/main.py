@@ -1,9 +1,13 @@
 """Entry point: train or evaluate a NeVA experiment.
 
-    python -m neva_jax.main --config configs/F.py[:ARG] --workdir DIR [--mode train|eval] \\
+    python -m neva_jax.main --config configs/F.py[:ARG] --workdir DIR [--mode train|eval|plan] \\
         [--config.KEY=VALUE ...]
 
-Training resumes from the newest complete checkpoint in DIR. Exit status: 0 the job
+Training resumes from the newest complete checkpoint in DIR. `--mode plan` prints the
+per-device memory plan of the config (`neva_jax.train.plan`; `config.plan.*`) and
+compiles nothing. Several processes (one per host or GPU) join through
+`neva_jax.distributed` (`config.distributed.*`, or SLURM / Open MPI / JAX_* variables);
+only process 0 writes metrics and logs, all take part in checkpoints (launch/*.sh). Exit status: 0 the job
 finished (or saved and stopped on SIGTERM); 2 a bad flag, config value or dataset
 (one line on stderr naming the key or file, before anything is compiled); 3 the
 run stopped after `train.max_consecutive_nonfinite` non-finite steps in a row.
@@ -16,6 +20,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,7 +34,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file: configs/F.py[:ARG]", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, logs")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train, or evaluate a checkpoint")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "plan"], "train, evaluate a checkpoint, or plan memory"
+)
 
 
 def _fail(message: str, status: int = EXIT_USAGE) -> None:
@@ -97,8 +104,36 @@ class _OwnInfoOnly(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or f"{os.sep}neva_jax{os.sep}" in record.pathname
 
 
+def _start_distributed(raw: Any) -> None:
+    """`jax.distributed` from `config.distributed` (before any JAX backend use); other
+    processes than 0 log warnings only, unless --verbosity/-v is given."""
+    from neva_jax import distributed
+
+    d = raw.distributed
+    distributed.initialize(
+        d.coordinator_address,
+        d.num_processes,
+        d.process_id,
+        initialization_timeout=d.initialization_timeout,
+    )
+    if not distributed.is_primary() and not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def _plan(raw: Any) -> None:
+    """`--mode plan`: the memory plan on `plan.num_devices` devices, printed to stdout."""
+    import jax
+
+    from neva_jax.train import plan
+
+    num_devices = raw.plan.num_devices or jax.device_count()
+    cfg = from_config_dict(raw, num_devices=num_devices, check_environment=False)
+    device_bytes = plan.device_memory_bytes(cfg.plan.device_memory_gb)
+    print(plan.report(cfg, num_devices, device_bytes, cfg.plan.memory_fraction), flush=True)
+
+
 def main(argv: Sequence[str]) -> None:
-    """Dispatches to training or evaluation."""
+    """Dispatches to training, evaluation or the memory plan."""
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
         handler.addFilter(_OwnInfoOnly())
@@ -109,13 +144,16 @@ def main(argv: Sequence[str]) -> None:
     if not _WORKDIR.value:
         _fail("--workdir is required: the folder for checkpoints and metrics")
     # Imported here so that `--help` and flag errors stay fast.
-    from neva_jax import distributed
     from neva_jax.data.dataset import DataError
     from neva_jax.train import loop
 
+    raw = _config_value()
     try:
-        distributed.initialize()  # before anything asks JAX for devices; 1 process: no-op
-        cfg = from_config_dict(_config_value())
+        if _MODE.value == "plan":
+            _plan(raw)
+            return
+        _start_distributed(raw)  # before anything asks JAX for devices; 1 process: no-op
+        cfg = from_config_dict(raw)
         if _MODE.value == "train":
             loop.train(cfg, _WORKDIR.value)
         else:

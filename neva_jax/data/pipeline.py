@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import collections
 import copy
+import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
+from absl import logging
 
 from neva_jax.data.config import DataConfig
 from neva_jax.data.dataset import DataError, SamplePreparer, open_source
@@ -146,6 +149,43 @@ def make_eval_iterator(
         pad_id=tok.pad_id,
         num_batches=num_batches if process_count > 1 else None,
     )
+
+
+def reshard_state(
+    saved: Sequence[dict[str, Any]], process_index: int, process_count: int
+) -> dict[str, Any] | None:
+    """A training iterator's state for process `process_index` of `process_count`, from
+    the states that another number of processes saved (`saved[i]`: process i's).
+
+    Process i of N reads records i, i+N, ... of the one shuffled stream, so their saved
+    positions n_i together cover its first sum(n_i) records: exactly when every process
+    read as many (no skipped samples, no packing), else up to N-1 records near that
+    boundary are read twice or never. Process j of M starts at its first record past
+    them. Process 0 carries the summed counters (data_report.json), the others start at
+    zero. None when the states are not plain positions (grain worker processes,
+    `data.num_workers > 0`).
+    """
+    try:
+        consumed = sum(int(s["parent"]["next_index"]) for s in saved)
+    except (KeyError, TypeError, ValueError):
+        return None
+    stats = BatchIterator._new_stats()
+    if process_index == 0:
+        for s in saved:
+            for key, value in s["stats"].items():
+                if key == "skipped":
+                    for reason, n in value.items():
+                        stats[key][reason] = stats[key].get(reason, 0) + n
+                elif key == "first_skip":
+                    for reason, where in value.items():
+                        stats[key].setdefault(reason, where)
+                else:
+                    stats[key] += value
+    return {
+        "parent": {"next_index": max(0, -(-(consumed - process_index) // process_count))},
+        "stats": stats,
+        "exhausted": all(s.get("exhausted", False) for s in saved),
+    }
 
 
 def first_fit(used: list[int], imgs: list[int], n: int, k: int, t: int, m: int) -> int | None:
@@ -356,6 +396,9 @@ class BatchIterator(grain.DatasetIterator):
         st["data_batches"] += n_placed > 0
         st["samples_yielded"] += n_placed
         st["rows"] += sum(1 for r in rows if r)
+        if logging.vlog_is_on(1):  # `--v=1`: the records of each batch (this process's)
+            where = [smp["where"] for row in rows for smp in row]
+            logging.vlog(1, "data batch %d records %s", st["batches"], json.dumps(where))
         return self._assemble(rows)
 
     def _place(self, used: list[int], imgs: list[int], n: int, k: int, n_placed: int) -> int | None:

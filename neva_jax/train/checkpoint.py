@@ -229,9 +229,12 @@ class Checkpointer:
             "state": _restore_args(abstract_state),
             "meta": ocp.args.JsonRestore(),
         }
-        step_dir = os.path.join(self.directory, str(step))
-        if data_iter is not None and os.path.isdir(os.path.join(step_dir, "data_iter")):
-            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        data_dir = os.path.join(self.directory, str(step), "data_iter")
+        if data_iter is not None and os.path.isdir(data_dir):
+            if os.path.isfile(os.path.join(data_dir, _data_iter_file())):
+                items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+            else:  # saved by another number of processes
+                _restore_resharded(data_dir, data_iter)
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], dict(out["meta"])
 
@@ -243,6 +246,46 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _data_iter_file(index: int | None = None, count: int | None = None) -> str:
+    """grain's per-process file name in a checkpoint's `data_iter/` folder."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    return f"process_{index}-of-{count}.json"
+
+
+def _restore_resharded(data_dir: str, data_iter: Any) -> None:
+    """Positions `data_iter` from iterator states saved by another number of processes."""
+    from neva_jax.data import pipeline
+
+    names = [n for n in os.listdir(data_dir) if n.startswith("process_") and n.endswith(".json")]
+    count = int(names[0].rsplit("-of-", 1)[1][: -len(".json")]) if names else 0
+    saved = []
+    for i in range(count):
+        path = os.path.join(data_dir, _data_iter_file(i, count))
+        if os.path.isfile(path):
+            with open(path) as f:
+                saved.append(json.load(f))
+    state = pipeline.reshard_state(saved, jax.process_index(), jax.process_count())
+    if len(saved) != count or not count or state is None:
+        logging.warning(
+            "%s: the data iterator state (%d processes) cannot be resharded for %d processes; "
+            "the data stream restarts from the beginning",
+            data_dir,
+            count,
+            jax.process_count(),
+        )
+        return
+    data_iter.set_state(state)
+    logging.warning(
+        "%s: data iterator saved by %d processes, resharded for %d: this process resumes "
+        "at record %d of its shard",
+        data_dir,
+        count,
+        jax.process_count(),
+        state["parent"]["next_index"],
+    )
 
 
 def _abstract_tree(metadata_tree: Any) -> Any:
