@@ -13,11 +13,13 @@ captions (`plain`); stage 2 trains projector + decoder on four-question conversa
     python -m neva_jax.main --config=configs/demo.py:stage2,data_dir=runs/demo/data \\
         --workdir=runs/demo/stage2 --config.init_from=runs/demo/stage1
 
-Measured (8,000 training images, batch 32): the held-out teacher-forced token accuracy
-of stage 2 was 0.967 at step 250 and 0.994 at step 500 of a 1,000-step run, and greedy
-answers were 1.000 correct after 1,000 steps; 600 steps keep a margin at about 40 %
-less time. Stage 1 trains only the projector into a random frozen decoder, so its
-caption loss moves little (6.07 -> 5.63); it is there to run the real two-stage path.
+Measured on this 2-core CPU (8,000 training images, batch 32): with these settings
+greedy held-out answers were 1.000 correct on every question type after 1,000 stage-2
+steps (~8 minutes of training; `make demo` took 10.8 minutes from a fresh clone). With
+800 steps they were 0.985, with 600 (lr 1e-3, FFN 344) 0.979: "where" (left/right) is
+the last type learnt, colour, shape and count are near 1.0 by step 600. Stage 1 trains
+only the projector into a random frozen decoder, so its caption loss moves little
+(6.07 -> 5.65); it is there to run the real two-stage path.
 
 Arguments (after the colon, comma-separated): 'stage1' | 'stage2', `data_dir=DIR`
 (where `synth` wrote the data; default data/synthetic).
@@ -40,7 +42,7 @@ def get_config(arg: str | None = None):
     llm.encoder_seq_length = 256
     llm.num_layers = 2
     llm.hidden_size = 128
-    llm.ffn_hidden_size = 344
+    llm.ffn_hidden_size = 256
     llm.num_attention_heads = 4
     vis = c.model.vision_encoder
     vis.image_size = 64
@@ -64,10 +66,10 @@ def get_config(arg: str | None = None):
     data.read_threads = 2
 
     t = c.train
-    t.steps = 600 if stage2 else 150
+    t.steps = 1000 if stage2 else 150
     t.batch_size = 32
-    t.lr = 1e-3
-    t.min_lr = 1e-4
+    t.lr = 2e-3 if stage2 else 1e-3
+    t.min_lr = t.lr / 10
     t.warmup_steps = 40 if stage2 else 15
     t.grad_clip = 1.0
     t.logits_fraction = 0.125 if stage2 else 0.25

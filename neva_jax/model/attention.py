@@ -3,7 +3,9 @@
 Axis letters: B batch, T query length, S key length, N query heads, K kv heads,
 H head dim, D model width, L layers.
 
-The attention core is `jax.nn.dot_product_attention` (layout BTNH, GQA native). Masks
+The attention core is `jax.nn.dot_product_attention` (layout BTNH, GQA native); over a
+KV cache it is `cached_attention`, the same arithmetic for the cache's heads-major
+layout (a decode step then reads the cache in place instead of transposing it). Masks
 follow docs/CONTRACTS.md: a query attends to keys with the same non-zero segment id
 and a position <= its own. Without segment ids or a cache the causal mask is
 expressed with `is_causal` (no materialised mask, cuDNN flash friendly); otherwise an
@@ -111,7 +113,9 @@ def make_attention_mask(
 class KVCache:
     """Preallocated KV cache for all layers (static shapes; one write slot for the batch).
 
-    k, v: [L, B, S, K, H] in the compute dtype. segment_ids, positions: [B, S] int32 of
+    k, v: [L, B, K, S, H] in the compute dtype, heads before slots so that a decode
+    step reads each head's keys as one contiguous [S, H] block (no transposed copy
+    of the cache per step; see `cached_attention`). segment_ids, positions: [B, S] int32 of
     the cached tokens (segment 0 marks empty slots and left padding). index: [] int32,
     the next slot to write; a call with T tokens writes slots [index, index + T).
     Rows with different prompt lengths are left padded so they share `index`.
@@ -134,7 +138,7 @@ class KVCache:
         dtype: jnp.dtype,
     ) -> KVCache:
         """An empty cache: zeros, segment ids 0, index 0."""
-        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
@@ -170,12 +174,41 @@ class KVCache:
         )
 
 
-def write_kv(cache_kv: jax.Array, new_kv: jax.Array, index: jax.Array) -> jax.Array:
-    """Writes new_kv [B, T, K, H] into one layer's cache [B, S, K, H] at slot `index`."""
+def write_kv(
+    cache_kv: jax.Array, new_kv: jax.Array, index: jax.Array, layer: jax.Array | None = None
+) -> jax.Array:
+    """Writes new_kv [B, T, K, H] at slot `index` of one layer's cache [B, K, S, H], or,
+    with `layer`, of that layer of the stacked cache [L, B, K, S, H] (in place)."""
     zero = jnp.zeros((), jnp.int32)
-    return jax.lax.dynamic_update_slice(
-        cache_kv, new_kv.astype(cache_kv.dtype), (zero, index, zero, zero)
-    )
+    new_kv = jnp.swapaxes(new_kv, 1, 2).astype(cache_kv.dtype)  # [B, K, T, H]
+    if layer is None:
+        return jax.lax.dynamic_update_slice(cache_kv, new_kv, (zero, zero, index, zero))
+    start = (jnp.asarray(layer, jnp.int32), zero, zero, index, zero)
+    return jax.lax.dynamic_update_slice(cache_kv, new_kv[None], start)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention of q [B, T, N, H] over one layer's cache k, v [B, K, S, H] -> [B, T, N, H].
+
+    mask [B, 1, T, S] bool. The same arithmetic as `jax.nn.dot_product_attention`'s
+    XLA path (logits and softmax in float32, masked logits set to a large finite
+    negative number, scale 1/sqrt(H)). The einsums keep the cache as the operand in
+    its stored order ([S, H] per head, then [S, H] again for the values), so XLA
+    reads the cache in place instead of transposing it on every decode step; only
+    the T*G queries per kv head (G = N / K) are rearranged.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[1]
+    G = N // K
+    q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    logits = jnp.einsum("BKSH,BKQH->BKQS", k, q, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(H**-0.5)
+    keep = jnp.broadcast_to(mask[:, :, :, None, :], (B, 1, T, G, mask.shape[-1]))
+    large_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
+    logits = jnp.where(keep.reshape(B, 1, T * G, -1), logits, large_negative)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v)  # [B, K, T*G, H]
+    return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
 # ---------------------------------------------------------------------------- module
@@ -245,15 +278,19 @@ class Attention(nnx.Module):
         mask: jax.Array | None = None,
         cache_kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
+        cache_layer: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x [B, T, D] -> [B, T, D].
 
         positions [B, T]: RoPE positions (default arange(T)). mask [B, 1, T, S] bool:
         the complete mask (causality included), e.g. from `make_attention_mask`; when
         None the attention is causal (or full when `causal=False`) over x itself.
-        cache_kv: this layer's cache (k, v), each [B, S, K, H]; the new keys/values are
+        cache_kv: this layer's cache (k, v), each [B, K, S, H]; the new keys/values are
         written at `cache_index` and the queries attend over the whole cache (a mask
         is then required). Returns the output, plus the updated (k, v) with a cache.
+        cache_layer: when given, `cache_kv` holds every layer's cache [L, B, K, S, H]
+        and this layer is `cache_layer`: the new slots are written in place into the
+        stacked cache, which is returned (no per-layer copy of it is made).
         """
         B, T, _ = x.shape
         q = self.q(x)  # [B, T, N, H]
@@ -264,19 +301,23 @@ class Attention(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             q = apply_rope(q, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
             k = apply_rope(k, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
-        new_cache = None
         if cache_kv is not None:
             if mask is None or cache_index is None:
                 raise ValueError("attention with a KV cache needs an explicit mask and cache_index")
-            k = write_kv(cache_kv[0], k, cache_index)  # [B, S, K, H]
-            v = write_kv(cache_kv[1], v, cache_index)
-            new_cache = (k, v)
+            k_cache = write_kv(cache_kv[0], k, cache_index, cache_layer)
+            v_cache = write_kv(cache_kv[1], v, cache_index, cache_layer)
+            k, v = k_cache, v_cache  # [B, K, S, H]
+            if cache_layer is not None:  # this layer of the stacked cache
+                k = jax.lax.dynamic_index_in_dim(k_cache, cache_layer, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(v_cache, cache_layer, keepdims=False)
+            out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            return self.o(out), (k_cache, v_cache)
         impl = select_implementation(
             self.attention_impl,
             self.dtype,
             self.head_dim,
             q_len=T,
-            kv_len=k.shape[1],
+            kv_len=T,
             has_mask=mask is not None,
         )
         out = jax.nn.dot_product_attention(
@@ -287,5 +328,4 @@ class Attention(nnx.Module):
             is_causal=self.causal and mask is None,
             implementation=impl,
         )  # [B, T, N, H]
-        out = self.o(out)
-        return out if new_cache is None else (out, new_cache)
+        return self.o(out)

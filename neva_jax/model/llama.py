@@ -237,14 +237,20 @@ class DecoderLayer(nnx.Module):
         mask: jax.Array | None,
         cache_kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
+        cache_layer: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """h [B, T, D] -> (h [B, T, D], updated (k, v) [B, S, K, H] or None)."""
+        """h [B, T, D] -> (h, updated (k, v) or None).
+
+        The cache is this layer's [B, K, S, H], or with `cache_layer` the stacked
+        [L, B, K, S, H] of all layers (see `Attention`).
+        """
         a = self.attn(
             self.attn_norm(h),
             positions=positions,
             mask=mask,
             cache_kv=cache_kv,
             cache_index=cache_index,
+            cache_layer=cache_layer,
         )
         kv = None
         if cache_kv is not None:
@@ -379,33 +385,65 @@ class Llama(nnx.Module):
         cfg = self.config
         graphdef, state = nnx.split(self.layers)
 
-        def layer_fn(h, layer_state, kv, positions, mask, cache_index):
+        def layer_fn(h, layer_state, kv, positions, mask, cache_index, cache_layer=None):
             layer = nnx.merge(graphdef, layer_state)
-            return layer(h, positions=positions, mask=mask, cache_kv=kv, cache_index=cache_index)
+            return layer(
+                h,
+                positions=positions,
+                mask=mask,
+                cache_kv=kv,
+                cache_index=cache_index,
+                cache_layer=cache_layer,
+            )
 
         if cfg.remat_policy != "none":
             layer_fn = jax.checkpoint(
                 layer_fn, policy=_remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers
             )
-        cache_kv = (cache.k, cache.v) if cache is not None else None  # each [L, B, S, K, H]
+        if cache is not None:
+            return self._apply_layers_cached(
+                layer_fn, state, x, positions, mask, cache, cache_index
+            )
 
         if cfg.scan_layers:
 
-            def body(h, xs):
-                layer_state, kv = xs
-                return layer_fn(h, layer_state, kv, positions, mask, cache_index)
+            def body(h, layer_state):
+                return layer_fn(h, layer_state, None, positions, mask, None)
 
-            return jax.lax.scan(body, x, (state, cache_kv))
+            return jax.lax.scan(body, x, state)
 
-        new_k, new_v = [], []
         for i in range(cfg.num_layers):
             layer_state = jax.tree.map(lambda a, i=i: a[i], state)
-            kv = jax.tree.map(lambda a, i=i: a[i], cache_kv)
-            x, kv = layer_fn(x, layer_state, kv, positions, mask, cache_index)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        return x, ((jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None)
+            x, _ = layer_fn(x, layer_state, None, positions, mask, None)
+        return x, None
+
+    def _apply_layers_cached(
+        self,
+        layer_fn: Any,
+        state: nnx.State,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KVCache,
+        cache_index: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The layers over a KV cache [L, B, K, S, H]: the stacked cache is carried through
+        the layers and each layer writes its T new slots into it in place, so a decode
+        step never copies the whole cache into a new one."""
+
+        def body(carry, layer_state):
+            h, kv, i = carry
+            h, kv = layer_fn(h, layer_state, kv, positions, mask, cache_index, i)
+            return (h, kv, i + 1), None
+
+        carry = (x, (cache.k, cache.v), jnp.zeros((), jnp.int32))
+        if self.config.scan_layers:
+            carry, _ = jax.lax.scan(body, carry, state)
+        else:
+            for i in range(self.config.num_layers):
+                carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], state))
+        x, kv, _ = carry
+        return x, kv
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, T, D] (final-normed) -> float32 logits [B, T, V]."""

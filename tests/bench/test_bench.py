@@ -1,0 +1,143 @@
+"""Smoke test of the benchmark code paths on the tiny shape (1-2 steps each).
+
+Checks that every suite produces its figures and that they are sane (finite,
+positive, the two sides computing the same loss and greedy tokens). No timing is
+asserted: timings belong in the benchmark output, not in tests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from neva_jax.bench import flops, shapes
+from neva_jax.bench.report import Report
+from neva_jax.model import clip, llama
+from neva_jax.model.neva import NevaConfig
+
+
+def _report() -> Report:
+    return Report(io.StringIO())
+
+
+def _lines(report: Report) -> list[dict]:
+    """The printed JSON lines (each must parse)."""
+    return [json.loads(line) for line in report.out.getvalue().splitlines()]
+
+
+def _positive(rec: dict, *keys: str) -> None:
+    for k in keys:
+        assert math.isfinite(rec[k]) and rec[k] > 0, (rec["name"], k, rec[k])
+
+
+def test_flops_hand_worked():
+    llm = llama.LlamaConfig(
+        vocab_size=10,
+        hidden_size=4,
+        ffn_hidden_size=6,
+        num_layers=2,
+        num_attention_heads=2,
+        num_query_groups=1,
+        encoder_seq_length=16,
+    )
+    vision = clip.ClipConfig(
+        image_size=8,
+        patch_dim=4,
+        hidden_size=4,
+        ffn_hidden_size=8,
+        num_layers=2,
+        num_attention_heads=2,
+    )
+    cfg = NevaConfig(llm=llm, vision=vision, projector="mlp2x_gelu", image_token_id=9)
+    # Per layer: q, o 4*2*2 = 16 each; k, v 4*1*2 = 8 each; swiglu 3*4*6 = 72 -> 120.
+    # Two layers + LM head 4*10 = 280.
+    assert flops.llm_matmul_params(llm) == 280
+    # Vision, 1 block used (select -2 of 2): 4 patches + CLS = 5 tokens.
+    # patch 2*4*(4*4*3)*4 = 1536; block 2*5*(4*16 + 2*4*8) = 1280; attention 4*5*5*4 = 400.
+    assert flops.vision_forward_flops(vision) == 1536 + 1280 + 400
+    assert flops.projector_params(cfg) == 4 * 4 + 4 * 4
+    # B=2, T=8: 16 tokens. Attention 6*T*(N*H)*L = 6*8*4*2 = 384 per token.
+    # Projector 6*32 per image token, 4 tokens per image, 2 images.
+    f2 = flops.step_flops(cfg, 2, 8, stage=2)
+    assert (f2.llm, f2.attention, f2.vision, f2.projector) == (6 * 280 * 16, 384 * 16, 6432, 1536)
+    assert f2.total == 40992
+    f1 = flops.step_flops(cfg, 2, 8, stage=1)
+    assert f1.llm == 4 * 280 * 16 and f1.total == 32032
+    assert flops.utilisation(f2.total, 2.0, f2.total) == pytest.approx(0.5)
+
+
+def test_batch_layouts_agree():
+    shape = shapes.tiny()
+    batch = shapes.make_batch(shape)
+    B, T = shape.batch_size, shape.seq_len
+    assert batch["input_ids"].shape == (B, T)
+    assert (batch["input_ids"] == shape.model.image_token_id).sum(1).tolist() == [16] * B
+    assert batch["loss_mask"].sum(1).tolist() == [shape.trained_tokens] * B
+    hf = shapes.hf_inputs(batch)
+    # HF's label at t+1 is our target at t wherever our loss mask is set.
+    trained = batch["loss_mask"] > 0
+    np.testing.assert_array_equal(hf["labels"][:, 1:][trained[:, :-1]], batch["targets"][trained])
+    assert (hf["labels"] != -100).sum() == trained.sum()
+    assert hf["pixel_values"].shape == (B, 3, 32, 32)
+
+
+def test_train_and_util():
+    from neva_jax.bench import train_bench
+
+    report = _report()
+    result = train_bench.run_train(report, shapes.tiny(), steps=1, warmup=1, logits_fraction=0.5)
+    train_bench.run_util(report, shapes.tiny(), result)
+    lines = _lines(report)
+    assert len(lines) == len(report.records)
+    for stage in (1, 2):
+        for side in ("hf", "ours"):
+            rec = report.find("train", f"stage{stage}_{side}")
+            _positive(rec, "step_s", "tokens_per_s", "tflops", "model_flops_per_step")
+        # Same weights, same batch: the first losses agree.
+        assert report.find("train", f"stage{stage}_ratio")["first_loss_abs_diff"] < 1e-4
+        assert (
+            report.find("train", f"stage{stage}_ours")["trainable_params"]
+            == report.find("train", f"stage{stage}_hf")["trainable_params"]
+        )
+    _positive(report.find("util", "matmul_peak"), "jax_gflops", "torch_gflops", "peak_gflops")
+    _positive(report.find("util", "stage2_ours"), "util")
+    names = {r["name"] for r in report.records if r["bench"] == "target"}
+    assert "train stage 2 tokens/s vs transformers" in names
+    assert "targets:" in report.table()
+
+
+def test_decode():
+    from neva_jax.bench import decode_bench
+
+    report = _report()
+    decode_bench.run_decode(report, shapes.tiny(), batches=(2,), new_tokens=8, repeats=1)
+    for side in ("hf", "ours"):
+        _positive(report.find("decode", f"b2_{side}"), "e2e_s", "ttft_s", "tokens_per_s")
+    assert report.find("decode", "b2_ratio")["greedy_token_agreement"] == 1.0
+    rec = report.find("decode", "b2_recompiles")
+    assert isinstance(rec["recompiles"], int) and rec["recompiles"] >= 0
+
+
+def test_compile():
+    from neva_jax.bench import compile_bench
+
+    report = _report()
+    out = compile_bench.run_compile(report, shapes.tiny(), depths=(1, 2), unrolled=False)
+    assert set(out) == {(1, True), (2, True)}
+    _positive(report.find("compile", "layers2_scan"), "lower_s", "compile_s", "total_s")
+
+
+def test_packing():
+    from neva_jax.bench import packing_bench
+
+    report = _report()
+    packing_bench.run_packing(report, shapes.tiny(), steps=1, seq_len=192)
+    padded, packed = report.find("packing", "padded"), report.find("packing", "packed")
+    for rec in (padded, packed):
+        _positive(rec, "real_tokens_per_s", "real_tokens_per_step", "non_padding_fraction")
+        assert rec["non_padding_fraction"] <= 1.0
+    assert packed["samples_per_step"] > padded["samples_per_step"]
