@@ -307,9 +307,10 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{_fmt(st['heldout_loss'], '.4f'):>16}"
         )
     n = s["heldout"]["image"]["count"]
+    images = n // len(s["categories"])
     out += [
         "",
-        f"held-out accuracy: {n} questions about {n // 4} unseen images, greedy answers",
+        f"held-out accuracy: {n} questions about {images} unseen images, greedy answers",
         f"{'type':<10}{'with image':>12}{'image blanked':>15}{'other image':>13}{'chance':>9}",
     ]
     chance, h = s["chance"], s["heldout"]
@@ -343,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.time()
     out = Path(args.out)
     if not Path(args.config).is_file():
-        print(f"error: --config {args.config}: no such file (run from the repository root)")
+        message = f"error: --config {args.config}: no such file (run from the repository root)"
+        print(message, file=sys.stderr)
         return 2
     if out.exists() and not args.resume:
         for stage in ("stage1", "stage2", "eval", "logs"):
