@@ -32,7 +32,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neva_jax.model.attention import ATTENTION_IMPLS, Attention
-from neva_jax.model.layers import ACTIVATIONS, Dense, Embed, LayerNorm, Mlp, param
+from neva_jax.model.layers import (
+    ACTIVATIONS,
+    Dense,
+    Embed,
+    LayerNorm,
+    Mlp,
+    checkpoint_policy,
+    param,
+)
 from neva_jax.sharding import constrain
 
 REMAT_POLICIES = ("none", "full", "selective")
@@ -310,12 +318,11 @@ class ClipVisionTower(nnx.Module):
             return nnx.merge(graphdef, layer_state)(h)
 
         if cfg.remat_policy != "none":
-            policy = (
-                jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                if cfg.remat_policy == "selective"
-                else None
+            layer_fn = jax.checkpoint(
+                layer_fn,
+                policy=checkpoint_policy(cfg.remat_policy),
+                prevent_cse=not cfg.scan_layers,
             )
-            layer_fn = jax.checkpoint(layer_fn, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             h, _ = jax.lax.scan(lambda h, s: (layer_fn(h, s), None), h, state)
             return h

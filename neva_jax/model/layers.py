@@ -11,6 +11,7 @@ compute with fp32 master weights needs no special code path.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -291,3 +292,12 @@ class Embed(nnx.Module):
         return jnp.einsum(
             "BTD,VD->BTV", x.astype(self.dtype), table, preferred_element_type=jnp.float32
         )
+
+
+def checkpoint_policy(name: str) -> Any:
+    """The jax.checkpoint policy for `remat_policy` (None = save nothing: full remat)."""
+    if name == "selective":
+        # Keep the projection/MLP matmul outputs (no batch dims); recompute the
+        # attention scores and softmax (batched dots) and elementwise ops.
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return None

@@ -35,6 +35,7 @@ from neva_jax.model.layers import (
     Dense,
     Embed,
     Mlp,
+    checkpoint_policy,
     make_norm,
 )
 from neva_jax.sharding import constrain
@@ -260,15 +261,6 @@ class DecoderLayer(nnx.Module):
         return constrain(h, ("act_batch", "act_length", "act_embed")), kv
 
 
-def _remat_policy(name: str) -> Any:
-    """The jax.checkpoint policy for `remat_policy` (None = save nothing: full remat)."""
-    if name == "selective":
-        # Keep the projection/MLP matmul outputs (no batch dims); recompute the
-        # attention scores and softmax (batched dots) and elementwise ops.
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return None
-
-
 class Llama(nnx.Module):
     """The decoder. Layers are stored stacked ([L, ...]) whatever `scan_layers` says.
 
@@ -398,7 +390,9 @@ class Llama(nnx.Module):
 
         if cfg.remat_policy != "none":
             layer_fn = jax.checkpoint(
-                layer_fn, policy=_remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers
+                layer_fn,
+                policy=checkpoint_policy(cfg.remat_policy),
+                prevent_cse=not cfg.scan_layers,
             )
         if cache is not None:
             return self._apply_layers_cached(
