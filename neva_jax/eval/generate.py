@@ -11,7 +11,8 @@ reached. Rows have different prompt lengths: prompts are left padded (segment
 id 0) with per-row positions, so every row's next token sits in the same slot.
 
 Shapes are bucketed so that nearby requests share a compiled program: the
-prompt length to the next {2^k, 1.5 * 2^k}, the new-token budget to the next
+prompt length to the next {2^k, 1.5 * 2^k} (above 256, the next multiple of a
+quarter power of two: 320, 384, 448, 512, 640, ...), the new-token budget to the next
 power of two (`max_new_tokens` itself, and every sampling knob, is a traced
 value), and the batch to a multiple of the mesh's batch shards.
 """
@@ -36,13 +37,40 @@ from neva_jax.eval.sampling import SamplingParams, select_next
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 8
+FINE_PROMPT_BUCKETS_FROM = 256
+
+
+# None: the per-layer decode form on CPU only; True/False force it (tests, benchmarks).
+PER_LAYER_DECODE: bool | None = None
+
+
+def decode_per_layer() -> bool:
+    """Whether `generate_tokens` decodes with per-layer weights and cache buffers.
+
+    On CPU (fp32 decode reads every weight once per token) that is 1.3-2x faster per
+    token than scanning the stacked layers, which copies each layer's weight and cache
+    slice per step; it costs a second copy of the LLM's weights during the call, which
+    an accelerator serving a 7B model may not have room for.
+    """
+    if PER_LAYER_DECODE is not None:
+        return PER_LAYER_DECODE
+    return jax.default_backend() == "cpu"
 
 
 def bucket_prompt_length(length: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
-    """The smallest of 2^k and 1.5 * 2^k (at least `minimum`) that holds `length`."""
+    """The smallest bucket (at least `minimum`) that holds `length`.
+
+    Up to FINE_PROMPT_BUCKETS_FROM the buckets are 2^k and 1.5 * 2^k; above it, every
+    quarter of a power of two (256, 320, 384, 448, 512, 640, 768, ...), so that a
+    long prompt (one image is 256 or 576 slots) is padded by at most 25% of its
+    length rather than 50%: prefill is most of the time to first token.
+    """
     size = minimum
     while size < length:
-        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
+        if size >= FINE_PROMPT_BUCKETS_FROM:
+            size += (1 << (size.bit_length() - 1)) // 4
+        else:
+            size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
     return size
 
 
@@ -207,9 +235,16 @@ def _generate_jit(
     B, T = input_ids.shape
     N = new_tokens_bucket
     max_new_tokens = jnp.minimum(max_new_tokens, N)
-    cache = model.llm.init_cache(B, T + N)
+    per_layer = decode_per_layer()
+    # Per-layer form: each layer's weights sliced out of the stack once, here, and one
+    # cache buffer per layer; every step then runs the layers unrolled, reading the
+    # weights and updating the cache in place (no per-step slicing or copying). It holds
+    # the LLM's weights twice during the call, so it is the CPU form; on accelerators
+    # the stacked weights and cache are scanned (see `decode_per_layer`).
+    layers = model.llm.unstack_layers() if per_layer else None
+    cache = model.llm.init_cache(B, T + N, per_layer=per_layer)
     h, cache = model.hidden_states(
-        input_ids, images, positions=positions, segment_ids=segment_ids, cache=cache
+        input_ids, images, positions=positions, segment_ids=segment_ids, cache=cache, layers=layers
     )
     logits = model.llm.logits(h[:, -1:])[:, 0]  # left padding: the last slot is real
     V = logits.shape[-1]
@@ -256,7 +291,9 @@ def _generate_jit(
     def body(state: tuple[jax.Array, dict[str, Any]]) -> tuple[jax.Array, dict[str, Any]]:
         step, carry = state
         # Feed the previous token; positions continue each row's own sequence.
-        h, cache = model.llm.hidden_states(carry["last"][:, None], cache=carry["cache"])
+        h, cache = model.llm.hidden_states(
+            carry["last"][:, None], cache=carry["cache"], layers=layers
+        )
         carry = dict(carry, cache=cache, logits=model.llm.logits(h)[:, 0])
         return step + 1, pick(step, carry)
 

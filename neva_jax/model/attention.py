@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from neva_jax.model import dense_attention
 from neva_jax.model.layers import DEFAULT_KERNEL_INIT, Dense, Initializer
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -113,10 +114,17 @@ def make_attention_mask(
 class KVCache:
     """Preallocated KV cache for all layers (static shapes; one write slot for the batch).
 
-    k, v: [L, B, K, S, H] in the compute dtype, heads before slots so that a decode
-    step reads each head's keys as one contiguous [S, H] block (no transposed copy
-    of the cache per step; see `cached_attention`). segment_ids, positions: [B, S] int32 of
-    the cached tokens (segment 0 marks empty slots and left padding). index: [] int32,
+    k, v: either stacked, [L, B, K, S, H], or per layer, a tuple of L arrays
+    [B * K, S, H] (rows and kv heads merged; `create(..., per_layer=True)` or
+    `unstack()`), in the compute dtype, heads before slots so that a decode step
+    reads each head's keys as one contiguous [S, H] block (no transposed copy of the
+    cache per step; see `cached_attention`). The per-layer form is the decode form:
+    each layer's buffer is its own loop-carried value that a step updates in place
+    and attends over directly; no per-step slicing of a stacked array, and with its
+    single batch axis no reshape between the update and the attention (with a batch
+    of 1, a [1, K, S, H] buffer would be reshaped for the attention, and XLA then
+    copies the whole buffer every step). segment_ids, positions: [B, S] int32 of the
+    cached tokens (segment 0 marks empty slots and left padding). index: [] int32,
     the next slot to write; a call with T tokens writes slots [index, index + T).
     Rows with different prompt lengths are left padded so they share `index`.
     """
@@ -136,12 +144,20 @@ class KVCache:
         num_kv_heads: int,
         head_dim: int,
         dtype: jnp.dtype,
+        *,
+        per_layer: bool = False,
     ) -> KVCache:
-        """An empty cache: zeros, segment ids 0, index 0."""
-        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        """An empty cache: zeros, segment ids 0, index 0 (k/v per layer if asked)."""
+        if per_layer:
+            shape = (batch * num_kv_heads, max_len, head_dim)
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+        else:
+            shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+            k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=k,
+            v=v,
             segment_ids=jnp.zeros((batch, max_len), jnp.int32),
             positions=jnp.zeros((batch, max_len), jnp.int32),
             index=jnp.zeros((), jnp.int32),
@@ -151,6 +167,22 @@ class KVCache:
     def max_len(self) -> int:
         """S, the number of slots."""
         return self.segment_ids.shape[1]
+
+    @property
+    def per_layer(self) -> bool:
+        """True when k/v are tuples of per-layer arrays rather than stacked arrays."""
+        return isinstance(self.k, tuple)
+
+    def unstack(self) -> KVCache:
+        """The same cache with k/v as tuples of per-layer [B * K, S, H] arrays."""
+        if self.per_layer:
+            return self
+
+        def layers(x: jax.Array) -> tuple[jax.Array, ...]:
+            L, B, K, S, H = x.shape
+            return tuple(x[i].reshape(B * K, S, H) for i in range(L))
+
+        return self.replace(k=layers(self.k), v=layers(self.v))
 
     def next_positions(self) -> jax.Array:
         """[B] int32: one past the largest cached position of each row (0 when empty)."""
@@ -177,37 +209,55 @@ class KVCache:
 def write_kv(
     cache_kv: jax.Array, new_kv: jax.Array, index: jax.Array, layer: jax.Array | None = None
 ) -> jax.Array:
-    """Writes new_kv [B, T, K, H] at slot `index` of one layer's cache [B, K, S, H], or,
-    with `layer`, of that layer of the stacked cache [L, B, K, S, H] (in place)."""
+    """Writes new_kv [B, T, K, H] at slot `index` of one layer's cache, in place.
+
+    The cache is one layer's [B, K, S, H], one layer's per-layer (merged) [B * K, S, H],
+    or, with `layer`, that layer of the stacked cache [L, B, K, S, H].
+    """
     zero = jnp.zeros((), jnp.int32)
+    B, T, K, H = new_kv.shape
     new_kv = jnp.swapaxes(new_kv, 1, 2).astype(cache_kv.dtype)  # [B, K, T, H]
-    if layer is None:
-        return jax.lax.dynamic_update_slice(cache_kv, new_kv, (zero, zero, index, zero))
-    start = (jnp.asarray(layer, jnp.int32), zero, zero, index, zero)
-    return jax.lax.dynamic_update_slice(cache_kv, new_kv[None], start)
+    if layer is not None:
+        start = (jnp.asarray(layer, jnp.int32), zero, zero, index, zero)
+        return jax.lax.dynamic_update_slice(cache_kv, new_kv[None], start)
+    if cache_kv.ndim == 3:
+        new_kv = new_kv.reshape(B * K, T, H)
+        return jax.lax.dynamic_update_slice(cache_kv, new_kv, (zero, index, zero))
+    return jax.lax.dynamic_update_slice(cache_kv, new_kv, (zero, zero, index, zero))
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention of q [B, T, N, H] over one layer's cache k, v [B, K, S, H] -> [B, T, N, H].
+    """Attention of q [B, T, N, H] over one layer's cache -> [B, T, N, H].
 
-    mask [B, 1, T, S] bool. The same arithmetic as `jax.nn.dot_product_attention`'s
+    k, v: [B, K, S, H], or the per-layer form [B * K, S, H] (see `KVCache`). mask
+    [B, 1, T, S] bool. The same arithmetic as `jax.nn.dot_product_attention`'s
     XLA path (logits and softmax in float32, masked logits set to a large finite
     negative number, scale 1/sqrt(H)). The einsums keep the cache as the operand in
     its stored order ([S, H] per head, then [S, H] again for the values), so XLA
-    reads the cache in place instead of transposing it on every decode step; only
-    the T*G queries per kv head (G = N / K) are rearranged.
+    reads the cache in place instead of transposing or reshaping it on every decode
+    step; only the T*G queries per kv head (G = N / K) are rearranged.
     """
     B, T, N, H = q.shape
-    K = k.shape[1]
+    merged = k.ndim == 3
+    K = k.shape[0] // B if merged else k.shape[1]
     G = N // K
     q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
-    logits = jnp.einsum("BKSH,BKQH->BKQS", k, q, preferred_element_type=jnp.float32)
+    if merged:
+        q = q.reshape(B * K, T * G, H)
+        logits = jnp.einsum("CSH,CQH->CQS", k, q, preferred_element_type=jnp.float32)
+        logits = logits.reshape(B, K, T * G, -1)
+    else:
+        logits = jnp.einsum("BKSH,BKQH->BKQS", k, q, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(H**-0.5)
     keep = jnp.broadcast_to(mask[:, :, :, None, :], (B, 1, T, G, mask.shape[-1]))
     large_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
     logits = jnp.where(keep.reshape(B, 1, T * G, -1), logits, large_negative)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v)  # [B, K, T*G, H]
+    if merged:
+        out = jnp.einsum("CQS,CSH->CQH", probs.reshape(B * K, T * G, -1), v)
+        out = out.reshape(B, K, T * G, H)
+    else:
+        out = jnp.einsum("BKQS,BKSH->BKQH", probs, v)  # [B, K, T*G, H]
     return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
@@ -285,7 +335,8 @@ class Attention(nnx.Module):
         positions [B, T]: RoPE positions (default arange(T)). mask [B, 1, T, S] bool:
         the complete mask (causality included), e.g. from `make_attention_mask`; when
         None the attention is causal (or full when `causal=False`) over x itself.
-        cache_kv: this layer's cache (k, v), each [B, K, S, H]; the new keys/values are
+        cache_kv: this layer's cache (k, v), each [B, K, S, H] or, in the per-layer
+        form of `KVCache`, [B * K, S, H]; the new keys/values are
         written at `cache_index` and the queries attend over the whole cache (a mask
         is then required). Returns the output, plus the updated (k, v) with a cache.
         cache_layer: when given, `cache_kv` holds every layer's cache [L, B, K, S, H]
@@ -306,7 +357,7 @@ class Attention(nnx.Module):
                 raise ValueError("attention with a KV cache needs an explicit mask and cache_index")
             k_cache = write_kv(cache_kv[0], k, cache_index, cache_layer)
             v_cache = write_kv(cache_kv[1], v, cache_index, cache_layer)
-            k, v = k_cache, v_cache  # [B, K, S, H]
+            k, v = k_cache, v_cache  # [B, K, S, H], or per layer [B * K, S, H]
             if cache_layer is not None:  # this layer of the stacked cache
                 k = jax.lax.dynamic_index_in_dim(k_cache, cache_layer, keepdims=False)
                 v = jax.lax.dynamic_index_in_dim(v_cache, cache_layer, keepdims=False)
@@ -320,12 +371,19 @@ class Attention(nnx.Module):
             kv_len=T,
             has_mask=mask is not None,
         )
-        out = jax.nn.dot_product_attention(
-            q,
-            k.astype(q.dtype),
-            v.astype(q.dtype),
-            mask=mask,
-            is_causal=self.causal and mask is None,
-            implementation=impl,
-        )  # [B, T, N, H]
+        if impl == "xla":
+            # Same function as dot_product_attention's XLA path; causal key blocks are
+            # skipped and the backward keeps no [T, S] residual (see dense_attention).
+            out = dense_attention.attention(
+                q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, causal=self.causal
+            )
+        else:
+            out = jax.nn.dot_product_attention(
+                q,
+                k.astype(q.dtype),
+                v.astype(q.dtype),
+                mask=mask,
+                is_causal=self.causal and mask is None,
+                implementation=impl,
+            )  # [B, T, N, H]
         return self.o(out)

@@ -10,6 +10,7 @@ compute with fp32 master weights needs no special code path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +42,36 @@ def param(
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
     key = rngs.params() if rngs is not None else jax.random.key(0)
     return nnx.Param(nnx.with_partitioning(init, tuple(axes))(key, tuple(shape), dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    """`jnp.tensordot(x, kernel, n_in)` with a CPU-friendly weight gradient.
+
+    The kernel's gradient contracts x and dy over their batch dims. Left to itself,
+    XLA:CPU writes the larger operand (often dy, e.g. [B*T, F] of an MLP) transposed
+    and runs a slower generic dot on it; here x is transposed explicitly to
+    [in..., batch...] (an optimisation barrier keeps XLA from folding it back), so the
+    gradient is a plain row-major matmul. Same arithmetic, same results.
+    """
+    return jnp.tensordot(x, kernel, axes=n_in)
+
+
+def _contract_fwd(x, kernel, n_in):
+    return jnp.tensordot(x, kernel, axes=n_in), (x, kernel)
+
+
+def _contract_bwd(n_in, res, dy):
+    x, kernel = res
+    nb = x.ndim - n_in
+    batch, ins = list(range(nb)), list(range(nb, x.ndim))
+    dx = jnp.tensordot(dy, kernel, axes=(list(range(nb, dy.ndim)), list(range(n_in, kernel.ndim))))
+    x_t = jax.lax.optimization_barrier(jnp.transpose(x, (*ins, *batch)))  # [in..., batch...]
+    dk = jnp.tensordot(x_t, dy, axes=(list(range(n_in, x.ndim)), batch))
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+contract.defvjp(_contract_fwd, _contract_bwd)
 
 
 class Dense(nnx.Module):
@@ -80,7 +111,11 @@ class Dense(nnx.Module):
         n_in = len(self.in_shape)
         if x.shape[x.ndim - n_in :] != self.in_shape:
             raise ValueError(f"Dense expects trailing dims {self.in_shape}, got {x.shape}")
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=n_in)
+        kernel = self.kernel[...].astype(self.dtype)
+        if jax.default_backend() == "cpu":
+            y = contract(x.astype(self.dtype), kernel, n_in)
+        else:  # GPU matmul libraries take transposed operands as they are
+            y = jnp.tensordot(x.astype(self.dtype), kernel, axes=n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

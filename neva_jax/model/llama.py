@@ -21,6 +21,7 @@ Parameter tree (logical axes in brackets; layers stacked along a leading L axis)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -36,6 +37,7 @@ from neva_jax.model.layers import (
     Embed,
     Mlp,
     checkpoint_policy,
+    contract,
     make_norm,
 )
 from neva_jax.sharding import constrain
@@ -309,8 +311,14 @@ class Llama(nnx.Module):
             )
         )
 
-    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-        """An empty KV cache for `batch` rows of up to `max_len` tokens."""
+    def init_cache(
+        self, batch: int, max_len: int, dtype: Any = None, *, per_layer: bool = False
+    ) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens.
+
+        `per_layer=True` keeps one k and one v buffer per layer (the decode form, see
+        `KVCache` and `unstack_layers`) instead of stacked [L, ...] arrays.
+        """
         cfg = self.config
         return KVCache.create(
             cfg.num_layers,
@@ -319,6 +327,21 @@ class Llama(nnx.Module):
             cfg.num_kv_heads,
             cfg.head_size,
             dtype or cfg.compute_dtype,
+            per_layer=per_layer,
+        )
+
+    def unstack_layers(self) -> tuple[DecoderLayer, ...]:
+        """The stacked layers as L separate modules, each owning its weight slice.
+
+        The slices are copies (the weights' memory once more). A decode loop takes them
+        once, before it starts, and passes them to `hidden_states(..., layers=)` at
+        every step: each step then reads every layer's weights in place instead of
+        slicing (copying) them out of the stacked [L, ...] arrays per step.
+        """
+        graphdef, state = nnx.split(self.layers)
+        return tuple(
+            nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            for i in range(self.config.num_layers)
         )
 
     def hidden_states(
@@ -329,6 +352,7 @@ class Llama(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        layers: Sequence[DecoderLayer] | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Final-normed hidden states [B, T, D] (and the updated cache when one is given).
 
@@ -336,6 +360,10 @@ class Llama(nnx.Module):
         default to arange(T) (with a cache: each row's next positions). `segment_ids`
         [B, T] (0 = padding, 1..k = packed samples) switch to an explicit mask; without
         them and without a cache the attention is plainly causal.
+
+        With a per-layer cache (`KVCache.per_layer`) the layers run unrolled, each on its
+        own cache buffers; `layers` (from `unstack_layers`, inference only, no remat)
+        then supplies the per-layer weights, else they are sliced from the stack here.
         """
         if (input_ids is None) == (embeds is None):
             raise ValueError("give exactly one of input_ids or embeds")
@@ -359,7 +387,9 @@ class Llama(nnx.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        x, new_kv = self._apply_layers(x, positions, mask, cache, cache_index)
+        if layers is not None and (cache is None or not cache.per_layer):
+            raise ValueError("hidden_states(layers=...) needs a per-layer KV cache")
+        x, new_kv = self._apply_layers(x, positions, mask, cache, cache_index, layers)
         h = self.final_norm(x)
         if cache is None:
             return h
@@ -372,9 +402,14 @@ class Llama(nnx.Module):
         mask: jax.Array | None,
         cache: KVCache | None,
         cache_index: jax.Array | None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        layers: Sequence[DecoderLayer] | None = None,
+    ) -> tuple[jax.Array, Any]:
         """Runs the stacked layers with lax.scan or an unrolled loop, remat per layer."""
         cfg = self.config
+        if cache is not None and cache.per_layer:
+            return self._apply_layers_per_layer_cache(
+                x, positions, mask, cache, cache_index, layers
+            )
         graphdef, state = nnx.split(self.layers)
 
         def layer_fn(h, layer_state, kv, positions, mask, cache_index, cache_layer=None):
@@ -439,15 +474,42 @@ class Llama(nnx.Module):
         x, kv, _ = carry
         return x, kv
 
+    def _apply_layers_per_layer_cache(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KVCache,
+        cache_index: jax.Array,
+        layers: Sequence[DecoderLayer] | None,
+    ) -> tuple[jax.Array, tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]]:
+        """The layers unrolled over a per-layer cache: layer i writes its T new slots
+        into its own [B, K, S, H] buffers (in place inside a decode loop)."""
+        if layers is None:
+            layers = self.unstack_layers()
+        if len(layers) != len(cache.k):
+            raise ValueError(f"{len(layers)} layers for a cache of {len(cache.k)} layers")
+        ks, vs = [], []
+        for layer, k, v in zip(layers, cache.k, cache.v, strict=True):
+            x, (k, v) = layer(
+                x, positions=positions, mask=mask, cache_kv=(k, v), cache_index=cache_index
+            )
+            ks.append(k)
+            vs.append(v)
+        return x, (tuple(ks), tuple(vs))
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, T, D] (final-normed) -> float32 logits [B, T, V]."""
         if self.lm_head is None:
             return constrain(self.embed.attend(hidden), ("act_batch", "act_length", "act_vocab"))
         dtype = self.config.compute_dtype
         kernel = self.lm_head.kernel[...].astype(dtype)  # [D, V]
-        out = jnp.einsum(
-            "BTD,DV->BTV", hidden.astype(dtype), kernel, preferred_element_type=jnp.float32
-        )
+        if jax.default_backend() == "cpu" and dtype == jnp.float32:
+            out = contract(hidden.astype(dtype), kernel, 1)  # see layers.contract
+        else:
+            out = jnp.einsum(
+                "BTD,DV->BTV", hidden.astype(dtype), kernel, preferred_element_type=jnp.float32
+            )
         return constrain(out, ("act_batch", "act_length", "act_vocab"))
 
     def __call__(
@@ -458,10 +520,18 @@ class Llama(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        layers: Sequence[DecoderLayer] | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits [B, T, V] float32, or (logits, updated cache) when `cache` is given."""
+        """Logits [B, T, V] float32, or (logits, updated cache) when `cache` is given.
+
+        `layers`: see `hidden_states` (per-layer caches only)."""
         out = self.hidden_states(
-            input_ids, embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache
+            input_ids,
+            embeds=embeds,
+            positions=positions,
+            segment_ids=segment_ids,
+            cache=cache,
+            layers=layers,
         )
         if cache is None:
             return self.logits(out)

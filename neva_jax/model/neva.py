@@ -15,6 +15,7 @@ no slot tokens and ignores its (zero) images.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ from flax import nnx
 from neva_jax.model import clip, llama
 from neva_jax.model.attention import KVCache
 from neva_jax.model.clip import ClipConfig, ClipVisionTower
-from neva_jax.model.llama import Llama, LlamaConfig
+from neva_jax.model.llama import DecoderLayer, Llama, LlamaConfig
 from neva_jax.model.projector import Projector, projector_depth
 
 # Run-time fields shared by the LLM and vision configs (see `with_runtime`).
@@ -259,11 +260,16 @@ class Neva(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         stop_vision_gradient: bool = False,
+        layers: Sequence[DecoderLayer] | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Final-normed hidden states [B, T, D] (and the updated cache when one is given)."""
+        """Final-normed hidden states [B, T, D] (and the updated cache when one is given).
+
+        `layers`: the decoder's per-layer modules for a per-layer cache (see
+        `Llama.hidden_states` and `Llama.unstack_layers`).
+        """
         x = self.embed(input_ids, images, stop_vision_gradient=stop_vision_gradient)
         return self.llm.hidden_states(
-            embeds=x, positions=positions, segment_ids=segment_ids, cache=cache
+            embeds=x, positions=positions, segment_ids=segment_ids, cache=cache, layers=layers
         )
 
     def __call__(

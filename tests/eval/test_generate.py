@@ -30,8 +30,9 @@ def batch():
 
 
 def test_bucketing():
-    assert [gen_lib.bucket_prompt_length(n) for n in (1, 16, 17, 25, 33, 49, 65, 600)] == [
-        16, 16, 24, 32, 48, 64, 96, 768,
+    lengths = (1, 16, 17, 25, 33, 49, 65, 256, 257, 288, 600, 1025)
+    assert [gen_lib.bucket_prompt_length(n) for n in lengths] == [
+        16, 16, 24, 32, 48, 64, 96, 256, 320, 320, 640, 1280,
     ]  # fmt: skip
     assert [gen_lib.bucket_new_tokens(n) for n in (1, 8, 9, 32, 33)] == [8, 8, 16, 32, 64]
 
@@ -71,13 +72,15 @@ def test_greedy_matches_transformers(llava_dir, batch, greedy):
         assert len(row) == 32 and len(set(row)) > 8  # a real, varied continuation
 
 
-def test_cache_equals_recompute(imported_std_init, batch):
+@pytest.mark.parametrize("per_layer", [True, False], ids=["per_layer", "stacked"])
+def test_cache_equals_recompute(imported_std_init, batch, per_layer, monkeypatch):
     """Every step's logits equal a full forward pass over prompt + tokens so far.
 
     At transformers' default init (std 0.02): the differences are fp32
     summation-order noise, which grows with the activations (about 2e-7 here,
     1e-5 with the 10x-init model of the other tests).
     """
+    monkeypatch.setattr(gen_lib, "PER_LAYER_DECODE", per_layer)  # both decode forms
     model = imported_std_init.model
     prompts, pixels = batch
     out = gen_lib.generate_tokens(

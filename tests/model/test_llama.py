@@ -62,9 +62,9 @@ def _forward(graphdef, state, ids, positions=None, segment_ids=None):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_cached(graphdef, state, ids, cache, positions=None, segment_ids=None):
+def _forward_cached(graphdef, state, ids, cache, positions=None, segment_ids=None, layers=None):
     return nnx.merge(graphdef, state)(
-        ids, positions=positions, segment_ids=segment_ids, cache=cache
+        ids, positions=positions, segment_ids=segment_ids, cache=cache, layers=layers
     )
 
 
@@ -158,8 +158,13 @@ def test_causality(untied, ids):
         assert np.all(np.abs(g[:, : t0 + 1]).sum(-1) > 0)
 
 
-def test_kv_cache_matches_full_recompute(untied):
-    """Prefill (left padded, two prompt lengths) + greedy decode == recomputing everything."""
+@pytest.mark.parametrize("form", ["stacked", "per_layer", "unstacked_after_prefill"])
+def test_kv_cache_matches_full_recompute(untied, form):
+    """Prefill (left padded, two prompt lengths) + greedy decode == recomputing everything.
+
+    With the stacked cache, the per-layer cache and unstacked layers (the decode form of
+    `generate`), and a stacked prefill whose cache is then unstacked (layers sliced
+    per call)."""
     _, _, _, (graphdef, state) = untied
     n_prompt, n_new, lengths = 8, 4, (8, 5)
     rng = np.random.default_rng(1)
@@ -170,15 +175,22 @@ def test_kv_cache_matches_full_recompute(untied):
         prompt[b, n_prompt - n :] = rng.integers(0, V, n)
         segment_ids[b, n_prompt - n :] = 1
         positions[b, n_prompt - n :] = np.arange(n)
-    cache = nnx.merge(graphdef, state).init_cache(B, n_prompt + n_new)
-    logits, cache = _forward_cached(graphdef, state, prompt, cache, positions, segment_ids)
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(B, n_prompt + n_new, per_layer=form == "per_layer")
+    layers = model.unstack_layers() if form == "per_layer" else None
+    logits, cache = _forward_cached(
+        graphdef, state, prompt, cache, positions, segment_ids, layers=layers
+    )
+    if form == "unstacked_after_prefill":
+        cache = cache.unstack()
+    assert cache.per_layer == (form != "stacked")
     step_logits = [np.asarray(logits)]
     tokens = [prompt]
     for _ in range(n_new):
         next_ids = np.asarray(jnp.argmax(step_logits[-1][:, -1:], -1)).astype(np.int32)
         tokens.append(next_ids)
         logits, cache = _forward_cached(
-            graphdef, state, next_ids, cache
+            graphdef, state, next_ids, cache, layers=layers
         )  # positions from the cache
         step_logits.append(np.asarray(logits))
     cached = np.concatenate(step_logits, axis=1)[:, :-1]  # logits for every fed token but the last
