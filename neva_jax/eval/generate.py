@@ -244,7 +244,13 @@ def _generate_jit(
     layers = model.llm.unstack_layers() if per_layer else None
     cache = model.llm.init_cache(B, T + N, per_layer=per_layer)
     h, cache = model.hidden_states(
-        input_ids, images, positions=positions, segment_ids=segment_ids, cache=cache, layers=layers
+        input_ids,
+        images,
+        positions=positions,
+        segment_ids=segment_ids,
+        cache=cache,
+        layers=layers,
+        fresh_cache=True,
     )
     logits = model.llm.logits(h[:, -1:])[:, 0]  # left padding: the last slot is real
     V = logits.shape[-1]

@@ -338,7 +338,10 @@ class Attention(nnx.Module):
         cache_kv: this layer's cache (k, v), each [B, K, S, H] or, in the per-layer
         form of `KVCache`, [B * K, S, H]; the new keys/values are
         written at `cache_index` and the queries attend over the whole cache (a mask
-        is then required). Returns the output, plus the updated (k, v) with a cache.
+        is then required). A mask [B, 1, T, T] (keys: this call's tokens only) says
+        the cache held nothing before this call (a prefill): the queries then attend
+        over the new tokens alone (causal key blocks skipped) and the cache is only
+        written. Returns the output, plus the updated (k, v) with a cache.
         cache_layer: when given, `cache_kv` holds every layer's cache [L, B, K, S, H]
         and this layer is `cache_layer`: the new slots are written in place into the
         stacked cache, which is returned (no per-layer copy of it is made).
@@ -357,12 +360,21 @@ class Attention(nnx.Module):
                 raise ValueError("attention with a KV cache needs an explicit mask and cache_index")
             k_cache = write_kv(cache_kv[0], k, cache_index, cache_layer)
             v_cache = write_kv(cache_kv[1], v, cache_index, cache_layer)
+            if mask.shape[-1] == T:  # a fresh cache: only this call's tokens are keys
+                return self.o(self._attend(q, k, v, mask)), (k_cache, v_cache)
             k, v = k_cache, v_cache  # [B, K, S, H], or per layer [B * K, S, H]
             if cache_layer is not None:  # this layer of the stacked cache
                 k = jax.lax.dynamic_index_in_dim(k_cache, cache_layer, keepdims=False)
                 v = jax.lax.dynamic_index_in_dim(v_cache, cache_layer, keepdims=False)
             out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
             return self.o(out), (k_cache, v_cache)
+        return self.o(self._attend(q, k, v, mask))
+
+    def _attend(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+    ) -> jax.Array:
+        """Self-attention of q [B, T, N, H] over k, v [B, T, K, H] of the same tokens."""
+        T = q.shape[1]
         impl = select_implementation(
             self.attention_impl,
             self.dtype,
@@ -374,16 +386,14 @@ class Attention(nnx.Module):
         if impl == "xla":
             # Same function as dot_product_attention's XLA path; causal key blocks are
             # skipped and the backward keeps no [T, S] residual (see dense_attention).
-            out = dense_attention.attention(
+            return dense_attention.attention(
                 q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, causal=self.causal
             )
-        else:
-            out = jax.nn.dot_product_attention(
-                q,
-                k.astype(q.dtype),
-                v.astype(q.dtype),
-                mask=mask,
-                is_causal=self.causal and mask is None,
-                implementation=impl,
-            )  # [B, T, N, H]
-        return self.o(out)
+        return jax.nn.dot_product_attention(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            mask=mask,
+            is_causal=self.causal and mask is None,
+            implementation=impl,
+        )  # [B, T, N, H]

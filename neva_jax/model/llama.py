@@ -353,6 +353,7 @@ class Llama(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         layers: Sequence[DecoderLayer] | None = None,
+        fresh_cache: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Final-normed hidden states [B, T, D] (and the updated cache when one is given).
 
@@ -360,6 +361,10 @@ class Llama(nnx.Module):
         default to arange(T) (with a cache: each row's next positions). `segment_ids`
         [B, T] (0 = padding, 1..k = packed samples) switch to an explicit mask; without
         them and without a cache the attention is plainly causal.
+
+        `fresh_cache=True` promises that `cache` is empty (a prefill): attention then
+        runs over the T new tokens only, as without a cache (causal blocks skipped),
+        instead of over all S slots, and the new keys/values are written into it.
 
         With a per-layer cache (`KVCache.per_layer`) the layers run unrolled, each on its
         own cache buffers; `layers` (from `unstack_layers`, inference only, no remat)
@@ -378,7 +383,12 @@ class Llama(nnx.Module):
                 positions = cache.next_positions()[:, None] + arange
             cache_index = cache.index
             cache = cache.append_tokens(segment_ids, positions)
-            mask = make_attention_mask(segment_ids, positions, cache.segment_ids, cache.positions)
+            if fresh_cache:  # nothing cached before: keys are this call's tokens
+                mask = make_attention_mask(segment_ids, positions, segment_ids, positions)
+            else:
+                mask = make_attention_mask(
+                    segment_ids, positions, cache.segment_ids, cache.positions
+                )
         else:
             if positions is None:
                 positions = arange

@@ -261,15 +261,21 @@ class Neva(nnx.Module):
         cache: KVCache | None = None,
         stop_vision_gradient: bool = False,
         layers: Sequence[DecoderLayer] | None = None,
+        fresh_cache: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Final-normed hidden states [B, T, D] (and the updated cache when one is given).
 
-        `layers`: the decoder's per-layer modules for a per-layer cache (see
-        `Llama.hidden_states` and `Llama.unstack_layers`).
+        `layers`: the decoder's per-layer modules for a per-layer cache; `fresh_cache`:
+        `cache` is empty (a prefill). See `Llama.hidden_states`.
         """
         x = self.embed(input_ids, images, stop_vision_gradient=stop_vision_gradient)
         return self.llm.hidden_states(
-            embeds=x, positions=positions, segment_ids=segment_ids, cache=cache, layers=layers
+            embeds=x,
+            positions=positions,
+            segment_ids=segment_ids,
+            cache=cache,
+            layers=layers,
+            fresh_cache=fresh_cache,
         )
 
     def __call__(
