@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 from flax import nnx
@@ -170,11 +170,30 @@ def create_sharded(
         return nnx.state(constructor())
 
     with use_mesh(mesh, rules):
-        state = jax.jit(init, out_shardings=shardings)()
+        lowered = jax.jit(init, out_shardings=shardings).lower()
+        state = lowered.compile(compiler_options=_init_compiler_options())()
     return nnx.merge(graphdef, state)
 
 
+def _init_compiler_options() -> dict[str, Any] | None:
+    """XLA options for the one-off initialisation program.
+
+    On CPU, random initialisation is thousands of small threefry fusions that LLVM
+    spends 10+ s optimising for a program that runs once in milliseconds; without
+    backend optimisation it compiles ~5x faster (values agree to ~1e-8).
+    """
+    if jax.default_backend() == "cpu":
+        return {"xla_backend_optimization_level": 0}
+    return None
+
+
 def unsharded(constructor: Callable[[], M]) -> M:
-    """Builds `constructor()` on the default device, ignoring sharding annotations."""
+    """Builds `constructor()` on the default device, ignoring sharding annotations.
+
+    The constructor runs as one compiled program (see `_init_compiler_options`).
+    """
     with nnx.use_eager_sharding(False):
-        return constructor()
+        graphdef, _ = nnx.split(nnx.eval_shape(constructor))
+        lowered = jax.jit(lambda: nnx.state(constructor())).lower()
+        state = lowered.compile(compiler_options=_init_compiler_options())()
+    return nnx.merge(graphdef, state)
