@@ -34,7 +34,7 @@ import jax.numpy as jnp
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def causal_blocks(length: int, min_block: int = 128, max_blocks: int = 8) -> list[int]:
+def causal_blocks(length: int, min_block: int = 128, max_blocks: int = 4) -> list[int]:
     """Block boundaries [b_1, ..., T] that cut `length` queries for causal skipping.
 
     Blocks are at least `min_block` long and at most `max_blocks` in number, and their
