@@ -3,15 +3,19 @@
 Axis letters: B batch, T query length, S key length, N query heads, K kv heads,
 H head dim, D model width, L layers.
 
-The attention core is `jax.nn.dot_product_attention` (layout BTNH, GQA native); over a
-KV cache it is `cached_attention`, the same arithmetic for the cache's heads-major
-layout (a decode step then reads the cache in place instead of transposing it). Masks
-follow docs/CONTRACTS.md: a query attends to keys with the same non-zero segment id
-and a position <= its own. Without segment ids or a cache the causal mask is
-expressed with `is_causal` (no materialised mask, cuDNN flash friendly); otherwise an
-explicit boolean mask [B, 1, T, S] is passed. Fully masked rows (padding queries)
-stay finite: the XLA and cuDNN paths mask with a large finite negative number, so
-such rows attend uniformly and never produce NaNs; no real token reads them.
+The attention core is `jax.nn.dot_product_attention` with cuDNN (layout BTNH, GQA
+native) and, on the XLA path, `dense_attention.attention` (the same function with a
+memory-light backward pass and causal key blocks skipped); over a KV cache it is
+`cached_attention`, the same arithmetic for the cache's heads-major layout (a decode
+step then reads the cache in place instead of transposing it). Masks follow
+docs/CONTRACTS.md: a query attends to keys with the same non-zero segment id and a
+position <= its own; a causal layer also never attends to a later index (packed rows
+satisfy both). Without segment ids or a cache the causal mask is expressed with
+`is_causal` (no materialised mask, cuDNN flash friendly); otherwise an explicit
+boolean mask [B, 1, T, S] is passed. Fully masked rows (padding queries) stay
+finite: every path masks with a large finite negative number, so such rows attend
+uniformly (on the XLA path, over their causal block) and never produce NaNs; no
+real token reads them.
 """
 
 from __future__ import annotations

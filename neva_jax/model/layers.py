@@ -52,7 +52,7 @@ def contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     XLA:CPU writes the larger operand (often dy, e.g. [B*T, F] of an MLP) transposed
     and runs a slower generic dot on it; here x is transposed explicitly to
     [in..., batch...] (an optimisation barrier keeps XLA from folding it back), so the
-    gradient is a plain row-major matmul. Same arithmetic, same results.
+    gradient is a plain row-major matmul. The same products and sums (in another order).
     """
     return jnp.tensordot(x, kernel, axes=n_in)
 
