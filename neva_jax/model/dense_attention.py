@@ -23,15 +23,14 @@ how, not what:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
 # Logit given to masked keys: finite (no NaN for fully masked rows), like the XLA
-# path of jax.nn.dot_product_attention.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# path of jax.nn.dot_product_attention. Shared with `attention.cached_attention`.
+MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def causal_blocks(length: int, min_block: int = 128, max_blocks: int = 4) -> list[int]:
@@ -53,11 +52,11 @@ def _logits(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
     scale = jnp.float32(q.shape[-1] ** -0.5)
     s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
-        s = jnp.where(mask[:, :, None], s, jnp.float32(_MASKED))
+        s = jnp.where(mask[:, :, None], s, jnp.float32(MASKED_LOGIT))
     return s
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=())
+@jax.custom_vjp
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Softmax attention q [B, T, K, G, H] over k, v [B, S, K, H] -> [B, T, K, G, H]."""
     return _attend_fwd(q, k, v, mask)[0]
