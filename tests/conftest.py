@@ -9,3 +9,32 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Imported after the environment above is set.
+import importlib.util
+from typing import Any
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dict():
+    """tiny_dict(data_dir, variant, **changes) -> configs/tiny.py as a plain dict with
+    dotted-key `changes` applied (the train and scale fixtures build on it)."""
+    spec = importlib.util.spec_from_file_location("tiny_config", f"{ROOT}/configs/tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def make(data_dir: str, variant: str, **changes: Any) -> dict[str, Any]:
+        cd = module.get_config(f"{variant},data_dir={data_dir}").to_dict()
+        for key, value in changes.items():
+            *parents, name = key.split(".")
+            target = cd
+            for part in parents:
+                target = target[part]
+            target[name] = value
+        return cd
+
+    return make

@@ -3,7 +3,6 @@ step interface) and random batches in the docs/CONTRACTS.md layout."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from typing import Any
@@ -78,9 +77,6 @@ def make_batch():
 # ----------------------------------------------------------------------------------------
 # The real tiny model on the bundled synthetic data.
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "configs", "tiny.py")
-
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
@@ -101,23 +97,8 @@ def synth_dir(tmp_path_factory) -> str:
     return out
 
 
-def tiny_dict(data_dir: str, variant: str = "stage1", **changes: Any) -> dict[str, Any]:
-    """configs/tiny.py as a plain dict with dotted-key `changes` applied."""
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cd = module.get_config(f"{variant},data_dir={data_dir}").to_dict()
-    for key, value in changes.items():
-        *parents, name = key.split(".")
-        target = cd
-        for part in parents:
-            target = target[part]
-        target[name] = value
-    return cd
-
-
 @pytest.fixture
-def tiny_config(synth_dir):
+def tiny_config(synth_dir, tiny_dict):
     """tiny_config(variant, **changes) -> RunConfig of configs/tiny.py on the synthetic data."""
 
     def make(variant: str = "stage1", **changes: Any) -> RunConfig:
