@@ -266,9 +266,7 @@ def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     return jax.vmap(one)(buf, new.astype(buf.dtype), starts.astype(jnp.int32))
 
 
-def write_kv(
-    cache_kv: jax.Array, new_kv: jax.Array, starts: jax.Array | None = None
-) -> jax.Array:
+def write_kv(cache_kv: jax.Array, new_kv: jax.Array, starts: jax.Array | None = None) -> jax.Array:
     """Writes new_kv [B, T, K, H] into one layer's buffer [B * K, S, H].
 
     At column 0 of every row (a prefill: one `dynamic_update_slice`), or at column

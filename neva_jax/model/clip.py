@@ -65,7 +65,7 @@ class ClipConfig:
     # Run-time choices.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention_impl: str = "xla"  # xla | cudnn | auto (GPU only: see attention.select_implementation)
+    attention_impl: str = "xla"  # xla | cudnn | auto (GPU only: attention.select_implementation)
     remat_policy: str = "none"
     scan_layers: bool = True
     row_major_weight_grads: bool = False  # the XLA:CPU weight-gradient form (layers.Dense)

@@ -70,7 +70,7 @@ class LlamaConfig:
     # Run-time choices.
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention_impl: str = "xla"  # xla | cudnn | auto (GPU only: see attention.select_implementation)
+    attention_impl: str = "xla"  # xla | cudnn | auto (GPU only: attention.select_implementation)
     remat_policy: str = "none"  # none | full | selective
     scan_layers: bool = True  # training/no-cache calls: lax.scan over the stacked layers
     row_major_weight_grads: bool = False  # the XLA:CPU weight-gradient form (layers.Dense)
@@ -433,9 +433,7 @@ class Llama(nnx.Module):
         )
         return cache, self.final_norm(x)
 
-    def _scan_layers(
-        self, x: jax.Array, positions: jax.Array, mask: jax.Array | None
-    ) -> jax.Array:
+    def _scan_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
         """The stacked layers without a cache: lax.scan or an unrolled loop, remat per layer."""
         cfg = self.config
         graphdef, state = nnx.split(self.layers)

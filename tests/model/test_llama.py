@@ -346,7 +346,9 @@ def test_weight_gradient_forms_agree(tied, ids):
     (v_xla, g_xla), (v_cpu, g_cpu) = forms[False], forms[True]
     assert abs(float(v_xla) - float(v_cpu)) <= 1e-6
     scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_xla))
-    diff = max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), g_xla, g_cpu)))
+    diff = max(
+        jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), g_xla, g_cpu))
+    )
     assert diff <= 1e-5 * scale and scale > 0
 
 
