@@ -131,6 +131,7 @@ def test_generation_decode_form_lowers_for_cuda():
     }
     args = (
         state,
+        None,  # no per-layer weights made by the caller
         i32((B, T)),
         i32((B, T)),
         i32((B, T)),

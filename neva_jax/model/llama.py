@@ -28,13 +28,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neva_jax.model.attention import ATTENTION_IMPLS, Attention, KVCache, make_attention_mask
+from neva_jax.model.attention import (
+    ATTENTION_IMPLS,
+    Attention,
+    FusedAttention,
+    KVCache,
+    make_attention_mask,
+)
 from neva_jax.model.layers import (
     ACTIVATIONS,
     GATED_ACTIVATIONS,
     NORMALIZATIONS,
     Dense,
     Embed,
+    FusedMlp,
     Mlp,
     checkpoint_policy,
     contract,
@@ -318,19 +325,28 @@ class Llama(nnx.Module):
             dtype or cfg.compute_dtype,
         )
 
-    def unstack_layers(self) -> tuple[DecoderLayer, ...]:
+    def unstack_layers(self, *, fused: bool = True) -> tuple[DecoderLayer, ...]:
         """The stacked layers as L separate modules, each owning its weight slice.
 
         The slices are copies (the weights' memory once more). A decode loop takes them
         once, before it starts, and passes them to `prefill`/`decode` as `layers=` at
         every step: each step then reads every layer's weights in place instead of
         slicing (copying, on XLA:CPU) them out of the stacked [L, ...] arrays per step.
+        `fused=True` (inference) also concatenates each layer's q/k/v kernels and its
+        gate/up kernels, so that a step runs one matmul for each group instead of
+        three and two (`FusedAttention`, `FusedMlp`); the values are the same.
         """
         graphdef, state = nnx.split(self.layers)
-        return tuple(
-            nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-            for i in range(self.config.num_layers)
-        )
+        layers = []
+        for i in range(self.config.num_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            if fused:
+                with nnx.use_eager_sharding(False):  # plain arrays, placed like their inputs
+                    layer.attn = FusedAttention(layer.attn)
+                    if layer.mlp.gate is not None:
+                        layer.mlp = FusedMlp(layer.mlp)
+            layers.append(layer)
+        return tuple(layers)
 
     def _inputs(self, input_ids: jax.Array | None, embeds: jax.Array | None) -> jax.Array:
         """Token embeddings [B, T, D] in the compute dtype from exactly one of the two."""
