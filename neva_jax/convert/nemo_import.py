@@ -184,6 +184,7 @@ def _read_nemo2(source: Source, *, allow_pickle: bool) -> _Parts:
             use_im_start_end=False,
             media=(IMAGE_PLACEHOLDER, None, None),
             llm_name=cfg.get("language_model_from_pretrained"),
+            context=source.path / "context",
         )
     else:
         llm_cfg = cfg
@@ -298,6 +299,9 @@ def _vision_config(
     name = neva["vision_name"]
     if vision_dir is None and name and (Path(name) / "config.json").exists():
         vision_dir = Path(name)
+    own = neva.get("context")  # a NeMo 2 export keeps an unnamed tower's config here
+    if vision_dir is None and own is not None and (own / "vision_model" / "config.json").exists():
+        vision_dir = own / "vision_model"
     sel = dict(
         vision_select_layer=neva["select_layer"], class_token_length=neva["class_token_length"]
     )
@@ -508,3 +512,98 @@ class _Only:
 
     def stored(self, key: str) -> str:
         return getattr(self._r, "stored", lambda k: k)(key)
+
+
+IMPORT_HELP = """\
+Import a NeMo checkpoint into a neva-jax model folder (like import-hf).
+
+  import-nemo SRC OUT [--llm DIR] [--vision CLIP_DIR] [--tokenizer DIR]
+      SRC: a NeMo 2 checkpoint folder (context/ + weights/), a NeMo 1 .nemo file
+      (tar or gzip tar) or an extracted .nemo folder; LLaMA (GPT) or NeVA/LLaVA.
+      NeMo 1 weights may be model_weights/ (torch_dist or zarr), model_weights.ckpt,
+      mp_rank_XX/ or tp_rank_XX_pp_rank_YYY/ (tensor-parallel shards are merged).
+      --vision CLIP_DIR: a Hugging Face CLIP folder: required for an LLM-only SRC
+      (the projector starts fresh), and for a NeVA SRC whose tower was frozen (not
+      saved) or is not a known CLIP name.
+      --llm DIR: the LLM (NeMo checkpoint or Hugging Face LLaMA folder) of a stage-1
+      NeVA SRC that holds only the projector.
+
+Pickle safety: dist checkpoints (model_weights/, weights/) are read without running
+code from the files (a restricted unpickler for .metadata, weights-only tensors).
+Legacy model_weights.ckpt files are pickles: they load weights-only when they hold
+only tensors; otherwise they need --allow-pickle, which unpickles them fully and can
+run code from a checkpoint of an untrusted source.
+"""
+
+
+def add_import_arguments(p: Any) -> None:
+    """Arguments of `python -m neva_jax.convert import-nemo`."""
+    p.add_argument("src", metavar="SRC", help="NeMo 2 folder, .nemo file or extracted .nemo folder")
+    p.add_argument("out", metavar="OUT", help="new model folder")
+    p.add_argument("--llm", metavar="DIR", help="LLM of a stage-1 NeVA checkpoint")
+    p.add_argument("--vision", metavar="CLIP_DIR", help="Hugging Face CLIP(Vision)Model folder")
+    p.add_argument(
+        "--tokenizer", metavar="DIR", help="tokenizer folder overriding the checkpoint's"
+    )
+    p.add_argument(
+        "--projector",
+        default="mlp2x_gelu",
+        help="fresh projector for an LLM-only SRC (default mlp2x_gelu)",
+    )
+    p.add_argument(
+        "--param-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="stored parameter dtype",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of a fresh projector")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="fully unpickle legacy .ckpt files (runs code from the file: trusted sources only)",
+    )
+
+
+def run_import(args: Any) -> None:
+    """Runs `import-nemo` and prints a one-line summary."""
+    import time
+
+    from neva_jax.convert import checkpoint
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: already exists and is not empty; choose a new output folder")
+    start = time.time()
+    imported = import_nemo(
+        args.src,
+        llm=args.llm,
+        vision=args.vision,
+        tokenizer=args.tokenizer,
+        projector=args.projector,
+        allow_pickle=args.allow_pickle,
+        seed=args.seed,
+        param_dtype=args.param_dtype,
+    )
+    checkpoint.save_model(
+        out,
+        imported.model,
+        tokenizer=imported.tokenizer,
+        preprocessor_config=imported.preprocessor_config,
+    )
+    sp_model = getattr(imported.tokenizer, "nemo_sentencepiece_model", None)
+    if sp_model is not None:  # kept for export-nemo --format nemo1
+        (out / checkpoint.TOKENIZER / "tokenizer.model").write_bytes(sp_model)
+    cfg = imported.config
+    print(
+        f"wrote {out}: LLM {cfg.llm.num_layers} layers x {cfg.llm.hidden_size}, vocab "
+        f"{cfg.llm.vocab_size}, <image> = {cfg.image_token_id}; vision {cfg.vision.image_size}px; "
+        f"projector {cfg.projector} ({time.time() - start:.1f}s)"
+    )
+
+
+SUBCOMMAND = (
+    "NeMo checkpoint -> neva-jax model folder",
+    IMPORT_HELP,
+    add_import_arguments,
+    run_import,
+)

@@ -123,6 +123,7 @@ def sentencepiece_tokenizer(model_file: str | Path, special_tokens: list[str] = 
     extra = [t for t in special_tokens if t not in fast.get_vocab()]
     if extra:
         fast.add_special_tokens({"additional_special_tokens": extra})
+    fast.nemo_sentencepiece_model = data  # the original file, kept for a NeMo 1 export
     return fast
 
 
