@@ -268,7 +268,7 @@ def _vocab(
         raise NemoError(f"{where}: tokenizer has {base} tokens, the embedding only {padded} rows")
     size = -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     size = min(size, padded) if n <= padded else size
-    rows: list[int | None] = [i if i < padded else None for i in range(size)]
+    rows: list[int | None] = [i if i < base else None for i in range(size)]
     for new_id, src in copies.items():
         rows[new_id] = src
     return size, rows, image_id

@@ -250,19 +250,16 @@ def _layer_keys(name: str, n: int) -> tuple[str, ...]:
 
 def vocab_rows(source_rows: list[int | None]) -> Callable[[np.ndarray], np.ndarray]:
     """Rows of a new [V, D] table from a stored [Vp, D] one: row i copies stored row
-    `source_rows[i]`, or is the mean of the stored rows when None (a new token)."""
+    `source_rows[i]`, or (None, a token NeMo's tokenizer did not have) is the mean of the
+    copied rows, so NeMo's vocabulary padding never leaks in."""
+    real = sorted({r for r in source_rows if r is not None})
 
     def build(w: np.ndarray) -> np.ndarray:
         w = np.asarray(w)
-        mean = None
         out = np.empty((len(source_rows), w.shape[1]), w.dtype)
+        mean = w[real].astype(np.float64).mean(axis=0).astype(w.dtype)
         for i, r in enumerate(source_rows):
-            if r is None:
-                if mean is None:
-                    mean = w.astype(np.float64).mean(axis=0).astype(w.dtype)
-                out[i] = mean
-            else:
-                out[i] = w[r]
+            out[i] = mean if r is None else w[r]
         return out
 
     return build

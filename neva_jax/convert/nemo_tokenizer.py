@@ -59,7 +59,15 @@ def sentencepiece_tokenizer(model_file: str | Path, special_tokens: list[str] = 
     """
     import sentencepiece
     import transformers
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        processors,
+    )
 
     data = Path(model_file).read_bytes()
     try:
@@ -72,6 +80,7 @@ def sentencepiece_tokenizer(model_file: str | Path, special_tokens: list[str] = 
     model_type = trainer.get(3, 1)  # 1 unigram, 2 BPE
     byte_fallback = bool(trainer.get(35, 0))
     dummy_prefix = bool(normalizer.get(3, 1))
+    squeeze = bool(normalizer.get(4, 1))  # remove_extra_whitespaces
     pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
     unk = sp.unk_id()
     if model_type == 2:
@@ -98,7 +107,8 @@ def sentencepiece_tokenizer(model_file: str | Path, special_tokens: list[str] = 
     else:
         raise NemoError(f"{model_file}: sentencepiece model type {model_type} is not supported")
     tok = Tokenizer(model)
-    steps = [normalizers.Prepend("▁")] if dummy_prefix else []
+    steps = [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")] if squeeze else []
+    steps += [normalizers.Prepend("▁")] if dummy_prefix else []
     tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
