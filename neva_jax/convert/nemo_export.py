@@ -163,7 +163,9 @@ def _nemo2_config(
     )
 
 
-def _nemo1_config(cfg: NevaConfig, vocab: int, dtype: str, llm_only: bool, tok_file: str) -> dict:
+def _nemo1_config(
+    cfg: NevaConfig, vocab: int, dtype: str, llm_only: bool, tok_file: str, extra: list[str]
+) -> dict:
     out = nemo_config.llm_to_nemo1(cfg.llm)
     out["precision"] = {"float32": 32, "bfloat16": "bf16", "float16": 16}[dtype]
     out["override_vocab_size"] = None
@@ -174,7 +176,9 @@ def _nemo1_config(cfg: NevaConfig, vocab: int, dtype: str, llm_only: bool, tok_f
         "vocab_file": None,
         "merge_file": None,
         "delimiter": None,
-        "sentencepiece_legacy": False,
+        # Tokens past the sentencepiece vocabulary (e.g. <image>, <pad>), appended in order.
+        "sentencepiece_legacy": bool(extra),
+        "additional_special_tokens": extra or None,
     }
     del vocab
     if llm_only:
@@ -345,9 +349,16 @@ def _write_nemo1(
         raise NemoError(
             f"{tok_path}: --format nemo1 needs the sentencepiece tokenizer.model; use --format nemo2"
         )
+    import sentencepiece
+    import transformers
+
     tok_file = f"{uuid.uuid4().hex}_tokenizer.model"
     shutil.copy(sp, tmp / tok_file)
-    config = _nemo1_config(cfg, vocab, dtype, llm_only, tok_file)
+    base = sentencepiece.SentencePieceProcessor(model_file=str(sp)).get_piece_size()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tok_path))
+    added = tok.added_tokens_decoder
+    extra = [str(added[i]) for i in range(base, vocab)]
+    config = _nemo1_config(cfg, vocab, dtype, llm_only, tok_file, extra)
     (tmp / "model_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     objects = nemo_write.extra_states("model.", cfg.llm.num_layers)
     tensors = _prefixed("model.", _tensors(params, cfg, vocab, padded, llm_only, "nemo1"))

@@ -237,11 +237,12 @@ def check_entries(entries: list[Entry], reader: Any, unused: set[str], config_fi
 
 
 def _vocab(
-    tokenizer: Any, padded: int, neva: dict[str, Any] | None, where: str
+    tokenizer: Any, padded: int, neva: dict[str, Any] | None, where: str, grow: bool = False
 ) -> tuple[int, list[int | None], int | None]:
     """(model vocab size, row sources, image token id): the padded table is trimmed to the
     tokenizer (rounded up to 64); NeVA adds `<image>` (and `<im_start>`/`<im_end>`),
-    copying the rows of NeMo's media tokens."""
+    copying the rows of NeMo's media tokens. `grow`: the LLM came separately (--llm), so
+    tokens past its table get new (mean) rows instead of being an error."""
     from neva_jax.data.tokenize import IM_END, IM_START
 
     base = len(tokenizer)
@@ -264,11 +265,11 @@ def _vocab(
         if tokenizer.pad_token is None:
             tokenizer.add_special_tokens({"pad_token": "<pad>"})
     n = len(tokenizer)
-    if base > padded:
+    if base > padded and not grow:
         raise NemoError(f"{where}: tokenizer has {base} tokens, the embedding only {padded} rows")
     size = -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     size = min(size, padded) if n <= padded else size
-    rows: list[int | None] = [i if i < base else None for i in range(size)]
+    rows: list[int | None] = [i if i < min(base, padded) else None for i in range(size)]
     for new_id, src in copies.items():
         rows[new_id] = src
     return size, rows, image_id
@@ -326,11 +327,12 @@ def _llm_part(
     where: str,
     config_file: str,
     runtime: dict,
+    grow: bool = False,
 ) -> tuple[Any, tuple[list[Entry], Any], int]:
     """(LLM config, (entries, reader), image token id) from a NeMo reader or an HF folder."""
     if kind == "nemo":
         padded = reader.shape("embedding.word_embeddings.weight")[0]
-        size, rows, image_id = _vocab(tok, padded, neva, where)
+        size, rows, image_id = _vocab(tok, padded, neva, where, grow)
         cfg = dataclasses.replace(spec.config, vocab_size=size, **runtime)
         entries = nemo_keys.llm_entries(cfg, reader.keys(), padded_vocab=padded, rows=rows)
         have = reader.keys()
@@ -343,7 +345,7 @@ def _llm_part(
         return cfg, (entries, reader), image_id
     hf_cfg = hf.read_hf_config(reader, ("llama", "mistral"))
     base = hf_llama.from_hf_config(hf_cfg)
-    size, rows, image_id = _vocab(tok, base.vocab_size, neva, where)
+    size, rows, image_id = _vocab(tok, base.vocab_size, neva, where, grow)
     st = SafetensorsFolder(reader)
     entries = entries_from(hf_llama.param_table(base), ("llm",))
     axes = {("llm", "embed", "embedding"): 0, ("llm", "lm_head", "kernel"): 1}
@@ -430,8 +432,9 @@ def import_nemo(
                     stack.enter_context(Source(llm)), Path(tmp), allow_pickle=allow_pickle
                 )
                 kind, llm_reader, spec = "nemo", sub.reader, sub.llm
+        separate = llm_reader is not parts.reader
         llm_cfg, llm_source, image_id = _llm_part(
-            kind, llm_reader, spec, tok, neva, where, config_file, runtime
+            kind, llm_reader, spec, tok, neva, where, config_file, runtime, separate
         )
         vision_cfg, vision_dir = _vision_config(
             neva, Path(vision) if vision else None, where, runtime
