@@ -55,6 +55,27 @@ def _require(where: str, cfg: dict[str, Any], key: str, allowed: tuple, default:
         _fail(where, key, value, f"is not supported by neva-jax (supported: {allowed})")
 
 
+def _shape(cfg: dict[str, Any], **fields: Any) -> LlamaConfig:
+    """A LlamaConfig from the knobs NeMo 1 and NeMo 2 name alike, plus `fields`."""
+    heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
+    kv = cfg.get("kv_channels")
+    return LlamaConfig(
+        hidden_size=hidden,
+        ffn_hidden_size=int(cfg.get("ffn_hidden_size") or 4 * hidden),
+        num_layers=int(cfg["num_layers"]),
+        num_attention_heads=heads,
+        num_query_groups=cfg.get("num_query_groups") or None,
+        head_dim=None if kv in (None, hidden // heads) else int(kv),
+        rope_theta=float(cfg.get("rotary_base", 10000.0)),
+        layernorm_epsilon=float(cfg.get("layernorm_epsilon", 1e-5)),
+        share_embeddings_and_output_weights=bool(
+            cfg.get("share_embeddings_and_output_weights", True)
+        ),
+        init_method_std=float(cfg.get("init_method_std", 0.02)),
+        **fields,
+    )
+
+
 # ---------------------------------------------------------------------------- NeMo 1
 
 
@@ -100,31 +121,16 @@ def llm_from_nemo1(cfg: dict[str, Any], where: str) -> LlmSpec:
             cfg.get("qkv_bias"),
             f"differs from bias={bias}; neva-jax has one bias switch",
         )
-    heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    kv = cfg.get("kv_channels")
-    llm = LlamaConfig(
-        vocab_size=max(int(cfg.get("override_vocab_size") or 1), 1),
-        hidden_size=hidden,
-        ffn_hidden_size=int(cfg["ffn_hidden_size"]),
-        num_layers=int(cfg["num_layers"]),
-        num_attention_heads=heads,
-        num_query_groups=cfg.get("num_query_groups") or None,
-        head_dim=None if kv in (None, hidden // heads) else int(kv),
+    llm = _shape(
+        cfg,
         encoder_seq_length=int(
             cfg.get("max_position_embeddings") or cfg.get("encoder_seq_length", 2048)
         ),
         position_embedding_type=position,
-        rope_theta=float(cfg.get("rotary_base", 10000.0)),
         rotary_percentage=float(cfg.get("rotary_percentage", 1.0)),
         normalization=NORMALIZATIONS[norm],
-        layernorm_epsilon=float(cfg.get("layernorm_epsilon", 1e-5)),
         activation=activation,
         bias=bias,
-        share_embeddings_and_output_weights=bool(
-            cfg.get("share_embeddings_and_output_weights", True)
-        ),
-        init_method_std=float(cfg.get("init_method_std", 0.02)),
     )
     return LlmSpec(
         llm,
@@ -227,29 +233,14 @@ def llm_from_nemo2(cfg: dict[str, Any], where: str) -> LlmSpec:
             True,
             "without add_bias_linear is not supported (one bias switch)",
         )
-    heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    kv = cfg.get("kv_channels")
-    llm = LlamaConfig(
-        vocab_size=max(int(cfg.get("vocab_size") or 1), 1),
-        hidden_size=hidden,
-        ffn_hidden_size=int(cfg.get("ffn_hidden_size") or 4 * hidden),
-        num_layers=int(cfg["num_layers"]),
-        num_attention_heads=heads,
-        num_query_groups=cfg.get("num_query_groups") or None,
-        head_dim=None if kv in (None, hidden // heads) else int(kv),
+    llm = _shape(
+        cfg,
         encoder_seq_length=int(cfg.get("seq_length", 2048)),
         position_embedding_type=cfg.get("position_embedding_type", "learned_absolute"),
-        rope_theta=float(cfg.get("rotary_base", 10000.0)),
         rotary_percentage=float(cfg.get("rotary_percent", 1.0)),
         normalization=normalization,
-        layernorm_epsilon=float(cfg.get("layernorm_epsilon", 1e-5)),
         activation=activation,
         bias=bias,
-        share_embeddings_and_output_weights=bool(
-            cfg.get("share_embeddings_and_output_weights", True)
-        ),
-        init_method_std=float(cfg.get("init_method_std", 0.02)),
     )
     return LlmSpec(
         llm,

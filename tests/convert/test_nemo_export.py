@@ -46,21 +46,6 @@ def _dcp_read(folder: Path, reader_cls=FileSystemReader) -> dict:
     return state
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    config = transformers.CLIPVisionConfig(
-        hidden_size=24,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=30,
-        patch_size=6,
-    )
-    transformers.CLIPVisionModel(config).save_pretrained(folder)
-    return folder
-
-
 @jax.jit
 def _llm_logits(graphdef, state, x):
     return nnx.merge(graphdef, state).llm(x)
