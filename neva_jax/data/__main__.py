@@ -185,7 +185,7 @@ def cmd_validate(args: argparse.Namespace, cfg: DataConfig) -> int:
     reasons: collections.Counter[str] = collections.Counter()
     first: dict[str, str] = {}
     samples: list[tuple[int, int]] = []
-    read = 0
+    read = truncated = truncated_tokens = 0
     for f in files:
         ds = grain.MapDataset.source(open_source(f, cfg)).map(preparer)
         it = ds.to_iter_dataset(
@@ -204,6 +204,8 @@ def cmd_validate(args: argparse.Namespace, cfg: DataConfig) -> int:
                     first.setdefault(item["bad"], f"{item['where']}: {item['detail']}")
                 else:
                     samples.append((len(item["ids"]), len(item["images"])))
+                    truncated += item["truncated_tokens"] > 0
+                    truncated_tokens += item["truncated_tokens"]
         finally:
             iterator.close()
     skipped = sum(reasons.values())
@@ -215,6 +217,10 @@ def cmd_validate(args: argparse.Namespace, cfg: DataConfig) -> int:
     )
     for reason, n in reasons.most_common():
         print(f"  {reason:<26} {n:6d}  first: {first[reason]}")
+    print(
+        f"truncated to max_seq_len {cfg.max_seq_len} (data.truncation={cfg.truncation}): "
+        f"{truncated} samples, {truncated_tokens} tokens removed"
+    )
     if samples:
         lengths = np.array([n for n, _ in samples])
         q = np.percentile(lengths, [50, 95])

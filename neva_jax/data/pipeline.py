@@ -260,6 +260,8 @@ class BatchIterator(grain.DatasetIterator):
             "real_tokens": 0,
             "trained_tokens": 0,
             "rows": 0,
+            "samples_truncated": 0,
+            "truncated_tokens": 0,
         }
 
     # -------------------------------------------------------------- checkpointing
@@ -278,7 +280,7 @@ class BatchIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._stats = copy.deepcopy(state["stats"])
+        self._stats = {**self._new_stats(), **copy.deepcopy(state["stats"])}
         self._exhausted = bool(state.get("exhausted", False))
         self._pending = None
         self._pending_state = None
@@ -309,6 +311,9 @@ class BatchIterator(grain.DatasetIterator):
             "rows_used": st["rows"],
             "real_tokens": st["real_tokens"],
             "trained_tokens": st["trained_tokens"],
+            "truncation": self._cfg.truncation,
+            "samples_truncated": st["samples_truncated"],
+            "truncated_tokens": st["truncated_tokens"],
             "packing": self._cfg.packing,
             "non_padding_fraction": st["real_tokens"] / capacity if capacity else 0.0,
             "non_padding_fraction_unpacked": (
@@ -433,4 +438,7 @@ class BatchIterator(grain.DatasetIterator):
                 img_off += k
                 st["real_tokens"] += n
                 st["trained_tokens"] += int(trained[1:].sum())
+                cut = int(smp.get("truncated_tokens", 0))
+                st["samples_truncated"] += cut > 0
+                st["truncated_tokens"] += cut
         return out
