@@ -57,6 +57,9 @@ class DataConfig:
     # cut answer is trained); "drop_rounds" drops whole trailing rounds first.
     truncation: str = "tokens"
     packing: bool = False
+    # LLaVA's group_by_modality_length: every batch all-image or all-text, each
+    # modality in length-grouped megabatches (neva_jax.data.grouping); JSON/JSONL only.
+    group_by_modality_length: bool = False
     batch_size: int = 8  # global rows per batch (split over processes)
     shuffle: bool = True
     seed: int = 0
@@ -109,6 +112,11 @@ class DataConfig:
             f"({len(self.train_files)}), or none",
         )
         check(all(w > 0 for w in self.weights), f"weights={list(self.weights)}: must be > 0")
+        check(
+            not (self.weights and self.group_by_modality_length),
+            "weights: not used with group_by_modality_length=True (the files are "
+            "concatenated, every record once per epoch, as in LLaVA); remove them",
+        )
         check(self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len}: must be >= 2")
         check(
             self.truncation in TRUNCATION_MODES,

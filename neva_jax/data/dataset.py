@@ -101,6 +101,11 @@ class RecordFileSource:
     def __len__(self) -> int:
         return len(self._records)
 
+    @property
+    def records(self) -> list[Any]:
+        """The raw records (JSON values; an unparsable JSONL line is a marker object)."""
+        return self._records
+
     def __getitem__(self, i: int) -> tuple[Any, str]:
         rec = self._records[i]
         where = f"{self._name} record {i}"
@@ -251,8 +256,18 @@ class SamplePreparer:
             "truncated_tokens": p.full_length - len(p.encoded),
         }
 
-    def prepare(self, raw: Any, where: str) -> Prepared:
-        """Validates and prepares one record; raises `BadSampleError(reason, detail)`."""
+    def token_length(self, raw: Any) -> int | None:
+        """Tokens the record takes in a row (after truncation), images not read; None if bad."""
+        try:
+            return len(self.prepare(raw, "", load_images=False).encoded)
+        except BadSampleError:
+            return None
+
+    def prepare(self, raw: Any, where: str, *, load_images: bool = True) -> Prepared:
+        """Validates and prepares one record; raises `BadSampleError(reason, detail)`.
+
+        `load_images=False` checks the text only and leaves the pixels zero.
+        """
         cfg = self.cfg
         if isinstance(raw, _Unparsable):
             raise BadSampleError("malformed_record", raw.detail)
@@ -291,7 +306,7 @@ class SamplePreparer:
         enc, dropped, cut, full_length = self._encode_fitting(spans)
         pixels = np.zeros((len(images), cfg.image_size, cfg.image_size, 3), np.float32)
         names = []
-        for j, ref in enumerate(images):
+        for j, ref in enumerate(images if load_images else ()):
             pixels[j], name = self._load_image(ref, where)
             names.append(name)
         return Prepared(enc, pixels, names, where, dropped, cut, full_length)
