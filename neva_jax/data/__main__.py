@@ -133,7 +133,8 @@ def cmd_inspect(args: argparse.Namespace, cfg: DataConfig) -> int:
         raw, where = src[index]
         print(f"sample {args.index} = {where} (file {f})")
         print(
-            f"template {cfg.template}; tokenizer {cfg.tokenizer} (vocab {tok.vocab_size}, "
+            f"template {cfg.template} ({preparer.template.reference}); "
+            f"tokenizer {cfg.tokenizer} (vocab {tok.vocab_size}, "
             f"<image> = {tok.image_token_id}, added {list(tok.added_tokens) or 'none'})"
         )
         try:
@@ -152,7 +153,10 @@ def cmd_inspect(args: argparse.Namespace, cfg: DataConfig) -> int:
             + (f" at [{slots[0]}, {slots[-1] + 1})" if len(slots) else "")
         )
         if p.dropped_rounds or p.cut_tokens:
-            print(f"truncated: dropped {p.dropped_rounds} round(s), cut {p.cut_tokens} token(s)")
+            print(
+                f"truncated (data.truncation={cfg.truncation}): {p.full_length} -> {n} tokens, "
+                f"dropped {p.dropped_rounds} round(s), cut {p.cut_tokens} token(s)"
+            )
         for name, px in zip(p.image_names, p.images, strict=True):
             print(
                 f"image {name}: {cfg.image_aspect_ratio} -> {px.shape} float32, "
