@@ -71,11 +71,11 @@ class _Stream:
     def has_data(self) -> bool:
         return self.pending is not None or not self.exhausted
 
-    def state(self) -> tuple[Any, bool]:
-        """(parent state, exhausted) as if the held-over sample had not been read."""
+    def state(self) -> dict[str, Any]:
+        """{"parent", "exhausted"} as if the held-over sample had not been read."""
         if self.rewind is not None:
-            return copy.deepcopy(self.rewind["parent"]), False
-        return self.it.get_state(), self.exhausted
+            return {"parent": copy.deepcopy(self.rewind["parent"]), "exhausted": False}
+        return {"parent": self.it.get_state(), "exhausted": self.exhausted}
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -146,11 +146,9 @@ class BatchIterator(grain.DatasetIterator):
                         del stats["skipped"][reason]
                 for reason in read["first_skip"]:
                     stats["first_skip"].pop(reason, None)
-        first, first_exhausted = self._streams[0].state()
-        state = {"parent": first, "stats": stats, "exhausted": first_exhausted}
+        state = {**self._streams[0].state(), "stats": stats}
         if self._schedule is not None:
-            state["streams"] = [dict(zip(("parent", "exhausted"), s.state(), strict=True))
-                                for s in self._streams[1:]]  # fmt: skip
+            state["streams"] = [s.state() for s in self._streams[1:]]
             state["schedule_pos"] = self._position
         return state
 
@@ -160,7 +158,8 @@ class BatchIterator(grain.DatasetIterator):
         if len(saved) != len(self._streams):
             raise ValueError(
                 f"data iterator state has {len(saved)} stream(s), this pipeline {len(self._streams)}: "
-                "config.data.group_by_modality_length differs from the run that saved it"
+                "config.data.group_by_modality_length differs from the run that saved it; set it "
+                "as that run did"
             )
         for s, (parent, exhausted) in zip(self._streams, saved, strict=True):
             s.it.set_state(parent)
