@@ -161,24 +161,13 @@ def test_golden_tiny_bpe(name: str, bpe_tok_dir: str) -> None:
     assert _mask(enc.trained) == mask
 
 
-def _llava_tokenizer_image_token(prompt: str, hf, image_id: int, slots: int) -> list[int]:
-    """LLaVA's mm_utils.tokenizer_image_token, with each image expanded to `slots` ids."""
-    chunks = [hf(c).input_ids for c in prompt.split("<image>")]
-    ids, offset = [], 0
-    if chunks and chunks[0] and chunks[0][0] == hf.bos_token_id:
-        offset = 1
-        ids.append(chunks[0][0])
-    for i, chunk in enumerate(chunks):
-        if i:
-            ids.extend([image_id] * slots)
-        ids.extend(chunk[offset:])
-    return ids
-
-
 @pytest.mark.parametrize("name", sorted(C.TEMPLATES))
-def test_ids_equal_llava_whole_prompt_tokenization(name: str, llama_tok_dir: str) -> None:
+def test_ids_equal_llava_whole_prompt_tokenization(
+    name: str, llama_tok_dir: str, llava_tokenizer_image_token
+) -> None:
     enc, tok = _encode(name, llama_tok_dir, slots=5)
-    assert enc.ids.tolist() == _llava_tokenizer_image_token(enc.text, tok.hf, tok.image_token_id, 5)
+    ids = llava_tokenizer_image_token(enc.text, tok.hf, [tok.image_token_id] * 5)
+    assert enc.ids.tolist() == ids
     assert enc.image.sum() == 5 and not (enc.trained & enc.image).any()
 
 

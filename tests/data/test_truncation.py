@@ -34,21 +34,14 @@ TURNS = [
 ]
 
 
-def _tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
-    chunks = [tokenizer(c).input_ids for c in prompt.split("<image>")]
-    ids, offset = [], 0
-    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
-        offset = 1
-        ids.append(chunks[0][0])
-    for k, chunk in enumerate(chunks):
-        if k:
-            ids.append(IMAGE_TOKEN_INDEX)
-        ids.extend(chunk[offset:])
-    return ids
-
-
-def _llava_v1(turns: list[tuple[str, str]], tokenizer, max_len: int) -> tuple[list, list]:
+def _llava_v1(
+    turns: list[tuple[str, str]], tokenizer, max_len: int, tokenizer_image_token
+) -> tuple[list, list]:
     """conv_vicuna_v1.get_prompt + preprocess_v1 + collator + multimodal expansion."""
+
+    def _tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
+        return tokenizer_image_token(prompt, tokenizer, [IMAGE_TOKEN_INDEX])
+
     msgs = []
     for _role, v in turns:  # preprocess_multimodal
         if "<image>" in v:
@@ -101,7 +94,9 @@ def _record() -> dict:
     }
 
 
-def test_tokens_truncation_is_llavas_preprocess_v1_cut(llama_cfg: DataConfig) -> None:
+def test_tokens_truncation_is_llavas_preprocess_v1_cut(
+    llama_cfg: DataConfig, llava_tokenizer_image_token
+) -> None:
     import transformers
 
     hf = transformers.AutoTokenizer.from_pretrained(llama_cfg.tokenizer)
@@ -121,7 +116,7 @@ def test_tokens_truncation_is_llavas_preprocess_v1_cut(llama_cfg: DataConfig) ->
     for max_len, what in cuts.items():
         cfg = dataclasses.replace(llama_cfg, max_seq_len=max_len, truncation="tokens")
         p = SamplePreparer(cfg).prepare(_record(), "r")
-        ids, labels = _llava_v1(TURNS, hf, max_len)
+        ids, labels = _llava_v1(TURNS, hf, max_len, llava_tokenizer_image_token)
         assert len(ids) == max_len, what
         assert ["img" if t == image_id else int(t) for t in p.encoded.ids] == ids, what
         np.testing.assert_array_equal(p.encoded.trained, np.array(labels) != IGNORE, what)
