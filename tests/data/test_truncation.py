@@ -18,7 +18,7 @@ import pytest
 
 from neva_jax.data.config import DataConfig
 from neva_jax.data.conversation import LLAVA_SYSTEM
-from neva_jax.data.dataset import BadSampleError, SamplePreparer
+from neva_jax.data.dataset import BadSampleError, Prepared, SamplePreparer
 
 IGNORE = -100
 IMAGE_TOKEN_INDEX = -200
@@ -87,6 +87,17 @@ def llama_cfg(synth_cfg: DataConfig, llama_tok_dir: str) -> DataConfig:
     return dataclasses.replace(synth_cfg, tokenizer=llama_tok_dir, max_seq_len=4096)
 
 
+@pytest.fixture(scope="module")
+def llama_tok(llama_tok_dir: str):
+    from neva_jax.data.tokenize import load_tokenizer
+
+    return load_tokenizer(llama_tok_dir, control_tokens=("</s>",))
+
+
+def _prepare(cfg: DataConfig, tok, **changes) -> Prepared:
+    return SamplePreparer(dataclasses.replace(cfg, **changes), tok).prepare(_record(), "r")
+
+
 def _record() -> dict:
     return {
         "image": "train/000000.png",
@@ -95,12 +106,12 @@ def _record() -> dict:
 
 
 def test_tokens_truncation_is_llavas_preprocess_v1_cut(
-    llama_cfg: DataConfig, llava_tokenizer_image_token
+    llama_cfg: DataConfig, llama_tok, llava_tokenizer_image_token
 ) -> None:
     import transformers
 
     hf = transformers.AutoTokenizer.from_pretrained(llama_cfg.tokenizer)
-    full = SamplePreparer(llama_cfg).prepare(_record(), "r")
+    full = _prepare(llama_cfg, llama_tok)
     n = len(full.encoded)
     assert (n, int(full.encoded.image.sum()), full.cut_tokens) == (158, SLOTS, 0)
     trained = full.encoded.trained
@@ -112,31 +123,29 @@ def test_tokens_truncation_is_llavas_preprocess_v1_cut(
         int(starts[2]) + 2: "2 tokens of the last answer",
         n: "all",
     }
-    image_id = SamplePreparer(llama_cfg).tokenizer.image_token_id
+    image_id = llama_tok.image_token_id
     for max_len, what in cuts.items():
-        cfg = dataclasses.replace(llama_cfg, max_seq_len=max_len, truncation="tokens")
-        p = SamplePreparer(cfg).prepare(_record(), "r")
+        p = _prepare(llama_cfg, llama_tok, max_seq_len=max_len, truncation="tokens")
         ids, labels = _llava_v1(TURNS, hf, max_len, llava_tokenizer_image_token)
         assert len(ids) == max_len, what
         assert ["img" if t == image_id else int(t) for t in p.encoded.ids] == ids, what
         np.testing.assert_array_equal(p.encoded.trained, np.array(labels) != IGNORE, what)
         assert (p.cut_tokens, p.full_length, p.dropped_rounds) == (n - max_len, n, 0), what
     # the partly cut answers are trained, as in LLaVA
-    p = SamplePreparer(dataclasses.replace(llama_cfg, max_seq_len=int(starts[2]) + 2))
-    assert p.prepare(_record(), "r").encoded.trained[-2:].all()
+    p = _prepare(llama_cfg, llama_tok, max_seq_len=int(starts[2]) + 2)
+    assert p.encoded.trained[-2:].all()
 
 
-def test_drop_rounds_keeps_whole_rounds_and_both_skip_cut_images(llama_cfg: DataConfig) -> None:
-    full = SamplePreparer(llama_cfg).prepare(_record(), "r")
-    n = len(full.encoded)
-    cfg = dataclasses.replace(llama_cfg, max_seq_len=n - 5, truncation="drop_rounds")
-    p = SamplePreparer(cfg).prepare(_record(), "r")
+def test_drop_rounds_keeps_whole_rounds_and_both_skip_cut_images(
+    llama_cfg: DataConfig, llama_tok
+) -> None:
+    n = len(_prepare(llama_cfg, llama_tok).encoded)
+    p = _prepare(llama_cfg, llama_tok, max_seq_len=n - 5, truncation="drop_rounds")
     assert p.dropped_rounds == 1 and p.cut_tokens == 0 and p.encoded.ids[-1] == 2  # </s>
     assert p.full_length == n and len(p.encoded) < n - 5
     for mode in ("tokens", "drop_rounds"):
-        tiny = dataclasses.replace(llama_cfg, max_seq_len=60, truncation=mode)  # slots 34..97
-        with pytest.raises(BadSampleError) as e:
-            SamplePreparer(tiny).prepare(_record(), "r")
+        with pytest.raises(BadSampleError) as e:  # slots 34..97
+            _prepare(llama_cfg, llama_tok, max_seq_len=60, truncation=mode)
         assert e.value.reason == "image_slots_cut"
     with pytest.raises(ValueError, match=r"config\.data\.truncation='rounds'"):
         dataclasses.replace(llama_cfg, truncation="rounds").validate(check_files=False)
