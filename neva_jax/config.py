@@ -442,6 +442,7 @@ def llava_recipe(cd: ml_collections.ConfigDict, *, stage2: bool, data_dir: str, 
     # Stage 1 rows are one image + a short caption; stage 2 packs ~3 samples per row.
     data.max_seq_len = 2048 if stage2 else image_tokens + 128
     data.packing = stage2
+    data.group_by_modality_length = stage2  # LLaVA-1.5 stage 2: all-image or all-text batches
     data.max_images_per_row = 3 if stage2 else 1
     data.num_workers = 8
     t = cd.train
