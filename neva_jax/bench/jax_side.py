@@ -17,8 +17,8 @@ import jax
 import numpy as np
 
 from neva_jax.bench import timing
-from neva_jax.config import TrainSection
 from neva_jax.model.neva import Neva, NevaConfig
+from neva_jax.run_config import TrainSection
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import state as state_lib
 from neva_jax.train import step as step_lib

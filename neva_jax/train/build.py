@@ -26,9 +26,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from neva_jax import sharding
-from neva_jax.config import ConfigError, RunConfig
-from neva_jax.config_checks import mesh_shape, neva_config
 from neva_jax.model.neva import Neva, NevaConfig
+from neva_jax.run_config import ConfigError, RunConfig, mesh_shape
 from neva_jax.train import checkpoint as ckpt_lib
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import state as state_lib
@@ -36,8 +35,8 @@ from neva_jax.train import state as state_lib
 PyTree = Any
 
 
-def make_mesh(cfg: RunConfig) -> Mesh:
-    """The (data, fsdp, tensor) mesh over all devices."""
+def run_mesh(cfg: RunConfig) -> Mesh:
+    """The (data, fsdp, tensor) mesh of `cfg.mesh` over all devices."""
     data, fsdp, tensor = mesh_shape(cfg.mesh, jax.device_count())
     return sharding.make_mesh(data, fsdp, tensor)
 
@@ -152,7 +151,7 @@ def load_pretrained_parts(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh) -> PyTre
     Both folders are needed (they are imported together, as `convert import-hf --llm
     --vision` does); the imported architecture must match the config's.
     """
-    llm_dir, clip_dir = cfg.model.llm.from_pretrained, cfg.model.vision_encoder.from_pretrained
+    llm_dir, clip_dir = cfg.llm.from_pretrained, cfg.vision_encoder.from_pretrained
     if not llm_dir and not clip_dir:
         return {}
     if not (llm_dir and clip_dir):
@@ -163,7 +162,7 @@ def load_pretrained_parts(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh) -> PyTre
         )
     from neva_jax.convert import hf as convert_hf
 
-    vis = cfg.model.vision_encoder
+    vis = cfg.model.vision
     try:
         imported = convert_hf.import_llm_and_clip(
             llm_dir,
@@ -254,16 +253,6 @@ def initial_state(
     )
 
 
-def run_neva_config(cfg: RunConfig, image_token_id: int, vocab_in_use: int) -> NevaConfig:
-    """The NevaConfig for `cfg` with the tokenizer's `<image>` id; checks the vocab fits."""
-    if vocab_in_use > cfg.model.llm.vocab_size:
-        raise ConfigError(
-            f"config.model.llm.vocab_size={cfg.model.llm.vocab_size}: the tokenizer uses "
-            f"{vocab_in_use} ids; raise it to at least {vocab_in_use}"
-        )
-    return neva_config(cfg, image_token_id=image_token_id)
-
-
 def versions() -> dict[str, str]:
     """Library versions for checkpoint metadata."""
     import sys
@@ -285,10 +274,11 @@ def versions() -> dict[str, str]:
 
 def run_meta(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh, **extra: Any) -> dict[str, Any]:
     """The JSON `meta` item of a checkpoint."""
+    from neva_jax.config import to_dict
     from neva_jax.model.neva import config_to_dict
 
     return {
-        "config": cfg.to_dict(),
+        "config": to_dict(cfg),
         "model_config": config_to_dict(ncfg),
         "trained_parts": list(cfg.trained_parts),
         "versions": versions(),

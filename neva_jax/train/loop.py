@@ -32,10 +32,11 @@ import numpy as np
 from absl import logging
 
 from neva_jax import distributed
-from neva_jax.config import RunConfig
 from neva_jax.data import pipeline
 from neva_jax.data.conversation import get_template
 from neva_jax.data.tokenize import TextTokenizer, load_tokenizer
+from neva_jax.model.neva import NevaConfig
+from neva_jax.run_config import RunConfig, model_for_tokenizer
 from neva_jax.train import build
 from neva_jax.train import checkpoint as ckpt_lib
 from neva_jax.train import metrics as metrics_lib
@@ -50,32 +51,26 @@ class NonFiniteError(RuntimeError):
     """K consecutive non-finite steps; main exits with status 3."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
-    """What train() and evaluate() share: tokenizer, model config, data config, mesh."""
+    """What train() and evaluate() share: the config, tokenizer, model config and mesh."""
 
     cfg: RunConfig
     tokenizer: TextTokenizer
-    model_config: Any
-    data_config: Any
+    model_config: NevaConfig  # cfg.model with the tokenizer's <image> id
     mesh: jax.sharding.Mesh
 
 
 def prepare(cfg: RunConfig) -> Run:
-    """Loads the tokenizer and derives the model and data configs (no compilation)."""
+    """Loads the tokenizer and sets its `<image>` id on the model config (no compilation)."""
     template = get_template(cfg.data.template)
     tok = load_tokenizer(
         cfg.data.tokenizer,
-        use_im_start_end=cfg.model.use_im_start_end,
+        use_im_start_end=cfg.data.use_im_start_end,
         control_tokens=getattr(template, "control_tokens", ()),
     )
-    ncfg = build.run_neva_config(cfg, tok.image_token_id, tok.vocab_size)
-    data_cfg = cfg.data.with_model(
-        image_size=ncfg.vision.image_size,
-        num_image_slots=ncfg.num_image_tokens,
-        use_im_start_end=cfg.model.use_im_start_end,
-    )
-    return Run(cfg, tok, ncfg, data_cfg, build.make_mesh(cfg))
+    ncfg = model_for_tokenizer(cfg, tok.image_token_id, tok.vocab_size)
+    return Run(cfg, tok, ncfg, build.run_mesh(cfg))
 
 
 def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
@@ -168,7 +163,7 @@ def evaluate_state(
     cfg = run.cfg
     bs = cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum_steps
     it = pipeline.make_eval_iterator(
-        run.data_config,
+        run.cfg.data,
         batch_size=bs,
         tokenizer=run.tokenizer,
         process_index=jax.process_index(),
@@ -219,7 +214,7 @@ def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
         )
         stack.callback(ckpt.close)
         train_it = pipeline.make_train_iterator(
-            run.data_config,
+            run.cfg.data,
             tokenizer=run.tokenizer,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
@@ -262,7 +257,7 @@ def _loop(run, workdir, state, step_fn, eval_fn, ckpt, train_it, writer, batch_s
     p = run.model_config.num_image_tokens
     flops_args = dict(
         trained_parts=cfg.trained_parts,
-        seq_len=run.data_config.max_seq_len,
+        seq_len=run.cfg.data.max_seq_len,
         num_layers=cfg.model.llm.num_layers,
         hidden_size=cfg.model.llm.hidden_size,
     )
@@ -350,7 +345,7 @@ def _loop(run, workdir, state, step_fn, eval_fn, ckpt, train_it, writer, batch_s
             logging.warning("stopped by SIGTERM at step %d; checkpoint committed", step)
             return {"step": step, "stopped": "SIGTERM"}
     summary: dict[str, Any] = {"step": step}
-    if run.data_config.eval_files:
+    if run.cfg.data.eval_files:
         ev = evaluate_state(run, eval_fn, state, batch_sh)
         writer.write(step, ev)
         summary.update(ev)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from neva_jax.config import TrainSection
+from neva_jax.run_config import TrainSection
 
 PyTree = Any
 # Path elements that mark a parameter excluded from weight decay.

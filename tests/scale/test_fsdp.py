@@ -10,6 +10,7 @@ import pytest
 from neva_jax import sharding
 from neva_jax.data import pipeline
 from neva_jax.data.tokenize import load_tokenizer
+from neva_jax.run_config import model_for_tokenizer
 from neva_jax.train import build, plan
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import step as step_lib
@@ -66,7 +67,7 @@ def runs(tiny_config):
     cfg = tiny_config("stage2", **{"train.steps": 6})
     assert cfg.trained_parts == ("projector", "llm")
     tok = load_tokenizer(cfg.data.tokenizer)
-    ncfg = build.run_neva_config(cfg, tok.image_token_id, tok.vocab_size)
+    ncfg = model_for_tokenizer(cfg, tok.image_token_id, tok.vocab_size)
     data_cfg = cfg.data.with_model(
         image_size=ncfg.vision.image_size,
         num_image_slots=ncfg.num_image_tokens,

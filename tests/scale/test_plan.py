@@ -83,8 +83,8 @@ def test_activation_model_matches_xla_buffer_assignment(remat):
     import jax.numpy as jnp
 
     from neva_jax import sharding
-    from neva_jax.config import TrainSection
     from neva_jax.model import clip, llama, neva
+    from neva_jax.run_config import TrainSection
     from neva_jax.train import build, plan
     from neva_jax.train import optimizer as opt_lib
     from neva_jax.train import step as step_lib

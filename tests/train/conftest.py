@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from neva_jax.config import RunConfig, from_config_dict
+from neva_jax.config import from_config_dict
 from neva_jax.data import synth
+from neva_jax.run_config import RunConfig
 
 V, D, T, B = 32, 16, 12, 4
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from neva_jax.config import TrainSection
+from neva_jax.run_config import TrainSection
 from neva_jax.train import checkpoint as ckpt_lib
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import state as state_lib

@@ -1,5 +1,6 @@
 """Stage 1 then stage 2 of the tiny model on the synthetic data, through `loop.train`."""
 
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,6 @@ from etils import epath
 from flax import nnx
 
 from neva_jax import sharding
-from neva_jax.config_checks import neva_config
 from neva_jax.train import build, loop
 from neva_jax.train import checkpoint as ckpt_lib
 from neva_jax.train import optimizer as opt_lib
@@ -19,8 +19,10 @@ from neva_jax.train import optimizer as opt_lib
 
 def _initial_params(cfg):
     """The random initialisation a run starts from (same construction, same mesh)."""
-    constructor = build.model_constructor(neva_config(cfg, image_token_id=4), cfg.seed)
-    model = sharding.create_sharded(constructor, build.make_mesh(cfg))
+    constructor = build.model_constructor(
+        dataclasses.replace(cfg.model, image_token_id=4), cfg.seed
+    )
+    model = sharding.create_sharded(constructor, build.run_mesh(cfg))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 

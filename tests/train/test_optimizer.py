@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from neva_jax.config import TrainSection
+from neva_jax.run_config import TrainSection
 from neva_jax.train import loop
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import state as state_lib
