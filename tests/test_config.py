@@ -162,3 +162,33 @@ def test_model_preset_sets_every_architecture_key(preset):
         for name in keys(type(theirs)):
             assert getattr(ours, name) == getattr(theirs, name), (preset, name)
     assert got.llm.dtype == "bfloat16"  # run-time fields keep the run config's
+
+
+def test_rotary_percentage_from_the_command_line_reaches_attention(data_dir, monkeypatch):
+    """A knob added to the run config by marking one LlamaConfig field (NeMo's partial rotary)."""
+    import sys
+
+    from absl import flags
+    from flax import nnx
+
+    from neva_jax import main as main_lib
+    from neva_jax.model.neva import Neva
+
+    argv = [
+        "neva_jax.main",
+        f"--config={ROOT}/configs/tiny.py:stage1,data_dir={data_dir}",
+        "--workdir=/unused",
+        "--config.model.llm.rotary_percentage=0.5",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads --config.* overrides here
+    flags.FLAGS.unparse_flags()
+    try:
+        main_lib.parse_flags(argv)
+        cfg = from_config_dict(main_lib._config_value())
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert cfg.model.llm.rotary_percentage == 0.5
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Neva(cfg.model, rngs=nnx.Rngs(0)))
+    attn = model.llm.layers.attn
+    assert cfg.model.llm.head_size == 16 and attn.rotary_dim == 8

@@ -63,7 +63,7 @@ class LlamaConfig:
     encoder_seq_length: int = key(4096)  # max positions (size of a learned position table)
     position_embedding_type: str = key("rope")
     rope_theta: float = key(10000.0)
-    rotary_percentage: float = 1.0
+    rotary_percentage: float = key(1.0)  # NeMo: the share of each head dim that RoPE rotates
     normalization: str = key("rmsnorm")
     layernorm_epsilon: float = key(1e-5)
     activation: str = key("swiglu")
