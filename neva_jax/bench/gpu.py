@@ -100,7 +100,7 @@ def run_config(
     logits_fraction: float,
 ) -> dict[str, Any]:
     """Compiles and times one config; returns the (updated) parameters for the next one."""
-    from neva_jax.train import optimizer as opt_lib
+    from neva_jax.model import parts as model_parts
     from neva_jax.train import state as state_lib
     from neva_jax.train import step as step_lib
 
@@ -115,7 +115,7 @@ def run_config(
     parts = jax_side.STAGE_PARTS[stage]
     tx, schedule = jax_side.optimizer()
     graphdef, abstract = state_lib.abstract(lambda: jax_side.random_model(cfg), parts, tx)
-    trained, frozen = opt_lib.split_dict(params, parts)
+    trained, frozen = model_parts.split_dict(params, parts)
     del params
     state = state_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -171,7 +171,7 @@ def run_config(
         peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
         loss=losses[-1],
     )
-    return opt_lib.merge_dicts(state.params, state.frozen)
+    return model_parts.merge_dicts(state.params, state.frozen)
 
 
 def _program_bytes(mem: Any) -> float:

@@ -108,7 +108,7 @@ def abstract_compile_seconds(cfg: NevaConfig, batch: dict[str, np.ndarray], stag
     return {"lower_s": lower_s, "compile_s": compile_s, "total_s": lower_s + compile_s}
 
 
-def generate(
+def greedy_tokens(
     model: Neva,
     prompts: Sequence[Sequence[int]],
     images: np.ndarray,

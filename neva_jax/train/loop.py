@@ -32,13 +32,14 @@ import numpy as np
 from absl import logging
 
 from neva_jax import distributed
+from neva_jax.convert import checkpoint
 from neva_jax.data import pipeline
 from neva_jax.data.conversation import get_template
 from neva_jax.data.tokenize import TextTokenizer, load_tokenizer
+from neva_jax.model import parts as model_parts
 from neva_jax.model.neva import NevaConfig
 from neva_jax.run_config import RunConfig, model_for_tokenizer
-from neva_jax.train import build
-from neva_jax.train import checkpoint as ckpt_lib
+from neva_jax.train import build, checkpointer
 from neva_jax.train import metrics as metrics_lib
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import state as state_lib
@@ -77,7 +78,7 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dic
     """This process's rows -> global arrays sharded over (data, fsdp)."""
     return {
         k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k]))
-        for k in step_lib.BATCH_KEYS
+        for k in pipeline.BATCH_KEYS
     }
 
 
@@ -175,7 +176,7 @@ def evaluate_state(
             if cfg.eval.steps and i >= cfg.eval.steps:
                 break
             batch = global_batch(local, shardings)
-            params = opt_lib.merge_dicts(state.params, state.frozen)
+            params = model_parts.merge_dicts(state.params, state.frozen)
             out = jax.device_get(eval_fn(params, state.other, batch))
             for k in sums:
                 sums[k] += float(out[k])
@@ -192,7 +193,11 @@ def evaluate_state(
 def _jit_eval(graphdef, cfg: RunConfig, shards, batch_sh, rep):
     return jax.jit(
         step_lib.make_eval_step(graphdef, logits_fraction=cfg.train.logits_fraction),
-        in_shardings=(opt_lib.merge_dicts(shards.params, shards.frozen), shards.other, batch_sh),
+        in_shardings=(
+            model_parts.merge_dicts(shards.params, shards.frozen),
+            shards.other,
+            batch_sh,
+        ),
         out_shardings=rep,
     )
 
@@ -206,10 +211,10 @@ def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
     tx = opt_lib.make_optimizer(cfg.train)
     schedule = opt_lib.learning_rate_schedule(cfg.train)
     graphdef, abstract, shards = build.abstract_train_state(ncfg, parts, tx, mesh)
-    batch_sh = build.batch_shardings(mesh, step_lib.BATCH_KEYS)
+    batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     rep = build.replicated(mesh)
     with contextlib.ExitStack() as stack, jax.set_mesh(mesh):
-        ckpt = ckpt_lib.Checkpointer(
+        ckpt = checkpointer.Checkpointer(
             workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
         stack.callback(ckpt.close)
@@ -261,7 +266,7 @@ def _loop(run, workdir, state, step_fn, eval_fn, ckpt, train_it, writer, batch_s
         num_layers=cfg.model.llm.num_layers,
         hidden_size=cfg.model.llm.hidden_size,
     )
-    all_params = opt_lib.merge_dicts(state.params, state.frozen)
+    all_params = model_parts.merge_dicts(state.params, state.frozen)
     step = int(state.step)
     first = step
     progress = metrics_lib.Progress(total)
@@ -364,11 +369,11 @@ def evaluate(cfg: RunConfig, workdir: str) -> dict[str, float]:
     mesh, ncfg = run.mesh, run.model_config
     tx = opt_lib.make_optimizer(cfg.train)
     graphdef, abstract, shards = build.abstract_train_state(ncfg, cfg.trained_parts, tx, mesh)
-    batch_sh = build.batch_shardings(mesh, step_lib.BATCH_KEYS)
+    batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     with jax.set_mesh(mesh):
-        target = opt_lib.merge_dicts(abstract.params, abstract.frozen)
-        params, meta = ckpt_lib.restore_params(source, target)
-        trained, frozen = opt_lib.split_dict(params, cfg.trained_parts)
+        target = model_parts.merge_dicts(abstract.params, abstract.frozen)
+        params, meta = checkpoint.restore_params(source, target)
+        trained, frozen = model_parts.split_dict(params, cfg.trained_parts)
         state = abstract.replace(params=trained, frozen=frozen, other={}, opt_state=None)
         eval_fn = _jit_eval(graphdef, cfg, shards, batch_sh, build.replicated(mesh))
         out = evaluate_state(run, eval_fn, state, batch_sh)

@@ -60,6 +60,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from neva_jax import sharding
+from neva_jax.model import parts as model_parts
 from neva_jax.model.neva import Neva, NevaConfig
 from neva_jax.run_config import RunConfig, mesh_shape
 from neva_jax.train import optimizer as opt_lib
@@ -178,8 +179,8 @@ def state_bytes(
     grad_accum_steps: int = 1,
 ) -> dict[str, int]:
     """Per-device bytes of parameters, gradients and optimizer state (exact shapes)."""
-    trained, _ = opt_lib.split_dict(am.params, parts)
-    trained_specs, _ = opt_lib.split_dict(am.specs, parts)
+    trained, _ = model_parts.split_dict(am.params, parts)
+    trained_specs, _ = model_parts.split_dict(am.specs, parts)
     per_part = param_bytes_per_device(am, mesh)
     grads = sum(per_part[p] for p in trained)
     opt_state = jax.eval_shape(tx.init, trained)
@@ -251,7 +252,7 @@ def estimate(
     am = abstract_model(ncfg)
     state = state_bytes(am, parts, tx, mesh, workload.grad_accum_steps)
     detail = activation_bytes(ncfg, workload, mesh, remat)
-    trained, _ = opt_lib.split_dict(am.params, parts)
+    trained, _ = model_parts.split_dict(am.params, parts)
     return Estimate(
         mesh=mesh,
         remat=remat,

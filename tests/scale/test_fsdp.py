@@ -10,6 +10,7 @@ import pytest
 from neva_jax import sharding
 from neva_jax.data import pipeline
 from neva_jax.data.tokenize import load_tokenizer
+from neva_jax.model import parts as model_parts
 from neva_jax.run_config import model_for_tokenizer
 from neva_jax.train import build, plan
 from neva_jax.train import optimizer as opt_lib
@@ -40,7 +41,7 @@ def _run(cfg, ncfg, tx, mesh, initial, local_batches):
     """STEPS training steps on `mesh` from a host copy of the initial state."""
     parts = cfg.trained_parts
     graphdef, _, shards = build.abstract_train_state(ncfg, parts, tx, mesh)
-    batch_sh = build.batch_shardings(mesh, step_lib.BATCH_KEYS)
+    batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     fn = step_lib.make_train_step(
         graphdef,
         tx,
@@ -53,10 +54,10 @@ def _run(cfg, ncfg, tx, mesh, initial, local_batches):
         state = jax.device_put(initial, shards)
         losses = []
         for local in local_batches:
-            batch = {k: jax.device_put(local[k], batch_sh[k]) for k in step_lib.BATCH_KEYS}
+            batch = {k: jax.device_put(local[k], batch_sh[k]) for k in pipeline.BATCH_KEYS}
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
-    params = opt_lib.merge_dicts(state.params, state.frozen)
+    params = model_parts.merge_dicts(state.params, state.frozen)
     measured = {part: per_device_bytes(tree) for part, tree in params.items()}
     measured["optimizer"] = per_device_bytes(state.opt_state)
     return losses, measured

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from neva_jax.train import checkpoint as ckpt_lib
+from neva_jax.convert import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -161,7 +161,7 @@ def test_two_processes_match_one_process(runs):
     np.testing.assert_allclose(
         [two[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=0, atol=1e-5
     )
-    meta = ckpt_lib.read_meta(runs["two"])
+    meta = checkpoint.read_meta(runs["two"])
     assert meta["mesh"]["processes"] == 2 and meta["mesh"]["devices"] == 8
     assert "step 3/" in runs["logs"]["p0"] and "step 3/" not in runs["logs"]["p1"]
 
@@ -169,7 +169,7 @@ def test_two_processes_match_one_process(runs):
 def test_sigterm_stops_both_processes_at_one_step_with_a_checkpoint(runs):
     stop = runs["stop"]
     assert STEPS < stop < MAX_STEPS
-    assert ckpt_lib.complete_steps(os.path.join(runs["two"], "checkpoints")) == [stop]
+    assert checkpoint.complete_steps(os.path.join(runs["two"], "checkpoints")) == [stop]
 
 
 def test_each_process_reads_a_disjoint_shard(runs):
@@ -188,4 +188,4 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
     assert all(np.isfinite(list(losses.values())))
     # The single process continues the stream where the two left it: 8 records per step.
     assert f"resharded for 1: this process resumes at record {stop * 8}" in runs["logs"]["resumed"]
-    assert ckpt_lib.complete_steps(os.path.join(runs["resumed"], "checkpoints"))[-1] == stop + 2
+    assert checkpoint.complete_steps(os.path.join(runs["resumed"], "checkpoints"))[-1] == stop + 2

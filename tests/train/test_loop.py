@@ -12,8 +12,8 @@ from etils import epath
 from flax import nnx
 
 from neva_jax import sharding
+from neva_jax.convert import checkpoint
 from neva_jax.train import build, loop
-from neva_jax.train import checkpoint as ckpt_lib
 from neva_jax.train import optimizer as opt_lib
 
 
@@ -53,7 +53,7 @@ def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of):
     # Stage 1: LLM and vision bit-identical to their initialisation; optimizer state
     # only for the projector.
     init = _initial_params(cfg1)
-    p1, meta = ckpt_lib.restore_params(w1)
+    p1, meta = checkpoint.restore_params(w1)
     assert meta["trained_parts"] == ["projector"] and meta["step"] == 6
     assert _same(p1["llm"], init["llm"]) and _same(p1["vision"], init["vision"])
     assert not _same(p1["projector"], init["projector"])
@@ -67,7 +67,7 @@ def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of):
     loop.train(cfg2, w2)
     rows2 = metrics_of(w2)
     assert _falls(rows2)
-    p2, meta2 = ckpt_lib.restore_params(w2)
+    p2, meta2 = checkpoint.restore_params(w2)
     assert meta2["trained_parts"] == ["projector", "llm"]
     assert _same(p2["vision"], p1["vision"])
     assert not _same(p2["llm"], p1["llm"]) and not _same(p2["projector"], p1["projector"])
@@ -75,8 +75,8 @@ def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of):
     # --mode eval restores the newest checkpoint and writes eval/* at its step.
     out = loop.evaluate(cfg2, w2)
     assert np.isfinite(out["eval/loss"]) and 0 <= out["eval/accuracy"] <= 1
-    model, info = ckpt_lib.restore_model_from_workdir(w2)
-    assert info["step"] == 6 and info["tokenizer"] == os.path.join(w2, "tokenizer")
+    model, info = checkpoint.load_model(w2)
+    assert info.step == 6 and str(info.tokenizer_path) == os.path.join(w2, "tokenizer")
     assert _same(nnx.to_pure_dict(nnx.state(model, nnx.Param)), p2)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from neva_jax.model import parts as model_parts
 from neva_jax.run_config import TrainSection
 from neva_jax.train import loop
 from neva_jax.train import optimizer as opt_lib
@@ -56,7 +57,7 @@ def test_stage2_trains_projector_and_llm(standin, make_batch):
 
 
 def test_decay_mask_excludes_norms_and_biases(standin, make_batch):
-    _, params, frozen, _ = opt_lib.split_model(standin(), ("projector", "llm", "vision"))
+    _, params, frozen, _ = model_parts.split_model(standin(), ("projector", "llm", "vision"))
     mask = opt_lib.decay_mask(params)
     assert mask["projector"]["kernel"] and not mask["projector"]["bias"]
     assert not mask["llm"]["final_norm"]["scale"]
@@ -103,7 +104,7 @@ def test_capacity_overflow_falls_back_to_all_positions(standin, make_batch):
 
     @jax.jit
     def sums(state, batch):
-        model = opt_lib.merge_model(graphdef, state.params, state.frozen, state.other)
+        model = model_parts.merge_model(graphdef, state.params, state.frozen, state.other)
         full = step_lib.token_loss_sums(model, batch, 1.0)
         small = step_lib.token_loss_sums(model, batch, 0.1)
         return jnp.stack(full), jnp.stack(small)

@@ -18,7 +18,7 @@ def _losses(cfg, ncfg, mesh, local_batches, initial):
     """3 steps from `initial` (a host copy of the initial TrainState) placed on `mesh`."""
     tx = opt_lib.make_optimizer(cfg.train)
     graphdef, _, shards = build.abstract_train_state(ncfg, cfg.trained_parts, tx, mesh)
-    batch_sh = build.batch_shardings(mesh, step_lib.BATCH_KEYS)
+    batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     with jax.set_mesh(mesh):
         state = jax.device_put(initial, shards)
         fn = step_lib.make_train_step(
