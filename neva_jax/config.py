@@ -55,7 +55,7 @@ RUNTIME_KEYS = {
 # Keys that moved, with what to set instead.
 _MOVED = {"data.batch_size": "set train.batch_size (the global batch)"}
 # Sections built field by field from ConfigDict sections of the same name.
-_SECTIONS = ("mesh", "remat", "train", "eval", "checkpoint", "debug", "distributed", "plan")
+_SECTIONS = ("mesh", "remat", "train", "eval", "checkpoint", "distributed", "plan")
 
 
 # ----------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from neva_jax.model import neva
 from neva_jax.model.neva import NevaConfig
 
 MODEL_TYPES = ("llama_2", "llama", "vicuna", "nvgpt")
-SIGNALS = ("SIGTERM", "SIGKILL", "SIGINT")
 
 
 class ConfigError(ValueError):
@@ -189,21 +188,6 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class DebugSection:
-    """`debug`: test hooks, off by default."""
-
-    inject_nan_steps: tuple[int, ...] = ()  # the loss of these (0-based) steps is NaN
-    signal_at_step: int = 0  # send `signal` to this process after this many steps (0 = off)
-    signal: str = "SIGTERM"
-
-    def __post_init__(self):
-        _check(
-            self.signal in SIGNALS,
-            f"config.debug.signal={self.signal!r}: expected one of {', '.join(SIGNALS)}",
-        )
-
-
-@dataclasses.dataclass(frozen=True)
 class DistributedSection:
     """`distributed`: a multi-process launch (`neva_jax.distributed`); unset = the environment.
 
@@ -264,7 +248,6 @@ class RunConfig:
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
-    debug: DebugSection = DebugSection()
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     seed: int = 0
     init_from: str = ""  # a training workdir / step folder / imported model folder

@@ -4,7 +4,8 @@ losses of one process with 8 devices, each process reads its own disjoint shard 
 the data, a SIGTERM makes both stop and save at one agreed step (JAX's preemption
 sync point), and that checkpoint restores in a single process that trains on.
 
-Every run is `python -m neva_jax.main` in subprocesses with a deadline; when one fails
+Every run is `python -m neva_jax.main` in subprocesses with a deadline (the two that
+SIGTERM themselves start it through tests/signal_at_step.py); when one fails
 or hangs, all of them are killed and its log tail is shown.
 """
 
@@ -49,11 +50,11 @@ def _env(devices: int, cache: str) -> dict[str, str]:
     return env
 
 
-def _main(synth_dir: str, workdir: str, *extra: str) -> list[str]:
+def _main(synth_dir: str, workdir: str, *extra: str, runner: tuple[str, ...] = ()) -> list[str]:
+    """`python -m neva_jax.main` with the common flags (`runner`: another way to start it)."""
     return [
         sys.executable,
-        "-m",
-        "neva_jax.main",
+        *(runner or ("-m", "neva_jax.main")),
         f"--config={TINY}:stage1,data_dir={synth_dir}",
         f"--workdir={workdir}",
         f"--config.train.steps={STEPS}",
@@ -122,7 +123,7 @@ def _records(log: str, batches: int | None = None) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(synth_dir, tmp_path_factory):
+def runs(synth_dir, tmp_path_factory, signal_driver):
     base = tmp_path_factory.mktemp("multiprocess")
     cache, logs = str(base / "jax_cache"), str(base)
     two, one, resumed = (str(base / n) for n in ("two", "one", "resumed"))
@@ -136,8 +137,8 @@ def runs(synth_dir, tmp_path_factory):
                 "--config.distributed.num_processes=2",
                 f"--config.distributed.process_id={i}",
                 f"--config.train.steps={MAX_STEPS}",
-                f"--config.debug.signal_at_step={STEPS}",  # each process SIGTERMs itself
                 "--config.checkpoint.every_steps=1000",
+                runner=(signal_driver[1], str(STEPS), "SIGTERM"),  # each SIGTERMs itself
             ),
             _env(4, cache),
         )

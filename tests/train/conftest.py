@@ -65,6 +65,19 @@ def batch(seed: int = 0, b: int = B) -> dict[str, np.ndarray]:
     }
 
 
+def inject_nan(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`batch` whose first loss weight is NaN, so the step's loss and gradients are NaN."""
+    mask = np.array(batch["loss_mask"], copy=True)
+    mask.flat[0] = np.nan
+    return {**batch, "loss_mask": mask}
+
+
+@pytest.fixture
+def nan_batch():
+    """inject_nan(batch): the fault the non-finite tests feed the step."""
+    return inject_nan
+
+
 @pytest.fixture
 def standin() -> type[StandIn]:
     return StandIn

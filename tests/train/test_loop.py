@@ -80,19 +80,22 @@ def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of):
     assert _same(nnx.to_pure_dict(nnx.state(model, nnx.Param)), p2)
 
 
-def test_nan_steps_are_skipped_then_k_in_a_row_stop(tmp_path, tiny_config, metrics_of):
+def test_nan_steps_are_skipped_then_k_in_a_row_stop(tmp_path, tiny_config, metrics_of, nan_batch):
     cfg = tiny_config(
         "stage1",
         **{
             "train.steps": 6,
             "train.log_every": 1,
             "train.max_consecutive_nonfinite": 2,
-            "debug.inject_nan_steps": (1, 3, 4),  # 0-based: steps 2, 4 and 5
             "data.eval_files": (),
         },
     )
+
+    def nan_at_some_steps(step, batch):  # 0-based: steps 2, 4 and 5
+        return nan_batch(batch) if step in (1, 3, 4) else batch
+
     with pytest.raises(loop.NonFiniteError) as e:
-        loop.train(cfg, str(tmp_path))
+        loop.train(cfg, str(tmp_path), hooks=loop.Hooks(before_step=(nan_at_some_steps,)))
     assert str(e.value).startswith("train: 2 consecutive non-finite steps (loss=nan) up to step 5")
     assert "raise train.max_consecutive_nonfinite" in str(e.value)
     rows = metrics_of(str(tmp_path))

@@ -28,24 +28,25 @@ RUN = {
 
 
 def test_sigkill_sigterm_resume_equals_uninterrupted(
-    tmp_path, synth_dir, tiny_config, metrics_of, compilation_cache
+    tmp_path, synth_dir, tiny_config, metrics_of, compilation_cache, signal_driver
 ):
+    driver, driver_path = signal_driver
     ref_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "interrupted")
     loop.train(tiny_config("stage1", **RUN), ref_dir)
     ref_rows = metrics_of(ref_dir)
     assert sorted(ref_rows) == [1, 2, 3, 4, 5, 6]
 
-    # 1. A separate process, SIGKILLed right after step 3's checkpoint committed.
+    # 1. A separate process (neva_jax.main), SIGKILLed right after step 3's checkpoint
+    # committed.
     args = [f"--config.{k}={v}" for k, v in RUN.items() if k != "data.eval_files"]
     cmd = [
         sys.executable,
-        "-m",
-        "neva_jax.main",
+        driver_path,
+        "3",
+        "SIGKILL",
         f"--config={ROOT}/configs/tiny.py:stage1,data_dir={synth_dir}",
         f"--workdir={run_dir}",
         "--config.data.eval_files=()",
-        "--config.debug.signal_at_step=3",
-        "--config.debug.signal=SIGKILL",
         *args,
     ]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
@@ -60,8 +61,8 @@ def test_sigkill_sigterm_resume_equals_uninterrupted(
     shutil.copytree(os.path.join(ckpt_dir, "3", "state"), os.path.join(ckpt_dir, "4", "state"))
 
     # 3. Resume; SIGTERM arrives during step 5: the run saves step 5, commits, returns.
-    cfg = tiny_config("stage1", **RUN, **{"debug.signal_at_step": 5})
-    summary = loop.train(cfg, run_dir)
+    sigterm_at_5 = loop.Hooks(after_step=(driver.signal_at(5, signal.SIGTERM),))
+    summary = loop.train(tiny_config("stage1", **RUN), run_dir, hooks=sigterm_at_5)
     assert summary == {"step": 5, "stopped": "SIGTERM"}
     assert checkpoint.complete_steps(ckpt_dir) == [3, 5]
     assert os.path.isdir(os.path.join(ckpt_dir, "4.incomplete"))
