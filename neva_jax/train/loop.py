@@ -53,7 +53,7 @@ from neva_jax.train import state as state_lib
 from neva_jax.train import step as step_lib
 
 DATA_REPORT = "data_report.json"
-Batch = dict[str, np.ndarray]  # this process's rows (docs/CONTRACTS.md "The batch")
+LocalBatch = dict[str, np.ndarray]  # this process's rows (docs/CONTRACTS.md "The batch")
 
 
 class NonFiniteError(RuntimeError):
@@ -218,7 +218,7 @@ class Hooks:
     dispatched, reported and, when due, checkpointed and evaluated.
     """
 
-    before_step: tuple[Callable[[int, Batch], Batch], ...] = ()
+    before_step: tuple[Callable[[int, LocalBatch], LocalBatch], ...] = ()
     after_step: tuple[Callable[[Loop], None], ...] = ()
 
 
