@@ -200,21 +200,14 @@ def _assemble(obj: Any, changes: Mapping[tuple[str, ...], Any]) -> Any:
     return dataclasses.replace(obj, **direct) if direct else obj
 
 
-def _build(values: Mapping[str, Any], root: Any, prefix: tuple[str, ...] = ()) -> Any:
-    """`root` (the object at `prefix` in a RunConfig) with the values of the keys under it."""
-    changes = {}
-    for key, value in values.items():
-        for path in _keys()[key].paths:
-            if path[: len(prefix)] == prefix:
-                changes[path[len(prefix) :]] = value
-    if prefix in ((), ("model",)):  # the image id: a placeholder until the tokenizer is known
-        model = ("model",)[len(prefix) :]  # the model's path below `root`
-        vocab = changes.get(
-            (*model, "llm", "vocab_size"), _get(root, (*model, "llm", "vocab_size"))
-        )
-        changes[(*model, "image_token_id")] = vocab - 1
+def _build(values: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig with these key values (the others at their defaults)."""
+    changes = {path: value for key, value in values.items() for path in _keys()[key].paths}
+    # The image id: a placeholder (the last id) until the tokenizer is known.
+    vocab = changes.get(("model", "llm", "vocab_size"), default_model().llm.vocab_size)
+    changes[("model", "image_token_id")] = vocab - 1
     try:
-        return _assemble(root, changes)
+        return _assemble(RunConfig(), changes)
     except FieldError as e:
         if e.field in neva.RUNTIME_FIELDS:
             key = RUNTIME_KEYS.get(e.field, f"model.{e.field}")
@@ -264,7 +257,7 @@ def model_preset(cd: ml_collections.ConfigDict, name: str) -> None:
 def model_config(cd: ml_collections.ConfigDict) -> NevaConfig:
     """The architecture `cd` describes (its model keys only); raises ConfigError."""
     values = {k: v for k, v in _values(cd).items() if _keys()[k].paths[0][0] == "model"}
-    return _build(values, default_model(), ("model",))
+    return _build(values).model
 
 
 def llava_recipe(cd: ml_collections.ConfigDict, *, stage2: bool, data_dir: str, init: str) -> None:
@@ -342,7 +335,7 @@ def from_config_dict(
     `check_environment=False` skips what depends on this machine (files and folders
     exist, a cuDNN backend): `--mode plan` plans for another machine.
     """
-    cfg = _build(_values(cd), RunConfig())
+    cfg = _build(_values(cd))
     data = dataclasses.replace(cfg.data, batch_size=cfg.train.batch_size).with_model(
         image_size=cfg.model.vision.image_size,
         num_image_slots=cfg.model.num_image_tokens,

@@ -232,9 +232,11 @@ class PlanSection:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """The whole experiment, typed; `to_dict()` gives it back as ConfigDict keys.
+    """The whole experiment, typed; `neva_jax.config.to_dict` gives it back as ConfigDict keys.
 
-    `model.image_token_id` is the tokenizer's `<image>` id, known once the tokenizer
+    `model` is the architecture and its run-time choices; `llm` and `vision_encoder`
+    hold the `model.llm.*` / `model.vision_encoder.*` keys that are not architecture
+    (where the weights come from, what trains). `model.image_token_id` is the tokenizer's `<image>` id, known once the tokenizer
     is loaded (`model_for_tokenizer`); until then it is the last vocabulary id.
     `data` has the model's fields filled in (image size, image slots, start/end
     tokens) and `train.batch_size` as its batch size.
