@@ -35,7 +35,6 @@ from neva_jax.model.clip import ClipConfig
 from neva_jax.model.neva import NevaConfig
 from neva_jax.model.projector import projector_depth
 
-VOCAB_MULTIPLE = 64
 # NeMo 1 NeVA media tokens (patch, start, end) per mm_cfg.llm.model_type.
 MEDIA_TOKENS = {"llama_3": tuple(f"<|reserved_special_token_{i}|>" for i in (3, 4, 5))}
 DEFAULT_MEDIA = ("<extra_id_3>", "<extra_id_4>", "<extra_id_5>")
@@ -267,7 +266,7 @@ def _vocab(
     n = len(tokenizer)
     if base > padded and not grow:
         raise NemoError(f"{where}: tokenizer has {base} tokens, the embedding only {padded} rows")
-    size = -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    size = -(-n // hf.VOCAB_MULTIPLE) * hf.VOCAB_MULTIPLE
     size = min(size, padded) if n <= padded else size
     rows: list[int | None] = [i if i < min(base, padded) else None for i in range(size)]
     for new_id, src in copies.items():
@@ -462,7 +461,7 @@ def import_nemo(
         if neva.get("fresh"):
             fresh["projector"] = hf._fresh_projector(cfg, seed, mesh)
         else:
-            entries += nemo_keys.projector_entries(
+            entries += nemo_keys.nemo_projector_entries(
                 projector_depth(cfg.projector),
                 vision_cfg.hidden_size,
                 llm_cfg.hidden_size,
