@@ -14,6 +14,7 @@ themselves (model/schema.py).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import jax
@@ -108,7 +109,7 @@ class TrainSection:
     grad_accum_steps: int = 1
     lr: float = 1e-3
     min_lr: float = 0.0
-    warmup_steps: int = -1  # -1 = warmup_ratio * steps
+    warmup_steps: int = -1  # -1 = ceil(steps * warmup_ratio), as transformers
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     adam_b1: float = 0.9
@@ -122,9 +123,11 @@ class TrainSection:
 
     @property
     def warmup(self) -> int:
+        """Warmup steps: `warmup_steps`, else ceil(steps * warmup_ratio) (transformers'
+        `TrainingArguments.get_warmup_steps`, the same float expression: 2181 x 0.03 -> 66)."""
         if self.warmup_steps >= 0:
             return self.warmup_steps
-        return int(self.warmup_ratio * self.steps)
+        return math.ceil(self.steps * self.warmup_ratio)
 
     def __post_init__(self):
         _check(self.steps >= 1, f"config.train.steps={self.steps}: must be >= 1")

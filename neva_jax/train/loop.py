@@ -10,9 +10,10 @@ a signal at a chosen step.
 
 Per step the loop reads a batch, dispatches step t+1 and only then fetches step
 t's metrics (so the device never waits for Python), logs, checks the non-finite
-streak, and saves on schedule. SIGTERM sets a flag (several processes: JAX's
-preemption sync point) and the loop saves the current step, waits for the commit
-and returns normally (exit 0). After K consecutive non-finite steps
+streak, and saves on schedule; it evaluates every `eval.every_steps` and at the
+end when `data.eval_files` names an evaluation set (without one it only trains).
+SIGTERM sets a flag (several processes: JAX's preemption sync point) and the loop
+saves the current step, waits for the commit and returns normally (exit 0). After K consecutive non-finite steps
 (`train.max_consecutive_nonfinite`) it raises `NonFiniteError`:
 
     train: K consecutive non-finite steps (loss=nan) up to step N; the updates were
@@ -45,7 +46,7 @@ from neva_jax.data.conversation import get_template
 from neva_jax.data.tokenize import TextTokenizer, load_tokenizer
 from neva_jax.model import parts as model_parts
 from neva_jax.model.neva import NevaConfig, with_runtime
-from neva_jax.run_config import RunConfig, model_for_tokenizer
+from neva_jax.run_config import ConfigError, RunConfig, model_for_tokenizer
 from neva_jax.train import build, checkpointer
 from neva_jax.train import metrics as metrics_lib
 from neva_jax.train import optimizer as opt_lib
@@ -293,7 +294,7 @@ class Loop:
         if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.steps:
             self.report()  # a checkpointed step always has its metrics line
             self.save()
-        every = cfg.eval.every_steps
+        every = cfg.eval.every_steps if cfg.data.eval_files else 0  # no eval set: no eval
         if every and self.step % every == 0 and self.step < cfg.train.steps:
             self.report()
             self.writer.write(self.step, self.evaluate())
@@ -421,6 +422,8 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
         else:
             state = build.initial_state(cfg, ncfg, tx, mesh, abstract, shards)
         logging.info("%s", opt_lib.describe_split(state.params, state.frozen))
+        if not cfg.data.eval_files:
+            logging.info("no data.eval_files: training without evaluation")
         step_fn = step_lib.jit_train_step(
             step_lib.make_train_step(
                 graphdef,
@@ -457,6 +460,10 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
 
 def evaluate(cfg: RunConfig, workdir: str) -> dict[str, float]:
     """Restores the newest checkpoint (or `eval.checkpoint`) onto this mesh and evaluates."""
+    if not cfg.data.eval_files:
+        raise ConfigError(
+            "config.data.eval_files is empty: --mode eval needs evaluation files; name them"
+        )
     run = prepare(cfg)
     source = cfg.eval.checkpoint or workdir
     mesh, ncfg = run.mesh, run.model_config

@@ -87,7 +87,8 @@ def test_nan_steps_are_skipped_then_k_in_a_row_stop(tmp_path, tiny_config, metri
             "train.steps": 6,
             "train.log_every": 1,
             "train.max_consecutive_nonfinite": 2,
-            "data.eval_files": (),
+            "data.eval_files": (),  # no eval set: periodic evaluation is skipped
+            "eval.every_steps": 2,
         },
     )
 
@@ -102,3 +103,7 @@ def test_nan_steps_are_skipped_then_k_in_a_row_stop(tmp_path, tiny_config, metri
     assert rows[2]["nonfinite_count"] == 1 and np.isnan(rows[2]["loss"])
     assert rows[3]["nonfinite_count"] == 1 and np.isfinite(rows[3]["loss"])
     assert rows[4]["nonfinite_count"] == 2
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        assert not any("eval/loss" in json.loads(line) for line in f)
+    with pytest.raises(loop.ConfigError, match=r"config\.data\.eval_files is empty"):
+        loop.evaluate(cfg, str(tmp_path))

@@ -72,6 +72,23 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert float(s(10)) < TRAIN.lr
 
 
+def test_warmup_rounds_up_and_the_schedule_is_transformers():
+    """transformers' `get_warmup_steps` (ceil(steps x ratio)) and its cosine schedule."""
+    import torch
+    import transformers
+
+    assert TrainSection(steps=2181, warmup_ratio=0.03).warmup == 66  # floor gave 65
+    assert TrainSection(steps=100, warmup_ratio=0.03).warmup == 3
+    train = TrainSection(steps=37, lr=2e-5, warmup_ratio=0.03, min_lr=0.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    hf = transformers.get_cosine_schedule_with_warmup(opt, train.warmup, train.steps)
+    ours = opt_lib.learning_rate_schedule(train)
+    for step in range(train.steps):
+        assert float(ours(step)) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-5, abs=1e-12)
+        opt.step()
+        hf.step()
+
+
 def test_nan_step_is_skipped_and_counted(standin, make_batch, nan_batch):
     init, state, _, m = _run(
         standin, make_batch, ("projector",), n_steps=2, nan_steps=(0, 1), nan_batch=nan_batch
