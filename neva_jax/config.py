@@ -268,7 +268,8 @@ def llava_recipe(cd: ml_collections.ConfigDict, *, stage2: bool, data_dir: str, 
     Stage 1: `plain` captions (LLaVA-Pretrain 558K), projector only, batch 256, lr 1e-3.
     Stage 2: instruction data (llava_v1_5_mix665k), projector + LLM, lr 2e-5, packed
     rows of 2048 tokens (48 rows ~ LLaVA's 128 samples per step).
-    Both: 1 epoch, warmup 3 %, cosine to 0, no weight decay, bf16 compute, fp32 master
+    Both: 1 epoch, warmup 3 % (rounded up), cosine to 0, no weight decay, the loss
+    averaged per micro-batch and device (`micro_batch`), bf16 compute, fp32 master
     weights. `data_dir` holds the LLaVA layout; `init` is `init_from` (an imported model
     folder for stage 1, the stage-1 workdir for stage 2), whose `tokenizer/` is used.
     """
@@ -297,6 +298,8 @@ def llava_recipe(cd: ml_collections.ConfigDict, *, stage2: bool, data_dir: str, 
     # rows (~134 samples per step, LLaVA's 128); data_report.json shows the real packing.
     t.batch_size, t.lr, t.steps = (48, 2e-5, 5000) if stage2 else (256, 1e-3, 2181)
     t.warmup_ratio, t.min_lr, t.weight_decay, t.grad_clip = 0.03, 0.0, 0.0, 1.0
+    # HF Trainer (LLaVA) and NeMo average token means per micro-batch and device.
+    t.loss_normalization = "micro_batch"
     t.logits_fraction = 0.5 if stage2 else 0.125  # speed only; exact either way
     cd.remat.policy = "full" if stage2 else "selective"
     cd.checkpoint.every_steps = 500

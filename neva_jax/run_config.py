@@ -24,6 +24,9 @@ from neva_jax.model import neva
 from neva_jax.model.neva import NevaConfig
 
 MODEL_TYPES = ("llama_2", "llama", "vicuna", "nvgpt")
+# How the token losses are averaged (train/step.py): one mean over the global batch,
+# or HF Trainer's / NeMo's mean of per-micro-batch, per-device token means.
+LOSS_NORMALIZATIONS = ("global_tokens", "micro_batch")
 
 
 class ConfigError(ValueError):
@@ -116,6 +119,9 @@ class TrainSection:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clip; 0 = off
+    # global_tokens: one token mean over the global batch; micro_batch: the mean of the
+    # token means of each micro-batch on each data-parallel device (HF Trainer, NeMo).
+    loss_normalization: str = "global_tokens"
     logits_fraction: float = 1.0  # LM-head capacity per row, fraction of T (speed only)
     log_every: int = 10
     max_consecutive_nonfinite: int = 5  # K: this many non-finite steps in a row stop the run
@@ -148,6 +154,11 @@ class TrainSection:
             f"[0, train.steps={self.steps}]",
         )
         _check(self.weight_decay >= 0, f"config.train.weight_decay={self.weight_decay}: >= 0")
+        _check(
+            self.loss_normalization in LOSS_NORMALIZATIONS,
+            f"config.train.loss_normalization={self.loss_normalization!r}: use one of "
+            f"{', '.join(LOSS_NORMALIZATIONS)}",
+        )
         _check(self.grad_clip >= 0, f"config.train.grad_clip={self.grad_clip}: >= 0 (0 = off)")
         _check(
             0 < self.logits_fraction <= 1,
@@ -373,11 +384,15 @@ def check(cfg: RunConfig, num_devices: int, check_environment: bool = True) -> N
 
 
 def model_for_tokenizer(cfg: RunConfig, image_token_id: int, vocab_in_use: int) -> NevaConfig:
-    """`cfg.model` with the tokenizer's `<image>` id; checks the vocabulary covers it."""
+    """`cfg.model` with the tokenizer's `<image>` id and size (`tokenizer_vocab_size`: the
+    rows past it are padding, masked in the loss and generation); checks the vocabulary
+    covers the tokenizer."""
     vocab = cfg.model.llm.vocab_size
     _check(
         vocab_in_use <= vocab,
         f"config.model.llm.vocab_size={vocab}: the tokenizer uses {vocab_in_use} ids; raise "
         f"it to at least {vocab_in_use}",
     )
-    return dataclasses.replace(cfg.model, image_token_id=image_token_id)
+    return dataclasses.replace(
+        cfg.model, image_token_id=image_token_id, tokenizer_vocab_size=vocab_in_use
+    )

@@ -65,6 +65,8 @@ def test_tiny_stages(data_dir):
 def test_every_config_file_builds(name, variant):
     cd = load(name, variant)
     assert cd.model.llm.freeze is (variant == "stage1")
+    recipe = name in ("neva_llama2_7b", "neva_llama2_13b", "llava_v15")  # LLaVA / NeMo's
+    assert cd.train.loss_normalization == ("micro_batch" if recipe else "global_tokens")
     with open(os.path.join(ROOT, "configs", f"{name}.py")) as f:
         docstring = f.read().split('"""')[1]
     assert "python -m neva_jax.main" in docstring  # the exact commands

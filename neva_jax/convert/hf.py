@@ -180,6 +180,8 @@ def import_llava(src: str | Path, *, mesh: Mesh | None = None, **runtime: Any) -
             f"{src}: tokenizer maps {IMAGE_TOKEN} to {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, "
             f"config.json image_token_index is {cfg.image_token_id}"
         )
+    if tokenizer is not None:  # the rows past it are llava-hf's padding (32002 -> 32064)
+        cfg = dataclasses.replace(cfg, tokenizer_vocab_size=min(len(tokenizer), cfg.llm.vocab_size))
     model = load_into(*abstract_neva(cfg, mesh), [(entries, reader)])
     return Imported(model, cfg, tokenizer, _preprocessor(src))
 
@@ -268,6 +270,7 @@ def import_llm_and_clip(
         vision=vision_cfg,
         projector=projector,
         image_token_id=image_id,
+        tokenizer_vocab_size=len(tokenizer),
     )
     reader = SafetensorsFolder(llm_dir)
     llm_entries = entries_from(hf_llama.param_table(hf_llm), ("llm",))

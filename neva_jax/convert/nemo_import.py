@@ -445,6 +445,7 @@ def import_nemo(
             projector_bias=neva["projector_bias"],
             image_token_id=image_id,
             use_im_start_end=neva["use_im_start_end"],
+            tokenizer_vocab_size=len(tok),
         )
         if (
             neva["projector_ffn"] not in (None, llm_cfg.hidden_size)

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from neva_jax.model.neva import mask_padded_vocab
+
 # --------------------------------------------------------------------------
 # VQAv2 answer normalisation.
 
@@ -337,6 +339,7 @@ def heldout_loss(model: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> dic
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
         )
+        logits = mask_padded_vocab(logits, getattr(m.config, "tokenizer_vocab_size", 0))
         return masked_loss_sums(logits, batch["targets"], batch["loss_mask"])
 
     total, count = 0.0, 0.0

@@ -35,6 +35,7 @@ from neva_jax.data import image as image_lib
 from neva_jax.data.conversation import IMAGE_PLACEHOLDER, Message, Template, get_template
 from neva_jax.data.tokenize import TextTokenizer, encode_spans, load_tokenizer
 from neva_jax.eval.sampling import SamplingParams, select_next
+from neva_jax.model.neva import mask_padded_vocab
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 8
@@ -76,8 +77,9 @@ class GenerationOutput:
       logprobs: the model's log-probability of each generated token (from the
         raw logits, before repetition penalty, temperature or filtering).
       finished: True where generation stopped at an end-of-sequence id.
-      logits: [B, N, V] float32 raw next-token logits of every step, only with
-        `return_logits=True` (rows past their end hold the logits of padding).
+      logits: [B, N, V] float32 raw next-token logits of every step (padded
+        vocabulary rows masked), only with `return_logits=True` (rows past their end
+        hold the logits of padding).
     """
 
     token_ids: list[list[int]]
@@ -219,6 +221,13 @@ def generate_tokens(
     )
 
 
+def _next_logits(model: nnx.Module, h: jax.Array) -> jax.Array:
+    """h [B, 1, D] -> logits [B, V] over the tokenizer's vocabulary: the padded rows
+    (ids >= `config.tokenizer_vocab_size`) masked, so they are never picked."""
+    vocab_in_use = getattr(model.config, "tokenizer_vocab_size", 0)
+    return mask_padded_vocab(model.llm.logits(h)[:, 0], vocab_in_use)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -268,7 +277,7 @@ def _generate_jit(
         segment_ids=segment_ids,
         layers=layers,
     )
-    logits = model.llm.logits(h[:, -1:])[:, 0]  # left padding: the last slot is real
+    logits = _next_logits(model, h[:, -1:])  # left padding: the last slot is real
     V = logits.shape[-1]
     row = jnp.arange(B)
     prompt_counts = jnp.zeros((B, V), jnp.int32).at[row[:, None], input_ids].add(segment_ids != 0)
@@ -314,7 +323,7 @@ def _generate_jit(
         step, carry = state
         # Feed the previous token; positions continue each row's own sequence.
         cache, h = model.llm.decode(carry["cache"], carry["last"][:, None], layers=layers)
-        carry = dict(carry, cache=cache, logits=model.llm.logits(h)[:, 0])
+        carry = dict(carry, cache=cache, logits=_next_logits(model, h))
         return step + 1, pick(step, carry)
 
     _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), carry))

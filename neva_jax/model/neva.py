@@ -56,6 +56,10 @@ class NevaConfig:
     projector_bias: bool = True
     image_token_id: int = 32000
     use_im_start_end: bool = key(False)  # the pipeline adds the start/end tokens; recorded here
+    # The tokenizer's size: ids >= it are padding rows of the vocabulary (imports pad
+    # 32002 tokens to 32064 rows, as llava-hf); the loss and generation mask their
+    # logits (`mask_padded_vocab`). 0 = unknown: every row is a token.
+    tokenizer_vocab_size: int = 0
 
     def __post_init__(self):
         try:
@@ -70,6 +74,13 @@ class NevaConfig:
                 "image_token_id",
                 self.image_token_id,
                 f"outside the vocabulary [0, {self.llm.vocab_size}) of model.llm.vocab_size",
+            )
+        if not 0 <= self.tokenizer_vocab_size <= self.llm.vocab_size:
+            raise FieldError(
+                "model",
+                "tokenizer_vocab_size",
+                self.tokenizer_vocab_size,
+                f"outside [0, model.llm.vocab_size={self.llm.vocab_size}]",
             )
         if self.projector == "identity" and self.vision.hidden_size != self.llm.hidden_size:
             raise FieldError(
@@ -216,6 +227,22 @@ def from_hf_config(hf: dict[str, Any], **runtime: Any) -> NevaConfig:
 
 
 # ---------------------------------------------------------------------------- model
+
+PADDED_LOGIT = -1e30  # finite: a padded id as a (masked-out) target gives CE x 0 = 0, not NaN
+
+
+def mask_padded_vocab(logits: jax.Array, tokenizer_vocab_size: int) -> jax.Array:
+    """logits [..., V] with the ids >= `tokenizer_vocab_size` set to PADDED_LOGIT.
+
+    Softmax, argmax and sampling over the result see exactly the tokenizer's
+    vocabulary (the padded rows get probability 0 and no gradient). 0, or V, leaves
+    the logits unchanged.
+    """
+    V = logits.shape[-1]
+    if not tokenizer_vocab_size or tokenizer_vocab_size >= V:
+        return logits
+    real = jnp.arange(V) < tokenizer_vocab_size
+    return jnp.where(real, logits, jnp.asarray(PADDED_LOGIT, logits.dtype))
 
 
 def scatter_image_features(

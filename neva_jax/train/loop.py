@@ -196,12 +196,15 @@ def evaluate_state(
 def _jit_eval(
     graphdef: nnx.GraphDef,
     cfg: RunConfig,
+    vocab_in_use: int,
     shards: state_lib.TrainState,
     batch_sh: dict[str, NamedSharding],
     rep: NamedSharding,
 ) -> Callable[..., dict[str, jax.Array]]:
     return jax.jit(
-        step_lib.make_eval_step(graphdef, logits_fraction=cfg.train.logits_fraction),
+        step_lib.make_eval_step(
+            graphdef, logits_fraction=cfg.train.logits_fraction, vocab_in_use=vocab_in_use
+        ),
         in_shardings=(
             model_parts.merge_dicts(shards.params, shards.frozen),
             shards.other,
@@ -432,6 +435,9 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
                 trained_parts=parts,
                 grad_accum_steps=cfg.train.grad_accum_steps,
                 logits_fraction=cfg.train.logits_fraction,
+                loss_normalization=cfg.train.loss_normalization,
+                batch_shards=mesh.shape["data"] * mesh.shape["fsdp"],
+                vocab_in_use=ncfg.tokenizer_vocab_size,
             ),
             shards,
             batch_sh,
@@ -443,7 +449,7 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
             workdir=workdir,
             state=state,
             step_fn=step_fn,
-            eval_fn=_jit_eval(graphdef, cfg, shards, batch_sh, rep),
+            eval_fn=_jit_eval(graphdef, cfg, ncfg.tokenizer_vocab_size, shards, batch_sh, rep),
             ckpt=ckpt,
             data=train_it,
             writer=writer,
@@ -475,7 +481,9 @@ def evaluate(cfg: RunConfig, workdir: str) -> dict[str, float]:
         params, meta = checkpoint.restore_params(source, target)
         trained, frozen = model_parts.split_dict(params, cfg.trained_parts)
         state = abstract.replace(params=trained, frozen=frozen, other={}, opt_state=None)
-        eval_fn = _jit_eval(graphdef, cfg, shards, batch_sh, build.replicated(mesh))
+        eval_fn = _jit_eval(
+            graphdef, cfg, ncfg.tokenizer_vocab_size, shards, batch_sh, build.replicated(mesh)
+        )
         out = evaluate_state(run, eval_fn, state, batch_sh)
     writer = metrics_lib.MetricsWriter(workdir)
     writer.write(int(meta["step"]), out)

@@ -2,14 +2,28 @@
 
 `make_train_step` returns ONE pure function `train_step(state, batch) -> (state,
 metrics)`; `jit_train_step` compiles it with explicit shardings and the state
-donated. The loss is the masked cross-entropy normalised by the number of trained
-tokens over the whole global batch (all accumulation micro-batches together), so
-the result does not depend on how the batch is split over devices or micro-batches.
+donated. The loss is the masked cross-entropy, averaged as `loss_normalization` says
+(docs/REFERENCE.md "Loss averaging"):
+
+- `global_tokens`: one token mean over the whole global batch (all accumulation
+  micro-batches and devices together); it does not depend on how the batch is split.
+- `micro_batch` (HF Trainer as LLaVA runs it, NeMo NeVA): the token mean of each
+  micro-batch on each batch shard (a data-parallel device: `batch_shards` =
+  mesh.data x mesh.fsdp), then the mean of those G = grad_accum_steps x batch_shards
+  means. A micro-batch without trained tokens contributes 0 and still counts in G
+  (NeMo's `loss_func` divides its zero sum by 1; a PyTorch mean would be 0/0).
+
+Both are one weighted sum, sum(CE x w), with per-token weights w fixed before the
+forward pass, so the gradients need no extra pass to normalise them.
 
 Logits are computed only where `loss_mask` is set: each row's trained positions are
 gathered into a fixed capacity (`train.logits_fraction` of T) before the LM head;
 a batch with more trained tokens in some row than that falls back to all positions
 (`lax.cond`), so the capacity changes speed, never the result.
+
+Logits of vocabulary rows past the tokenizer (`vocab_in_use`; imports pad 32002 ids
+to 32064 rows as llava-hf) are masked before the softmax, so the loss sees exactly
+the tokenizer's vocabulary.
 
 A non-finite loss or gradient norm leaves params and optimizer state untouched and
 counts the step in `nonfinite_count` / `nonfinite_streak`.
@@ -28,6 +42,8 @@ from flax import nnx
 
 from neva_jax.data.pipeline import BATCH_KEYS  # docs/CONTRACTS.md "The batch"
 from neva_jax.model import parts as model_parts
+from neva_jax.model.neva import mask_padded_vocab
+from neva_jax.run_config import LOSS_NORMALIZATIONS
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train.state import TrainState
 
@@ -42,15 +58,15 @@ def capacity(seq_len: int, fraction: float) -> int:
     return min(seq_len, max(8, math.ceil(fraction * seq_len / 8) * 8))
 
 
-def _cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-    """Sums of CE * weights and of correct * weights (float32)."""
+def _cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, counted: jax.Array):
+    """(sum of CE x weights, sum of correct x counted), float32."""
     logits = logits.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     # "The target has the largest logit", without an argmax (a slow variadic reduce on
     # CPU, ~0.5 s per step on the bench shape); ties count as correct.
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
-    return jnp.sum(ce * weights), jnp.sum(jax.lax.stop_gradient(correct) * weights)
+    return jnp.sum(ce * weights), jnp.sum(jax.lax.stop_gradient(correct) * counted)
 
 
 def token_loss_sums(
@@ -59,12 +75,16 @@ def token_loss_sums(
     logits_fraction: float = 1.0,
     *,
     stop_vision_gradient: bool = True,
+    weights: jax.Array | None = None,
+    vocab_in_use: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(sum of CE over trained tokens, number of trained tokens, number correct).
+    """(sum of CE x weights over trained tokens, number of trained tokens, number correct).
 
     `model` follows docs/CONTRACTS.md: `hidden_states(input_ids, images, positions=,
     segment_ids=, stop_vision_gradient=)` -> [B, T, D] and `llm.logits(h)` -> float32
     [B, T, V]. `stop_vision_gradient` (frozen tower) runs no backward pass through it.
+    `weights` [B, T] (default `loss_mask`) weigh each token's CE; `vocab_in_use` > 0
+    masks the logits of ids >= it (`neva.mask_padded_vocab`).
     """
     h = model.hidden_states(
         batch["input_ids"],
@@ -74,13 +94,17 @@ def token_loss_sums(
         stop_vision_gradient=stop_vision_gradient,
     )  # [B, T, D]
     mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
+    weights = mask if weights is None else weights.astype(jnp.float32)
     targets = batch["targets"]
     n_tokens = jnp.sum(mask)
     T = mask.shape[1]
     C = capacity(T, logits_fraction)
 
+    def logits(h: jax.Array) -> jax.Array:
+        return mask_padded_vocab(model.llm.logits(h), vocab_in_use)
+
     def all_positions():
-        return _cross_entropy(model.llm.logits(h), targets, mask)
+        return _cross_entropy(logits(h), targets, weights, mask)
 
     if C >= T:
         loss_sum, correct = all_positions()
@@ -92,14 +116,39 @@ def token_loss_sums(
         idx = jax.vmap(lambda m: jnp.nonzero(m > 0, size=C, fill_value=0)[0])(mask)  # [B, C]
         valid = jnp.arange(C)[None, :] < jnp.sum(mask > 0, axis=1, keepdims=True)
         h_c = jnp.take_along_axis(h, idx[:, :, None], axis=1)  # [B, C, D]
-        w = jnp.take_along_axis(mask, idx, axis=1) * valid
-        return _cross_entropy(model.llm.logits(h_c), jnp.take_along_axis(targets, idx, axis=1), w)
+        w = jnp.take_along_axis(weights, idx, axis=1) * valid
+        counted = jnp.take_along_axis(mask, idx, axis=1) * valid
+        return _cross_entropy(logits(h_c), jnp.take_along_axis(targets, idx, axis=1), w, counted)
 
     fits = jnp.max(jnp.sum(mask > 0, axis=1)) <= C
     # The fallback is rematerialised: otherwise its [B, T, V] residuals exist (as zeros)
     # on every step, also when the capacity suffices.
     loss_sum, correct = jax.lax.cond(fits, trained_positions, jax.checkpoint(all_positions))
     return loss_sum, n_tokens, correct
+
+
+def loss_weights(
+    loss_mask: jax.Array, normalization: str, grad_accum_steps: int = 1, batch_shards: int = 1
+) -> jax.Array:
+    """Per-token weights [B, T] whose sum with the CE is the loss (see the module doc).
+
+    Rows are grouped as the step runs them: batch shard d holds rows
+    [d B/S, (d+1) B/S) (the batch sharding over (data, fsdp)), and accumulation
+    micro-batch a takes rows a, n+a, 2n+a, ... (`_micro_batches`).
+    """
+    mask = loss_mask.astype(jnp.float32)
+    if normalization == "global_tokens":
+        return mask / jnp.maximum(jnp.sum(mask), 1.0)
+    if normalization != "micro_batch":
+        raise ValueError(f"loss normalization {normalization!r}: use one of {LOSS_NORMALIZATIONS}")
+    B, T = mask.shape
+    S, n = batch_shards, grad_accum_steps
+    if B % (S * n):
+        raise ValueError(f"{B} rows do not split into {S} shards x {n} micro-batches")
+    groups = mask.reshape(S, B // (S * n), n, T)  # [shard, row in group, micro-batch, T]
+    tokens = jnp.sum(groups, axis=(1, 3), keepdims=True)  # [S, 1, n, 1]
+    scale = 1.0 / (jnp.maximum(tokens, 1.0) * (S * n))
+    return (groups * scale).reshape(B, T)
 
 
 def _micro_batches(batch: Batch, n: int) -> Batch:
@@ -120,43 +169,59 @@ def make_train_step(
     trained_parts: Sequence[str] = ("projector",),
     grad_accum_steps: int = 1,
     logits_fraction: float = 1.0,
+    loss_normalization: str = "global_tokens",
+    batch_shards: int = 1,
+    vocab_in_use: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The pure step for `graphdef` split with `trained_parts` trained."""
+    """The pure step for `graphdef` split with `trained_parts` trained.
+
+    `loss_normalization` and `batch_shards` (mesh.data x mesh.fsdp): see the module
+    doc; `vocab_in_use`: the tokenizer's size (0 = every vocabulary row is a token).
+    """
+    if loss_normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(
+            f"loss_normalization={loss_normalization!r}: use one of {LOSS_NORMALIZATIONS}"
+        )
     stop_vision = "vision" not in trained_parts
 
-    def micro_grads(state: TrainState, batch: Batch, denom: jax.Array):
+    def micro_grads(state: TrainState, batch: Batch):
+        weights = batch["loss_weights"]
+
         def loss_fn(params):
             model = model_parts.merge_model(graphdef, params, state.frozen, state.other)
-            loss_sum, n, correct = token_loss_sums(
-                model, batch, logits_fraction, stop_vision_gradient=stop_vision
+            loss, n, correct = token_loss_sums(
+                model,
+                batch,
+                logits_fraction,
+                stop_vision_gradient=stop_vision,
+                weights=weights,
+                vocab_in_use=vocab_in_use,
             )
-            # Normalised here by the whole batch's trained-token count (known before the
-            # backward pass), so the gradients need no extra pass to divide them.
-            return loss_sum / denom, (loss_sum, n, correct)
+            return loss, (n, correct)
 
-        (_, (loss_sum, n, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return grads, loss_sum, n, correct
+        (loss, (n, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return grads, loss, n, correct
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         batch = {k: batch[k] for k in BATCH_KEYS}
-        denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        batch["loss_weights"] = loss_weights(
+            batch["loss_mask"], loss_normalization, grad_accum_steps, batch_shards
+        )
         if grad_accum_steps == 1:
-            grads, loss_sum, n, correct = micro_grads(state, batch, denom)
+            grads, loss, n, correct = micro_grads(state, batch)
         else:
 
             def body(carry, micro):
-                g, ls, n, c = micro_grads(state, micro, denom)
-                acc = jax.tree.map(jnp.add, carry, (g, ls, n, c))
+                acc = jax.tree.map(jnp.add, carry, micro_grads(state, micro))
                 return acc, None
 
             zeros = (
                 jax.tree.map(jnp.zeros_like, state.params),
                 *(jnp.zeros((), jnp.float32) for _ in range(3)),
             )
-            (grads, loss_sum, n, correct), _ = jax.lax.scan(
+            (grads, loss, n, correct), _ = jax.lax.scan(
                 body, zeros, _micro_batches(batch, grad_accum_steps)
             )
-        loss = loss_sum / denom
         grad_norm = opt_lib.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -179,7 +244,7 @@ def make_train_step(
             "loss": loss,
             "grad_norm": grad_norm,
             "learning_rate": jnp.asarray(schedule(applied), jnp.float32),
-            "accuracy": correct / denom,
+            "accuracy": correct / jnp.maximum(n, 1.0),
             "trained_tokens": n,
             "finite": finite,
             "nonfinite_count": new_state.nonfinite_count,
@@ -206,18 +271,21 @@ def jit_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, *, logits_fraction: float = 1.0
+    graphdef: nnx.GraphDef, *, logits_fraction: float = 1.0, vocab_in_use: int = 0
 ) -> Callable[..., Metrics]:
     """`eval_step(params, other, batch) -> {loss_sum, tokens, correct}` (sums).
 
     `params` holds all parameters (trained and frozen together), so both stages
-    share one compiled program.
+    share one compiled program. The loop divides the sums once over the whole eval
+    set (a token mean, whatever the training's `loss_normalization`).
     """
 
     def eval_step(params: Any, other: Any, batch: Batch) -> Metrics:
         batch = {k: batch[k] for k in BATCH_KEYS}
         model = model_parts.merge_model(graphdef, params, other)
-        loss_sum, n, correct = token_loss_sums(model, batch, logits_fraction)
+        loss_sum, n, correct = token_loss_sums(
+            model, batch, logits_fraction, vocab_in_use=vocab_in_use
+        )
         return {"loss_sum": loss_sum, "tokens": n, "correct": correct}
 
     return eval_step

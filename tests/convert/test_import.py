@@ -225,6 +225,7 @@ def test_cli_import_then_load_model(llava, tmp_path):
     assert info.preprocessor_config["crop_size"] == {"height": IMAGE, "width": IMAGE}
     tok = transformers.AutoTokenizer.from_pretrained(str(info.tokenizer_path))
     assert tok.convert_tokens_to_ids("<image>") == info.config.image_token_id
+    assert info.config.tokenizer_vocab_size == len(tok)  # round-trips in model_config.json
     diff = float(np.abs(_logits(model, ids, images) - ref).max())
     print(f"llava via import-hf + load_model: max abs diff {diff:.2e}")
     assert diff <= 1e-4
@@ -278,6 +279,7 @@ def test_llm_and_clip_folders_give_a_stage1_start(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(str(info.tokenizer_path))
     assert tok.convert_tokens_to_ids("<image>") == cfg.image_token_id == V0
     assert tok.pad_token == "<pad>" and cfg.llm.vocab_size == 64  # V0 + 2, padded to 64
+    assert cfg.tokenizer_vocab_size == len(tok) == V0 + 2  # rows past it: masked padding
     assert (cfg.projector, cfg.vision.vision_select_layer, cfg.vision.class_token_length) == (
         "linear",
         -2,

@@ -12,6 +12,7 @@ from neva_jax import sharding
 from neva_jax.convert import checkpoint, hf
 from neva_jax.eval import generate as gen_lib
 from neva_jax.eval.sampling import SamplingParams
+from neva_jax.model.neva import mask_padded_vocab
 
 P = 16  # image slots of the tiny tower (32 px, 8 px patches)
 IMAGE_ID, PAD_ID, EOS_ID = 4, 3, 2  # the synthetic tokenizer's <image>, <pad>, </s>
@@ -45,11 +46,15 @@ def greedy(imported, batch):
     return gen_lib.generate_tokens(imported.model, prompts, pixels[:, None], **kw)
 
 
-def test_greedy_matches_transformers(llava_dir, batch, greedy):
-    from transformers import LlavaForConditionalGeneration
+def test_greedy_matches_transformers(llava_dir, batch, greedy, imported):
+    """Against transformers restricted to the tokenizer's 480 ids (`suppress_tokens`): the
+    32 rows past it pad the vocabulary and are never generated (neva.mask_padded_vocab)."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     prompts, pixels = batch
     ref = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    n = len(AutoTokenizer.from_pretrained(llava_dir))
+    assert imported.config.tokenizer_vocab_size == n == 480
     L = max(map(len, prompts))
     ids = torch.full((2, L), PAD_ID)
     mask = torch.zeros((2, L), dtype=torch.long)
@@ -65,6 +70,7 @@ def test_greedy_matches_transformers(llava_dir, batch, greedy):
             do_sample=False,
             eos_token_id=EOS_ID,
             pad_token_id=PAD_ID,
+            suppress_tokens=list(range(n, 512)),
         )[:, L:].tolist()
     for row, w in zip(greedy.token_ids, want, strict=True):
         w = w[: w.index(EOS_ID) + 1] if EOS_ID in w else w
@@ -102,7 +108,9 @@ def test_cache_equals_recompute(imported_std_init, batch, per_layer):
     for b, s in enumerate(seqs):  # one batched pass, left padded
         ids[b, L - len(s) :], seg[b, L - len(s) :], pos[b, L - len(s) :] = s, 1, np.arange(len(s))
     full = jax.jit(lambda *a: model(a[0], a[1], segment_ids=a[2], positions=a[3]))
-    logits = np.asarray(full(ids, pixels[:, None], seg, pos))
+    logits = full(ids, pixels[:, None], seg, pos)
+    # Generation sees the tokenizer's 480 ids: the padded rows' logits are masked.
+    logits = np.asarray(mask_padded_vocab(logits, model.config.tokenizer_vocab_size))
     worst = 0.0
     for b, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
         n = len(out.token_ids[b])
