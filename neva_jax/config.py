@@ -21,6 +21,15 @@ NeMo's names (docs/DESIGN.md "Configuration"):
 
 `_keys()` builds that table from the dataclasses; conversion, defaults, presets and
 `to_dict` all go through it. The typed side and its rules are `neva_jax.run_config`.
+
+Unset keys. `default_config()` leaves every architecture key (`model.*` but the
+run-time ones) and `data.template` at None, "unset". An unset architecture key takes
+the value of `init_from`'s model (its `model_config.json` or checkpoint metadata)
+when `init_from` names one, else the default architecture (`run_config.default_model`,
+the seed's NeVA); a set key must equal `init_from`'s value (a one-line ConfigError
+naming the key and both values otherwise). An unset `data.template` is the one NeMo
+selects with `model.llm.model_type` (`run_config.MODEL_TYPE_TEMPLATES`). A preset
+(`model_preset`) sets every architecture key.
 """
 
 from __future__ import annotations
@@ -41,7 +50,14 @@ from neva_jax.data.config import DataConfig
 from neva_jax.model import neva
 from neva_jax.model.neva import NevaConfig
 from neva_jax.model.schema import FieldError, keys
-from neva_jax.run_config import ConfigError, RunConfig, check, default_model
+from neva_jax.run_config import (
+    MODEL_TYPE_TEMPLATES,
+    ConfigError,
+    RunConfig,
+    check,
+    check_architecture,
+    default_model,
+)
 
 # The model's parts: ConfigDict section -> (NevaConfig field, RunConfig field of its other knobs).
 MODEL_PARTS = {"llm": ("llm", "llm"), "vision_encoder": ("vision", "vision_encoder")}
@@ -96,6 +112,17 @@ def _keys() -> dict[str, _Slot]:
     add_fields("data.", DataConfig, ("data",), data_fields)
     add_fields("", RunConfig, (), ["seed", "init_from"])
     return out
+
+
+@functools.cache
+def _unset_keys() -> frozenset[str]:
+    """The keys `default_config()` leaves unset (None): see the module doc."""
+    arch = {
+        k
+        for k, slot in _keys().items()
+        if slot.paths[0][0] == "model" and slot.paths[0][-1] not in neva.RUNTIME_FIELDS
+    }
+    return frozenset(arch | {"data.template"})
 
 
 def _get(obj: Any, path: tuple[str, ...]) -> Any:
@@ -178,6 +205,8 @@ def _values(cd: Any) -> dict[str, Any]:
             if key in _MOVED:
                 raise ConfigError(f"config.{key}: {_MOVED[key]}")
             if key in table:
+                if value is None and key in _unset_keys():
+                    continue  # unset: init_from's value, the default, or model_type's
                 out[key] = _coerce(key, value, table[key].annotation)
             elif any(k.startswith(key + ".") for k in table):
                 if not isinstance(value, Mapping):
@@ -202,14 +231,40 @@ def _assemble(obj: Any, changes: Mapping[tuple[str, ...], Any]) -> Any:
     return dataclasses.replace(obj, **direct) if direct else obj
 
 
-def _build(values: Mapping[str, Any]) -> RunConfig:
-    """The RunConfig with these key values (the others at their defaults)."""
-    changes = {path: value for key, value in values.items() for path in _keys()[key].paths}
-    # The image id: a placeholder (the last id) until the tokenizer is known.
-    vocab = changes.get(("model", "llm", "vocab_size"), default_model().llm.vocab_size)
-    changes[("model", "image_token_id")] = vocab - 1
+def _init_architecture(path: str) -> NevaConfig | None:
+    """The architecture of `init_from` (a training run or model folder), or None when it
+    names none (unset, not here: `--mode plan` for another machine, or another kind)."""
+    if not path or not os.path.exists(path):
+        return None
+    from neva_jax.convert import checkpoint  # reads model_config.json / checkpoint meta
+
     try:
-        return _assemble(RunConfig(), changes)
+        if checkpoint.checkpoint_kind(path) not in ("training", "model_folder"):
+            return None
+        return checkpoint.read_config(path)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ConfigError(f"config.init_from={path!r}: {str(e).splitlines()[0]}") from None
+
+
+def _build(values: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig with these key values; unset keys as the module doc says."""
+    changes = {path: value for key, value in values.items() for path in _keys()[key].paths}
+    base = RunConfig()
+    source = _init_architecture(values.get("init_from", ""))
+    if source is not None:  # unset architecture keys take init_from's values
+        runtime = {f: getattr(base.model.llm, f) for f in neva.RUNTIME_FIELDS}
+        base = dataclasses.replace(base, model=neva.with_runtime(source, **runtime))
+    else:  # the image id: a placeholder (the last id) until the tokenizer is known
+        vocab = changes.get(("model", "llm", "vocab_size"), base.model.llm.vocab_size)
+        changes[("model", "image_token_id")] = vocab - 1
+    if not values.get("data.template"):  # NeMo: conv_template follows model_type
+        model_type = values.get("model.llm.model_type", base.llm.model_type)
+        changes[("data", "template")] = MODEL_TYPE_TEMPLATES.get(model_type, base.data.template)
+    try:
+        cfg = _assemble(base, changes)
+        if source is not None:
+            check_architecture(f"init_from {values['init_from']!r}", cfg.model, source)
+        return cfg
     except FieldError as e:
         if e.field in neva.RUNTIME_FIELDS:
             key = RUNTIME_KEYS.get(e.field, f"model.{e.field}")
@@ -229,14 +284,16 @@ def _build(values: Mapping[str, Any]) -> RunConfig:
 def default_config() -> ml_collections.ConfigDict:
     """A ConfigDict holding every key with its default; experiment files start from it.
 
-    With `lock_config=True` only existing keys can be set, so every knob is here.
+    With `lock_config=True` only existing keys can be set, so every knob is here. The
+    architecture keys and `data.template` are unset (None): see the module doc.
     """
     cd = ml_collections.ConfigDict()
     default = RunConfig()
     for key, slot in _keys().items():
-        value = _get(default, slot.paths[0])
+        value = None if key in _unset_keys() else _get(default, slot.paths[0])
         if value is None:
-            kind = next(a for a in typing.get_args(slot.annotation) if a is not type(None))
+            kinds = typing.get_args(slot.annotation) or (slot.annotation,)
+            kind = next(a for a in kinds if a is not type(None))
             value = ml_collections.FieldReference(None, field_type=kind)
         _set_path(cd, key.split("."), value)
     return cd
@@ -258,7 +315,11 @@ def model_preset(cd: ml_collections.ConfigDict, name: str) -> None:
 
 def model_config(cd: ml_collections.ConfigDict) -> NevaConfig:
     """The architecture `cd` describes (its model keys only); raises ConfigError."""
-    values = {k: v for k, v in _values(cd).items() if _keys()[k].paths[0][0] == "model"}
+    values = {
+        k: v
+        for k, v in _values(cd).items()
+        if _keys()[k].paths[0][0] == "model" or k in ("init_from", "model.llm.model_type")
+    }
     return _build(values).model
 
 

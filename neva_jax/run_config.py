@@ -23,7 +23,17 @@ from neva_jax.data.config import DataConfig
 from neva_jax.model import neva
 from neva_jax.model.neva import NevaConfig
 
-MODEL_TYPES = ("llama_2", "llama", "vicuna", "nvgpt")
+# NeMo's `mm_cfg.llm.model_type` -> the conversation template NeMo selects with it
+# (its NeVA configs: `conv_template: ${model.mm_cfg.llm.model_type}`): here the
+# `data.template` of a config that leaves it unset (None).
+MODEL_TYPE_TEMPLATES = {
+    "llama_2": "llava_llama_2",
+    "v1": "vicuna_v1",
+    "nvgpt": "nvgpt",
+    "llama_3": "llama_3",
+    "mistral": "mistral",
+}
+MODEL_TYPES = tuple(MODEL_TYPE_TEMPLATES)
 # How the token losses are averaged (train/step.py): one mean over the global batch,
 # or HF Trainer's / NeMo's mean of per-micro-batch, per-device token means.
 LOSS_NORMALIZATIONS = ("global_tokens", "micro_batch")
@@ -53,15 +63,15 @@ class LlmSettings:
 
     from_pretrained: str = ""  # HF LLaMA/Vicuna folder (safetensors); "" = random init
     freeze: bool = True  # stage 1: True; stage 2: False
-    model_type: str = "llama_2"
+    model_type: str = "llama_2"  # NeMo's: selects data.template when that is unset
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
 
     def __post_init__(self):
         _check(
             self.model_type in MODEL_TYPES,
-            f"config.model.llm.model_type={self.model_type!r}: expected one of "
-            f"{', '.join(MODEL_TYPES)}",
+            f"config.model.llm.model_type={self.model_type!r}: expected one of NeMo's "
+            f"{', '.join(MODEL_TYPES)} (it selects data.template when that is unset)",
         )
         for key in ("hidden_dropout", "attention_dropout"):
             _check(
@@ -380,6 +390,18 @@ def check(cfg: RunConfig, num_devices: int, check_environment: bool = True) -> N
             jax.default_backend() == "gpu",
             "config.attention.implementation='cudnn': needs a GPU backend, this one is "
             f"{jax.default_backend()!r}; use 'auto' or 'xla'",
+        )
+
+
+def check_architecture(source: str, ours: NevaConfig, theirs: NevaConfig) -> None:
+    """Raises ConfigError naming the first architecture field where the run's model
+    (`ours`) and the one saved at `source` (`theirs`) differ (`neva.NOT_ARCHITECTURE`
+    lists the fields that may)."""
+    for key, a, b in neva.architecture_differences(ours, theirs):
+        name = key.rpartition(".")[2]
+        raise ConfigError(
+            f"config.{key}={a!r}: {source} has {name}={b!r}; set it to {b!r} or leave it "
+            "unset (None) to take it"
         )
 
 

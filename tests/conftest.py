@@ -48,3 +48,23 @@ def signal_driver():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module, path
+
+
+@pytest.fixture(scope="session")
+def llama3_theta_folder(tmp_path_factory, tiny_dict):
+    """A model folder of configs/tiny.py's architecture but rope theta 500000 (as a
+    Llama-3 LLM has), for the init_from architecture checks."""
+    import dataclasses
+
+    from flax import nnx
+
+    from neva_jax.config import model_config
+    from neva_jax.convert import checkpoint
+    from neva_jax.model.neva import Neva
+    from neva_jax.sharding import unsharded
+
+    cfg = model_config(tiny_dict("unused", "stage1"))
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, rope_theta=500000.0))
+    out = tmp_path_factory.mktemp("theta") / "model"
+    checkpoint.save_model(out, unsharded(lambda: Neva(cfg, rngs=nnx.Rngs(0))))
+    return str(out)

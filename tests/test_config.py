@@ -194,3 +194,58 @@ def test_rotary_percentage_from_the_command_line_reaches_attention(data_dir, mon
         model = nnx.eval_shape(lambda: Neva(cfg.model, rngs=nnx.Rngs(0)))
     attn = model.llm.layers.attn
     assert cfg.model.llm.head_size == 16 and attn.rotary_dim == 8
+
+
+def test_unset_architecture_keys_take_init_froms_values(data_dir, llama3_theta_folder):
+    """configs/tiny.py sets the shapes, not rope_theta: init_from's 500000 is taken; a
+    value set anywhere (file, command line, preset) must agree with init_from's."""
+    assert config_lib.default_config().model.llm.rope_theta is None  # unset
+    assert from_config_dict(tiny(data_dir)).model.llm.rope_theta == 10000.0  # the default
+    cfg = from_config_dict(tiny(data_dir, init_from=llama3_theta_folder))
+    assert cfg.model.llm.rope_theta == 500000.0 and cfg.model.llm.num_layers == 2
+    same = {"init_from": llama3_theta_folder, "model.llm.rope_theta": 500000.0}
+    assert from_config_dict(tiny(data_dir, **same)) == cfg
+    assert error(data_dir, init_from=llama3_theta_folder, **{"model.llm.rope_theta": 1e4}) == (
+        f"config.model.llm.rope_theta=10000.0: init_from {llama3_theta_folder!r} has "
+        "rope_theta=500000.0; set it to 500000.0 or leave it unset (None) to take it"
+    )
+    assert error(
+        data_dir, init_from=llama3_theta_folder, **{"model.llm.layernorm_epsilon": 1e-6}
+    ).startswith("config.model.llm.layernorm_epsilon=1e-06: init_from")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "template"),
+    [
+        ("llama_2", "llava_llama_2"),
+        ("v1", "vicuna_v1"),
+        ("nvgpt", "nvgpt"),
+        ("llama_3", "llama_3"),
+        ("mistral", "mistral"),
+    ],
+)
+def test_model_type_selects_the_template_nemo_selects(data_dir, model_type, template):
+    """NeMo's NeVA configs: `conv_template: ${model.mm_cfg.llm.model_type}`."""
+    changes = {"data.template": None, "model.llm.model_type": model_type}
+    assert from_config_dict(tiny(data_dir, **changes)).data.template == template
+    changes["data.template"] = "plain"  # a template that is set wins, as in NeMo
+    assert from_config_dict(tiny(data_dir, **changes)).data.template == "plain"
+
+
+def test_nemo_spellings_and_their_limits(data_dir):
+    nemo = {"model.llm.activation": "fast-swiglu", "model.llm.rotary_percentage": 0.5}
+    cfg = from_config_dict(tiny(data_dir, **nemo))
+    assert cfg.model.llm.activation == "swiglu" and cfg.model.llm.rotary_percentage == 0.5
+    assert error(data_dir, **{"model.llm.model_type": "vicuna"}) == (
+        "config.model.llm.model_type='vicuna': expected one of NeMo's llama_2, v1, nvgpt, "
+        "llama_3, mistral (it selects data.template when that is unset)"
+    )
+    assert error(data_dir, **{"model.llm.activation": "fast-geglu"}).startswith(
+        "config.model.llm.activation='fast-geglu': expected one of swiglu, fast-swiglu"
+    )
+    assert "an even number of the 16 features" in error(
+        data_dir, **{"model.llm.rotary_percentage": 0.3125}
+    )
+    assert error(data_dir, **{"model.llm.rope_type": "yarn"}).startswith(
+        "config.model.llm.rope_type='yarn': expected one of default, llama3"
+    )

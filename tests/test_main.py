@@ -73,3 +73,20 @@ def test_bad_config_file_argument_and_missing_workdir(capsys, monkeypatch, data_
     assert (
         code == 2 and err == "error: --workdir is required: the folder for checkpoints and metrics"
     )
+
+
+def test_init_from_with_another_rope_theta_fails_naming_it(
+    capsys, monkeypatch, tmp_path, data_dir, llama3_theta_folder
+):
+    """Never a silently wrong model: a set key that disagrees with init_from's model is a
+    usage error naming the key and both values, before anything is built."""
+    config = f"--config={TINY}:stage1,data_dir={data_dir}"
+    init = f"--config.init_from={llama3_theta_folder}"
+    args = (config, f"--workdir={tmp_path}", init, "--config.model.llm.rope_theta=10000")
+    code, err = run(capsys, monkeypatch, *args)
+    print(f"\n{err}")
+    assert code == main_lib.EXIT_USAGE and len(err.splitlines()) == 1
+    assert err == (
+        f"error: config.model.llm.rope_theta=10000.0: init_from {llama3_theta_folder!r} has "
+        "rope_theta=500000.0; set it to 500000.0 or leave it unset (None) to take it"
+    )

@@ -63,12 +63,25 @@ def to_hf_config(cfg: LlamaConfig) -> dict[str, Any]:
         max_position_embeddings=cfg.encoder_seq_length,
         initializer_range=cfg.init_method_std,
         rms_norm_eps=cfg.layernorm_epsilon,
-        rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        rope_parameters=_rope_parameters(cfg),
         rope_theta=cfg.rope_theta,
         attention_bias=cfg.bias,
         mlp_bias=cfg.bias,
         tie_word_embeddings=cfg.share_embeddings_and_output_weights,
     )
+
+
+def _rope_parameters(cfg: LlamaConfig) -> dict[str, Any]:
+    """transformers 5 `rope_parameters` (theta, type and Llama 3.1's scaling values)."""
+    out: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
+    if cfg.rope_type == "llama3":
+        out.update(
+            factor=cfg.rope_factor,
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
+        )
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,8 +142,16 @@ def llm_from_nemo1(cfg: dict[str, Any], where: str) -> LlmSpec:
     )
 
 
+def _refuse_rope_scaling(cfg: LlamaConfig) -> None:
+    if cfg.rope_type != "default":
+        raise NemoError(
+            f"model.llm.rope_type={cfg.rope_type!r}: RoPE scaling does not export to NeMo"
+        )
+
+
 def llm_to_nemo1(cfg: LlamaConfig) -> dict[str, Any]:
     """NeMo 1 `model_config.yaml` knobs for an LLM (MegatronGPTModel, mcore_gpt)."""
+    _refuse_rope_scaling(cfg)
     activation = {"swiglu": "fast-swiglu", "gelu_tanh": "gelu"}.get(cfg.activation, cfg.activation)
     if activation not in NEMO1_ACTIVATIONS:
         raise NemoError(f"model.llm.activation={cfg.activation!r} has no NeMo 1 equivalent")
@@ -254,6 +262,7 @@ def llm_from_nemo2(cfg: dict[str, Any], where: str) -> LlmSpec:
 
 def llm_to_nemo2(cfg: LlamaConfig, *, vocab_size: int, dtype: str) -> dict[str, Any]:
     """NeMo 2 `LlamaConfig` fields for an LLM (the arguments NeMo's importer sets)."""
+    _refuse_rope_scaling(cfg)
     func = {
         "swiglu": "silu",
         "gelu": "gelu",

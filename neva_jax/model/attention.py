@@ -68,20 +68,51 @@ def select_implementation(
 # ---------------------------------------------------------------------------- RoPE
 
 
-def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
-    """Inverse frequencies [rotary_dim / 2], float32, as `transformers` computes them."""
-    exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
-    return (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+# Llama 3.1's RoPE frequency scaling (transformers' `rope_type: llama3`):
+# (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
+RopeScaling = tuple[float, float, float, int]
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float, rotary_dim: int) -> jax.Array:
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Inverse frequencies [rotary_dim / 2], float32, as `transformers` computes them.
+
+    `scaling` (Llama 3.1, `_compute_llama3_parameters`): wavelengths shorter than
+    original / high_freq_factor are kept, those longer than original / low_freq_factor
+    divided by `factor`, the ones between interpolated smoothly; every step in float32,
+    in transformers' order.
+    """
+    f32 = np.float32
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(f32) / f32(rotary_dim)
+    inv_freq = (f32(1.0) / (f32(theta) ** exponents)).astype(f32)
+    if scaling is None:
+        return inv_freq
+    factor, low, high, original = scaling
+    low_freq_wavelen = original / low
+    high_freq_wavelen = original / high
+    wavelen = (f32(2 * np.pi) / inv_freq).astype(f32)
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / f32(factor), inv_freq).astype(f32)
+    smooth = ((f32(original) / wavelen - f32(low)) / f32(high - low)).astype(f32)
+    smoothed = ((1 - smooth) * scaled / f32(factor) + smooth * scaled).astype(f32)
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(f32)
+
+
+def apply_rope(
+    x: jax.Array,
+    positions: jax.Array,
+    *,
+    theta: float,
+    rotary_dim: int,
+    scaling: RopeScaling | None = None,
+) -> jax.Array:
     """Rotary embedding, Hugging Face `rotate_half` convention (no q/k permutation needed).
 
     x [B, T, N, H], positions [B, T] int. The first `rotary_dim` features of each head
-    are rotated (NeMo's `rotary_percentage` < 1 leaves the rest untouched); the two
-    halves of that block form the (real, imaginary) pairs.
+    are rotated (NeMo's `rotary_percentage` < 1 leaves the rest untouched, as Megatron's
+    `apply_rotary_pos_emb`); the two halves of that block form the (real, imaginary)
+    pairs. `scaling`: Llama 3.1's frequency scaling (`rope_inv_freq`).
     """
-    inv_freq = jnp.asarray(rope_inv_freq(rotary_dim, theta))
+    inv_freq = jnp.asarray(rope_inv_freq(rotary_dim, theta, scaling))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, rot]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -327,6 +358,7 @@ class Attention(nnx.Module):
         use_bias: bool = False,
         rope_theta: float | None = 10000.0,
         rotary_percentage: float = 1.0,
+        rope_scaling: RopeScaling | None = None,
         causal: bool = True,
         attention_impl: str = "xla",
         row_major_weight_grads: bool = False,
@@ -343,6 +375,7 @@ class Attention(nnx.Module):
             )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
         self.rotary_dim = int(head_dim * rotary_percentage) // 2 * 2
         self.causal = causal
         self.attention_impl = attention_impl
@@ -393,8 +426,11 @@ class Attention(nnx.Module):
         if self.rope_theta is not None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-            q = apply_rope(q, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
-            k = apply_rope(k, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
+            rope = dict(
+                theta=self.rope_theta, rotary_dim=self.rotary_dim, scaling=self.rope_scaling
+            )
+            q = apply_rope(q, positions, **rope)
+            k = apply_rope(k, positions, **rope)
         if kv is None:
             return None, self.o(self._attend(q, k, v, mask))
         if mask is None:
@@ -452,6 +488,7 @@ class FusedAttention(Attention):
             "num_kv_heads",
             "head_dim",
             "rope_theta",
+            "rope_scaling",
             "rotary_dim",
             "causal",
             "attention_impl",

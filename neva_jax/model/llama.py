@@ -28,7 +28,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neva_jax.model.attention import Attention, FusedAttention, KVCache, make_attention_mask
+from neva_jax.model.attention import (
+    Attention,
+    FusedAttention,
+    KVCache,
+    RopeScaling,
+    make_attention_mask,
+)
 from neva_jax.model.layers import (
     ACTIVATIONS,
     GATED_ACTIVATIONS,
@@ -45,6 +51,9 @@ from neva_jax.model.schema import FieldError, check_choice, check_runtime, key
 from neva_jax.sharding import constrain
 
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+ROPE_TYPES = ("default", "llama3")  # llama3: Llama 3.1's frequency scaling (transformers)
+# NeMo 1's spellings of the activations implemented here (its `activation` knob).
+NEMO_ACTIVATIONS = {"fast-swiglu": "swiglu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,15 +68,22 @@ class LlamaConfig:
     ffn_hidden_size: int = key(11008)
     num_layers: int = key(32)
     num_attention_heads: int = key(32)
-    num_query_groups: int | None = key(None)  # GQA kv heads; None (or 0) = one per query head
+    num_query_groups: int | None = key(None)  # GQA kv heads; 0 (stored as None) = one per head
     head_dim: int | None = None  # None = hidden_size // num_attention_heads
     encoder_seq_length: int = key(4096)  # max positions (size of a learned position table)
     position_embedding_type: str = key("rope")
     rope_theta: float = key(10000.0)
     rotary_percentage: float = key(1.0)  # NeMo: the share of each head dim that RoPE rotates
+    # RoPE frequency scaling: "llama3" (LLaVA-NeXT-style Llama-3.1 LLMs) with the four
+    # values of transformers' rope_parameters; "default" ignores them.
+    rope_type: str = key("default")
+    rope_factor: float = key(8.0)
+    rope_low_freq_factor: float = key(1.0)
+    rope_high_freq_factor: float = key(4.0)
+    rope_original_max_position_embeddings: int = key(8192)
     normalization: str = key("rmsnorm")
     layernorm_epsilon: float = key(1e-5)
-    activation: str = key("swiglu")
+    activation: str = key("swiglu")  # also NeMo's "fast-swiglu" (stored as "swiglu")
     bias: bool = key(False)
     share_embeddings_and_output_weights: bool = key(False)  # tied LM head
     init_method_std: float = key(0.02)
@@ -81,10 +97,42 @@ class LlamaConfig:
 
     def __post_init__(self):
         section = "model.llm"
+        # One spelling per meaning, so that configs and checkpoints compare equal.
+        if self.activation in NEMO_ACTIVATIONS:
+            object.__setattr__(self, "activation", NEMO_ACTIVATIONS[self.activation])
+        if self.num_query_groups == 0:
+            object.__setattr__(self, "num_query_groups", None)
         check_choice(section, self, "position_embedding_type", POSITION_EMBEDDINGS)
         check_choice(section, self, "normalization", NORMALIZATIONS)
-        check_choice(section, self, "activation", GATED_ACTIVATIONS + tuple(ACTIVATIONS))
+        check_choice(
+            section,
+            self,
+            "activation",
+            GATED_ACTIVATIONS + tuple(NEMO_ACTIVATIONS) + tuple(ACTIVATIONS),
+        )
+        check_choice(section, self, "rope_type", ROPE_TYPES)
         check_runtime(section, self)
+        rotary = self.head_size * self.rotary_percentage
+        if not 0 < self.rotary_percentage <= 1 or int(rotary) % 2:
+            raise FieldError(
+                section,
+                "rotary_percentage",
+                self.rotary_percentage,
+                f"must be in (0, 1] and rotate an even number of the {self.head_size} "
+                "features per head",
+            )
+        if self.rope_type == "llama3" and not (
+            0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+            and self.rope_factor > 0
+            and self.rope_original_max_position_embeddings > 0
+        ):
+            raise FieldError(
+                section,
+                "rope_type",
+                self.rope_type,
+                "needs rope_factor > 0, 0 < rope_low_freq_factor < rope_high_freq_factor and "
+                "rope_original_max_position_embeddings > 0",
+            )
         if self.num_attention_heads % self.num_kv_heads:
             raise FieldError(
                 section,
@@ -109,6 +157,18 @@ class LlamaConfig:
     def head_size(self) -> int:
         """H, the per-head width."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_scaling(self) -> RopeScaling | None:
+        """The RoPE frequency scaling for `attention.apply_rope` (None: plain RoPE)."""
+        if self.rope_type == "default":
+            return None
+        return (
+            self.rope_factor,
+            self.rope_low_freq_factor,
+            self.rope_high_freq_factor,
+            self.rope_original_max_position_embeddings,
+        )
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -157,17 +217,28 @@ def tiny(**overrides: Any) -> LlamaConfig:
 def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
     """Maps a `transformers` LlamaConfig dict (config.json) onto LlamaConfig.
 
-    Accepts both `rope_theta` (transformers 4) and `rope_parameters` (transformers 5).
-    RoPE scaling other than the default, and different attention/MLP bias settings,
-    are refused rather than silently ignored.
+    Accepts both `rope_theta` / `rope_scaling` (transformers 4) and `rope_parameters`
+    (transformers 5). RoPE scaling other than Llama 3.1's (`llama3`), and different
+    attention/MLP bias settings, are refused rather than silently ignored.
     """
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"config.json model_type={hf.get('model_type')!r} is not a LLaMA model")
-    rope = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type != "default":
-        raise ValueError(f"config.json rope_type={rope_type!r} is not supported (only 'default')")
+    # transformers 5: rope_parameters {rope_type, rope_theta, factor, ...}; 4: rope_theta
+    # beside rope_scaling {rope_type (or type), factor, ...}.
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(
+            f"config.json rope_type={rope_type!r} is not supported ({', '.join(ROPE_TYPES)})"
+        )
+    scaling = {}
+    if rope_type == "llama3":
+        scaling = dict(
+            rope_factor=float(rope["factor"]),
+            rope_low_freq_factor=float(rope["low_freq_factor"]),
+            rope_high_freq_factor=float(rope["high_freq_factor"]),
+            rope_original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        )
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(
             f"config.json hidden_act={hf['hidden_act']!r} is not supported (only 'silu')"
@@ -190,6 +261,8 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
         head_dim=None if head_dim in (None, hf["hidden_size"] // heads) else head_dim,
         encoder_seq_length=hf.get("max_position_embeddings", 4096),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_type=rope_type,
+        **scaling,
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         bias=attn_bias,
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
@@ -217,6 +290,7 @@ class DecoderLayer(nnx.Module):
             use_bias=cfg.bias,
             rope_theta=cfg.rope_theta if cfg.position_embedding_type == "rope" else None,
             rotary_percentage=cfg.rotary_percentage,
+            rope_scaling=cfg.rope_scaling,
             attention_impl=cfg.attention_impl,
             row_major_weight_grads=cfg.row_major_weight_grads,
             kernel_init=init,

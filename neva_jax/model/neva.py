@@ -109,6 +109,28 @@ def with_runtime(cfg: NevaConfig, **runtime: Any) -> NevaConfig:
     )
 
 
+# Config fields that are not architecture: run-time choices, the initialisation of new
+# parameters, and what the tokenizer in use sets. Every other field of NevaConfig,
+# LlamaConfig and ClipConfig is, and a checkpoint's value must match the run's.
+NOT_ARCHITECTURE = (*RUNTIME_FIELDS, "init_method_std", "image_token_id", "tokenizer_vocab_size")
+# NevaConfig attribute -> its run-config key prefix ("" = NevaConfig's own fields).
+CONFIG_SECTIONS = {"llm": "model.llm.", "vision": "model.vision_encoder.", "": "model."}
+
+
+def architecture_differences(ours: NevaConfig, theirs: NevaConfig) -> list[tuple[str, Any, Any]]:
+    """(run-config key, ours, theirs) of every architecture field that differs, in
+    declaration order (decoder, vision tower, then NevaConfig's own)."""
+    out = []
+    for part, prefix in CONFIG_SECTIONS.items():
+        a, b = (getattr(c, part) if part else c for c in (ours, theirs))
+        for f in dataclasses.fields(a):
+            if f.name in NOT_ARCHITECTURE or f.name in CONFIG_SECTIONS:
+                continue
+            if getattr(a, f.name) != getattr(b, f.name):
+                out.append((prefix + f.name, getattr(a, f.name), getattr(b, f.name)))
+    return out
+
+
 # ---------------------------------------------------------------------------- presets
 
 _LLAVA_VOCAB = 32064  # 32000 + <image> + <pad>, padded to a multiple of 64 (as llava-hf)

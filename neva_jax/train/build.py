@@ -8,12 +8,15 @@ Initialisation order for a fresh run (no checkpoint in the workdir):
    replaces every parameter it holds. A stage-1 checkpoint holds the trained
    projector and the untouched pretrained LLM and vision tower, so stage 2 starts
    from exactly what stage 1 ended with.
-The config's architecture must match what is loaded; a mismatch is a ConfigError
-naming the parameter and both shapes.
+The config's architecture must match what is loaded: every architecture field of
+`init_from`'s model (its model_config.json or checkpoint metadata) and of the
+`from_pretrained` folders, then every parameter shape; a mismatch is a one-line
+ConfigError naming the field (or parameter) and both values, before anything compiles.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,8 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from neva_jax import sharding
 from neva_jax.convert import checkpoint
 from neva_jax.model import parts as model_parts
-from neva_jax.model.neva import Neva, NevaConfig
-from neva_jax.run_config import ConfigError, RunConfig, mesh_shape
+from neva_jax.model.neva import Neva, NevaConfig, architecture_differences
+from neva_jax.run_config import ConfigError, RunConfig, check_architecture, mesh_shape
 from neva_jax.train import state as state_lib
 
 PyTree = Any
@@ -101,9 +104,12 @@ def _check_shapes(source: str, loaded: Mapping[str, Any], target: Mapping[str, A
             )
 
 
-def load_init_params(path: str, abstract_params: PyTree) -> tuple[PyTree, str]:
+def load_init_params(
+    path: str, abstract_params: PyTree, model_config: NevaConfig | None = None
+) -> tuple[PyTree, str]:
     """Parameters from `init_from` (a training run or model folder) placed onto
-    `abstract_params`' shardings.
+    `abstract_params`' shardings; `model_config` (the run's model) must have the
+    source's architecture (`run_config.check_architecture`).
 
     Returns (nested dict of the parameters the source holds, a description).
     """
@@ -117,6 +123,8 @@ def load_init_params(path: str, abstract_params: PyTree) -> tuple[PyTree, str]:
             "folder (model_config.json + params/); import Hugging Face folders with "
             "`python -m neva_jax.convert import-hf`"
         )
+    if model_config is not None:
+        check_architecture(f"init_from {path!r}", model_config, checkpoint.read_config(path))
     saved = checkpoint.saved_param_shapes(path)
     _check_shapes(path, saved, abstract_params)
     params, meta = checkpoint.restore_params(path, _subset(abstract_params, saved))
@@ -172,24 +180,11 @@ def load_pretrained_parts(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh) -> PyTre
         )
     except convert_hf.HFImportError as e:
         raise ConfigError(f"config.model.*.from_pretrained: {e}") from None
-    for name, ours, theirs in (
-        ("llm", ncfg.llm, imported.config.llm),
-        ("vision_encoder", ncfg.vision, imported.config.vision),
-    ):
-        for f in (
-            "vocab_size",
-            "hidden_size",
-            "ffn_hidden_size",
-            "num_layers",
-            "num_attention_heads",
-            "image_size",
-            "patch_dim",
-        ):
-            if hasattr(ours, f) and getattr(ours, f) != getattr(theirs, f):
-                raise ConfigError(
-                    f"config.model.{name}.{f}={getattr(ours, f)}: the pretrained folder has "
-                    f"{getattr(theirs, f)}; set it to match"
-                )
+    theirs = dataclasses.replace(ncfg, llm=imported.config.llm, vision=imported.config.vision)
+    for key, a, b in architecture_differences(ncfg, theirs):  # decoder and tower fields
+        raise ConfigError(
+            f"config.{key}={a!r}: the from_pretrained folders have {b!r}; set it to match"
+        )
     params = nnx.to_pure_dict(nnx.state(imported.model, nnx.Param))
     logging.info("llm from %s, vision from %s", llm_dir, clip_dir)
     return {"llm": params["llm"], "vision": params["vision"]}
@@ -222,7 +217,7 @@ def initial_state(
     abstract_params = model_parts.merge_dicts(abstract.params, abstract.frozen)
     loaded = load_pretrained_parts(cfg, ncfg, mesh)
     if cfg.init_from:
-        init, what = load_init_params(cfg.init_from, abstract_params)
+        init, what = load_init_params(cfg.init_from, abstract_params, ncfg)
         loaded = _deep_update(loaded, init)
         logging.info("init_from: %s", what)
     if _covers(loaded, abstract_params) and not jax.tree.leaves(abstract.other):

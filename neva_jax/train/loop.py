@@ -46,7 +46,12 @@ from neva_jax.data.conversation import get_template
 from neva_jax.data.tokenize import TextTokenizer, load_tokenizer
 from neva_jax.model import parts as model_parts
 from neva_jax.model.neva import NevaConfig, with_runtime
-from neva_jax.run_config import ConfigError, RunConfig, model_for_tokenizer
+from neva_jax.run_config import (
+    ConfigError,
+    RunConfig,
+    check_architecture,
+    model_for_tokenizer,
+)
 from neva_jax.train import build, checkpointer
 from neva_jax.train import metrics as metrics_lib
 from neva_jax.train import optimizer as opt_lib
@@ -418,6 +423,8 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
         stack.callback(writer.close)
         latest = ckpt.latest_step()
         if latest is not None:
+            saved = checkpoint.read_config(os.path.join(ckpt.directory, str(latest)))
+            check_architecture(f"the checkpoint to resume ({workdir})", ncfg, saved)
             tree, _ = ckpt.restore(latest, abstract.checkpoint_tree(), train_it)
             state = state_lib.TrainState.from_checkpoint_tree(tree, parts, {})
             logging.info("resumed from %s/%d", ckpt.directory, latest)
@@ -476,6 +483,7 @@ def evaluate(cfg: RunConfig, workdir: str) -> dict[str, float]:
     tx = opt_lib.make_optimizer(cfg.train)
     graphdef, abstract, shards = build.abstract_train_state(ncfg, cfg.trained_parts, tx, mesh)
     batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
+    check_architecture(f"the checkpoint {source!r}", ncfg, checkpoint.read_config(source))
     with jax.set_mesh(mesh):
         target = model_parts.merge_dicts(abstract.params, abstract.frozen)
         params, meta = checkpoint.restore_params(source, target)

@@ -23,8 +23,9 @@ from neva_jax.sharding import unsharded
 B, T, V = 2, 12, 64
 
 
-def _hf_model(tied: bool, seed: int) -> transformers.LlamaForCausalLM:
+def _hf_model(tied: bool, seed: int, rope: dict | None = None) -> transformers.LlamaForCausalLM:
     """A tiny random LlamaForCausalLM with GQA (4 heads, 2 kv heads), fp32."""
+    theta = 10000.0 if not tied else 500.0
     config = transformers.LlamaConfig(
         vocab_size=V,
         hidden_size=32,
@@ -34,7 +35,7 @@ def _hf_model(tied: bool, seed: int) -> transformers.LlamaForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=64,
         rms_norm_eps=1e-5,
-        rope_parameters={"rope_theta": 10000.0 if not tied else 500.0, "rope_type": "default"},
+        rope_parameters=rope or {"rope_theta": theta, "rope_type": "default"},
         tie_word_embeddings=tied,
         attn_implementation="eager",
     )
@@ -133,6 +134,96 @@ def test_parity_tied(ids):
     diff = np.abs(np.asarray(_forward(graphdef, state, ids)) - _torch_logits(hf_model, ids)).max()
     print(f"\nLlamaForCausalLM parity (tied, rope theta 500): max abs diff {diff:.2e}")
     assert diff <= 1e-4
+
+
+# Llama 3.1's scaling on head dim 8 (wavelengths 6.3, 63, 628, 6283), original context
+# 32, factors 0.5 / 4: one frequency kept (< 8), one smoothed (8..64), two divided (> 64).
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 0.5,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+
+def test_parity_llama3_rope_scaling(untied, ids):
+    """rope_type llama3 (LLaVA-NeXT-style Llama-3.1 LLMs): imported from transformers 5
+    `rope_parameters` (and transformers 4 `rope_scaling`), exported back, logits equal."""
+    hf_model = _hf_model(tied=False, seed=0, rope=LLAMA3_ROPE)
+    cfg, params = _convert(hf_model)
+    assert cfg.rope_type == "llama3" and cfg.rope_scaling == (8.0, 0.5, 4.0, 32)
+    ours = np.asarray(_forward(*_load(cfg, params), ids))
+    diff = np.abs(ours - _torch_logits(hf_model, ids)).max()
+    plain = np.abs(ours - np.asarray(_forward(*untied[3], ids))).max()  # same weights, no scaling
+    print(
+        f"\nLlamaForCausalLM parity (rope_type llama3): max abs diff {diff:.2e} "
+        f"(vs unscaled RoPE {plain:.2e})"
+    )
+    assert diff <= 1e-4 and plain > 1e-2
+    back = hf_llama.to_hf_config(cfg)
+    assert back["rope_parameters"] == LLAMA3_ROPE
+    assert hf_llama.from_hf_config(transformers.LlamaConfig(**back).to_dict()) == cfg
+    old_style = {**hf_model.config.to_dict(), "rope_theta": 10000.0}
+    old_style["rope_scaling"] = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    del old_style["rope_parameters"]
+    assert hf_llama.from_hf_config(old_style) == cfg
+
+
+def _megatron_rope(t: torch.Tensor, rotary_dim: int, base: float) -> torch.Tensor:
+    """t [S, B, N, H] through NeMo 1's RotaryEmbedding(rotary_dim) and apply_rotary_pos_emb
+    (megatron/position_embedding/rotary_position_embedding.py), transcribed."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    seq = torch.arange(t.shape[0]).type_as(inv_freq)
+    freqs = torch.einsum("i , j -> i j", seq, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # [S, 1, 1, rot]
+    rot_dim = emb.shape[-1]
+    t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+    x1, x2 = t.reshape(*t.shape[:-1], 2, -1).unbind(dim=-2)  # _rotate_half
+    t = (t * emb.cos()) + (torch.cat((-x2, x1), dim=-1) * emb.sin())
+    return torch.cat((t, t_pass), dim=-1)
+
+
+def test_partial_rotary_matches_megatron():
+    """rotary_percentage 0.5 (NeMo): the attention layer equals one computed with Megatron's
+    definition (rotary dim = int(kv_channels x 0.5), the rest of each head unrotated)."""
+    from neva_jax.model.attention import Attention
+
+    D, N, H, S, base = 32, 2, 16, 10, 10000.0
+    attn = unsharded(
+        lambda: Attention(
+            D,
+            N,
+            N,
+            H,
+            rope_theta=base,
+            rotary_percentage=0.5,
+            rngs=nnx.Rngs(3),
+            kernel_init=nnx.initializers.normal(0.3),
+        )
+    )
+    assert attn.rotary_dim == 8
+    x = np.random.default_rng(0).normal(size=(1, S, D)).astype(np.float32)
+    ours = np.asarray(jax.jit(lambda m, x: m(x)[1])(attn, x))[0]
+
+    def kernel(p):
+        return torch.tensor(np.array(p.kernel[...]))
+
+    xt = torch.from_numpy(x[0])  # [S, D]
+    q, k, v = (
+        torch.einsum("sd,dnh->snh", xt, kernel(p))[:, None] for p in (attn.q, attn.k, attn.v)
+    )
+    q, k = _megatron_rope(q, 8, base)[:, 0], _megatron_rope(k, 8, base)[:, 0]  # [S, N, H]
+    scores = torch.einsum("snh,tnh->nst", q, k) / H**0.5
+    scores = scores.masked_fill(torch.triu(torch.ones(S, S, dtype=torch.bool), 1), -torch.inf)
+    ctx = torch.einsum("nst,tnh->snh", scores.softmax(-1), v[:, 0])
+    want = torch.einsum("snh,nhd->sd", ctx, kernel(attn.o)).numpy()
+    full = _megatron_rope(torch.einsum("sd,dnh->snh", xt, kernel(attn.q))[:, None], 16, base)
+    diff = np.abs(ours - want).max()
+    print(f"\npartial rotary (0.5) vs Megatron's definition: max abs diff {diff:.2e}")
+    assert diff <= 1e-5
+    assert not torch.allclose(full[:, 0], q)  # rotating all 16 features would differ
 
 
 def test_export_round_trip_and_strict_keys(untied):

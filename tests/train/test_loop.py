@@ -107,3 +107,27 @@ def test_nan_steps_are_skipped_then_k_in_a_row_stop(tmp_path, tiny_config, metri
         assert not any("eval/loss" in json.loads(line) for line in f)
     with pytest.raises(loop.ConfigError, match=r"config\.data\.eval_files is empty"):
         loop.evaluate(cfg, str(tmp_path))
+
+
+def test_nemo_style_config_trains(tmp_path, tiny_config, metrics_of):
+    """NeMo's knobs as a NeMo NeVA config writes them: `activation: fast-swiglu`,
+    `rotary_percentage: 0.5`, `model_type: v1` (which selects the vicuna_v1 template)."""
+    cfg = tiny_config(
+        "stage2",
+        **{
+            "model.llm.activation": "fast-swiglu",
+            "model.llm.rotary_percentage": 0.5,
+            "model.llm.model_type": "v1",
+            "data.template": None,
+            "data.eval_files": (),
+            "train.steps": 2,
+            "train.log_every": 1,
+            "checkpoint.every_steps": 2,
+        },
+    )
+    assert cfg.data.template == "vicuna_v1"
+    summary = loop.train(cfg, str(tmp_path))
+    rows = metrics_of(str(tmp_path))
+    assert summary["step"] == 2 and all(np.isfinite(rows[s]["loss"]) for s in (1, 2))
+    saved = checkpoint.read_config(str(tmp_path)).llm
+    assert (saved.activation, saved.rotary_percentage) == ("swiglu", 0.5)
