@@ -393,16 +393,19 @@ def check(cfg: RunConfig, num_devices: int, check_environment: bool = True) -> N
         )
 
 
-def check_architecture(source: str, ours: NevaConfig, theirs: NevaConfig) -> None:
+def check_architecture(
+    source: str, ours: NevaConfig, theirs: NevaConfig, *, unset_takes_it: bool = True
+) -> None:
     """Raises ConfigError naming the first architecture field where the run's model
     (`ours`) and the one saved at `source` (`theirs`) differ (`neva.NOT_ARCHITECTURE`
-    lists the fields that may)."""
+    lists the fields that may). `unset_takes_it`: an unset key would take the source's
+    value (init_from, a checkpoint), so the message offers that fix too."""
     for key, a, b in neva.architecture_differences(ours, theirs):
         name = key.rpartition(".")[2]
-        raise ConfigError(
-            f"config.{key}={a!r}: {source} has {name}={b!r}; set it to {b!r} or leave it "
-            "unset (None) to take it"
+        fix = f"set it to {b!r}" + (
+            " or leave it unset (None) to take it" if unset_takes_it else ""
         )
+        raise ConfigError(f"config.{key}={a!r}: {source} has {name}={b!r}; {fix}")
 
 
 def model_for_tokenizer(cfg: RunConfig, image_token_id: int, vocab_in_use: int) -> NevaConfig:

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from neva_jax import sharding
 from neva_jax.convert import checkpoint
 from neva_jax.model import parts as model_parts
-from neva_jax.model.neva import Neva, NevaConfig, architecture_differences
+from neva_jax.model.neva import Neva, NevaConfig
 from neva_jax.run_config import ConfigError, RunConfig, check_architecture, mesh_shape
 from neva_jax.train import state as state_lib
 
@@ -181,10 +181,7 @@ def load_pretrained_parts(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh) -> PyTre
     except convert_hf.HFImportError as e:
         raise ConfigError(f"config.model.*.from_pretrained: {e}") from None
     theirs = dataclasses.replace(ncfg, llm=imported.config.llm, vision=imported.config.vision)
-    for key, a, b in architecture_differences(ncfg, theirs):  # decoder and tower fields
-        raise ConfigError(
-            f"config.{key}={a!r}: the from_pretrained folders have {b!r}; set it to match"
-        )
+    check_architecture("the from_pretrained folders' config", ncfg, theirs, unset_takes_it=False)
     params = nnx.to_pure_dict(nnx.state(imported.model, nnx.Param))
     logging.info("llm from %s, vision from %s", llm_dir, clip_dir)
     return {"llm": params["llm"], "vision": params["vision"]}

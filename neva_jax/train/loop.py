@@ -424,7 +424,9 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
         latest = ckpt.latest_step()
         if latest is not None:
             saved = checkpoint.read_config(os.path.join(ckpt.directory, str(latest)))
-            check_architecture(f"the checkpoint to resume ({workdir})", ncfg, saved)
+            check_architecture(
+                f"the checkpoint to resume ({workdir})", ncfg, saved, unset_takes_it=False
+            )
             tree, _ = ckpt.restore(latest, abstract.checkpoint_tree(), train_it)
             state = state_lib.TrainState.from_checkpoint_tree(tree, parts, {})
             logging.info("resumed from %s/%d", ckpt.directory, latest)
@@ -483,7 +485,8 @@ def evaluate(cfg: RunConfig, workdir: str) -> dict[str, float]:
     tx = opt_lib.make_optimizer(cfg.train)
     graphdef, abstract, shards = build.abstract_train_state(ncfg, cfg.trained_parts, tx, mesh)
     batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
-    check_architecture(f"the checkpoint {source!r}", ncfg, checkpoint.read_config(source))
+    saved = checkpoint.read_config(source)
+    check_architecture(f"the checkpoint {source!r}", ncfg, saved, unset_takes_it=False)
     with jax.set_mesh(mesh):
         target = model_parts.merge_dicts(abstract.params, abstract.frozen)
         params, meta = checkpoint.restore_params(source, target)

@@ -131,3 +131,18 @@ def test_nemo_style_config_trains(tmp_path, tiny_config, metrics_of):
     assert summary["step"] == 2 and all(np.isfinite(rows[s]["loss"]) for s in (1, 2))
     saved = checkpoint.read_config(str(tmp_path)).llm
     assert (saved.activation, saved.rotary_percentage) == ("swiglu", 0.5)
+    # Resuming that workdir with another architecture stops before anything compiles.
+    other = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(
+            cfg.model, llm=dataclasses.replace(cfg.model.llm, rotary_percentage=1.0)
+        ),
+    )
+    with pytest.raises(loop.ConfigError) as e:
+        loop.train(
+            dataclasses.replace(other, train=dataclasses.replace(cfg.train, steps=4)), str(tmp_path)
+        )
+    assert str(e.value) == (
+        f"config.model.llm.rotary_percentage=1.0: the checkpoint to resume ({tmp_path}) has "
+        "rotary_percentage=0.5; set it to 0.5"
+    )
