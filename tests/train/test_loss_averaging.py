@@ -36,7 +36,7 @@ def setup(standin, make_batch):
     b = make_batch(3, B)
     # Device 1 (rows 4..7), micro-batch 1 (rows 5, 7): no trained token.
     b["loss_mask"][[5, 7]] = 0.0
-    b["loss_mask"][0, 1:9] = 1.0  # rows of very different token counts
+    b["loss_mask"][0, 3:9] = 1.0  # rows of very different token counts (at most 8)
     # A packed row: two samples (the weights follow the loss mask, not the segments).
     b["segment_ids"][2, 6:] = 2
     b["positions"][2, 6:] = np.arange(b["positions"].shape[1] - 6)
@@ -59,7 +59,7 @@ def _group_mean_loss(graphdef, state, b, rows):
     return jax.value_and_grad(loss)(state.params)
 
 
-def _step(graphdef, state, b, normalization):
+def _step(graphdef, state, b, normalization, logits_fraction=1.0):
     """The train step on a 2-device data axis with 2 accumulation micro-batches."""
     mesh = sharding.make_mesh(2, 1, 1, devices=jax.devices()[:2])
     fn = step_lib.make_train_step(
@@ -70,6 +70,7 @@ def _step(graphdef, state, b, normalization):
         grad_accum_steps=2,
         loss_normalization=normalization,
         batch_shards=2,
+        logits_fraction=logits_fraction,
     )
     rep = NamedSharding(mesh, PartitionSpec())
     batch_sh = build.batch_shardings(mesh, tuple(b))
@@ -89,7 +90,8 @@ def _max_diff(a, b) -> float:
     )
 
 
-def test_micro_batch_is_the_mean_of_per_device_per_micro_batch_means(setup):
+@pytest.mark.parametrize("logits_fraction", [1.0, 0.5])  # 0.5: logits at 8 of 12 positions
+def test_micro_batch_is_the_mean_of_per_device_per_micro_batch_means(setup, logits_fraction):
     graphdef, state, b = setup
     # HF Trainer / DDP: device d holds rows [4d, 4d + 4); micro-batch a of that device
     # takes its rows r with r % 2 == a. Loss and gradient: the mean over the 4 groups.
@@ -100,7 +102,7 @@ def test_micro_batch_is_the_mean_of_per_device_per_micro_batch_means(setup):
     want_grads = jax.tree.map(lambda *g: sum(g) / len(g), *[g for _, g in results])
     assert float(results[3][0]) == 0.0  # the empty micro-batch: 0, and it counts in the 4
 
-    loss, grads = _step(graphdef, state, b, "micro_batch")
+    loss, grads = _step(graphdef, state, b, "micro_batch", logits_fraction)
     print(
         f"micro_batch: |loss - hand| = {abs(loss - want_loss):.2e}, "
         f"max |grad - hand| = {_max_diff(grads, want_grads):.2e}"
