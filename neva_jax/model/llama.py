@@ -28,13 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neva_jax.model.attention import (
-    Attention,
-    FusedAttention,
-    KVCache,
-    RopeScaling,
-    make_attention_mask,
-)
+from neva_jax.model import rope
+from neva_jax.model.attention import Attention, FusedAttention, KVCache, make_attention_mask
 from neva_jax.model.layers import (
     ACTIVATIONS,
     GATED_ACTIVATIONS,
@@ -51,7 +46,6 @@ from neva_jax.model.schema import FieldError, check_choice, check_runtime, key
 from neva_jax.sharding import constrain
 
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
-ROPE_TYPES = ("default", "llama3")  # llama3: Llama 3.1's frequency scaling (transformers)
 # NeMo 1's spellings of the activations implemented here (its `activation` knob).
 NEMO_ACTIVATIONS = {"fast-swiglu": "swiglu"}
 
@@ -97,6 +91,10 @@ class LlamaConfig:
 
     def __post_init__(self):
         section = "model.llm"
+
+        def fail(field: str, problem: str) -> None:
+            raise FieldError(section, field, getattr(self, field), problem)
+
         # One spelling per meaning, so that configs and checkpoints compare equal.
         if self.activation in NEMO_ACTIVATIONS:
             object.__setattr__(self, "activation", NEMO_ACTIVATIONS[self.activation])
@@ -104,48 +102,35 @@ class LlamaConfig:
             object.__setattr__(self, "num_query_groups", None)
         check_choice(section, self, "position_embedding_type", POSITION_EMBEDDINGS)
         check_choice(section, self, "normalization", NORMALIZATIONS)
-        check_choice(
-            section,
-            self,
-            "activation",
-            GATED_ACTIVATIONS + tuple(NEMO_ACTIVATIONS) + tuple(ACTIVATIONS),
-        )
-        check_choice(section, self, "rope_type", ROPE_TYPES)
+        activations = GATED_ACTIVATIONS + tuple(NEMO_ACTIVATIONS) + tuple(ACTIVATIONS)
+        check_choice(section, self, "activation", activations)
+        check_choice(section, self, "rope_type", rope.ROPE_TYPES)
         check_runtime(section, self)
-        rotary = self.head_size * self.rotary_percentage
-        if not 0 < self.rotary_percentage <= 1 or int(rotary) % 2:
-            raise FieldError(
-                section,
+        if self.num_attention_heads % self.num_kv_heads:
+            fail(
+                "num_attention_heads", f"not a multiple of num_query_groups={self.num_query_groups}"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            fail(
+                "hidden_size",
+                f"not divisible by num_attention_heads={self.num_attention_heads}; set head_dim",
+            )
+        if not 0 < self.rotary_percentage <= 1 or int(self.head_size * self.rotary_percentage) % 2:
+            fail(
                 "rotary_percentage",
-                self.rotary_percentage,
                 f"must be in (0, 1] and rotate an even number of the {self.head_size} "
                 "features per head",
             )
+        low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
         if self.rope_type == "llama3" and not (
-            0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+            0 < low < high
             and self.rope_factor > 0
             and self.rope_original_max_position_embeddings > 0
         ):
-            raise FieldError(
-                section,
+            fail(
                 "rope_type",
-                self.rope_type,
                 "needs rope_factor > 0, 0 < rope_low_freq_factor < rope_high_freq_factor and "
                 "rope_original_max_position_embeddings > 0",
-            )
-        if self.num_attention_heads % self.num_kv_heads:
-            raise FieldError(
-                section,
-                "num_attention_heads",
-                self.num_attention_heads,
-                f"not a multiple of num_query_groups={self.num_query_groups}",
-            )
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise FieldError(
-                section,
-                "hidden_size",
-                self.hidden_size,
-                f"not divisible by num_attention_heads={self.num_attention_heads}; set head_dim",
             )
 
     @property
@@ -159,7 +144,7 @@ class LlamaConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
-    def rope_scaling(self) -> RopeScaling | None:
+    def rope_scaling(self) -> rope.RopeScaling | None:
         """The RoPE frequency scaling for `attention.apply_rope` (None: plain RoPE)."""
         if self.rope_type == "default":
             return None
@@ -223,22 +208,6 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
     """
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"config.json model_type={hf.get('model_type')!r} is not a LLaMA model")
-    # transformers 5: rope_parameters {rope_type, rope_theta, factor, ...}; 4: rope_theta
-    # beside rope_scaling {rope_type (or type), factor, ...}.
-    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(
-            f"config.json rope_type={rope_type!r} is not supported ({', '.join(ROPE_TYPES)})"
-        )
-    scaling = {}
-    if rope_type == "llama3":
-        scaling = dict(
-            rope_factor=float(rope["factor"]),
-            rope_low_freq_factor=float(rope["low_freq_factor"]),
-            rope_high_freq_factor=float(rope["high_freq_factor"]),
-            rope_original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-        )
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(
             f"config.json hidden_act={hf['hidden_act']!r} is not supported (only 'silu')"
@@ -260,9 +229,7 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
         num_query_groups=hf.get("num_key_value_heads") or heads,
         head_dim=None if head_dim in (None, hf["hidden_size"] // heads) else head_dim,
         encoder_seq_length=hf.get("max_position_embeddings", 4096),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        rope_type=rope_type,
-        **scaling,
+        **rope.fields_from_hf(hf),
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         bias=attn_bias,
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),

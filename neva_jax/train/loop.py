@@ -13,8 +13,9 @@ t's metrics (so the device never waits for Python), logs, checks the non-finite
 streak, and saves on schedule; it evaluates every `eval.every_steps` and at the
 end when `data.eval_files` names an evaluation set (without one it only trains).
 SIGTERM sets a flag (several processes: JAX's preemption sync point) and the loop
-saves the current step, waits for the commit and returns normally (exit 0). After K consecutive non-finite steps
-(`train.max_consecutive_nonfinite`) it raises `NonFiniteError`:
+saves the current step, waits for the commit and returns normally (exit 0). After K
+consecutive non-finite steps (`train.max_consecutive_nonfinite`) it raises
+`NonFiniteError`:
 
     train: K consecutive non-finite steps (loss=nan) up to step N; the updates were
     skipped and parameters are unchanged since step M. Lower train.lr, check the data

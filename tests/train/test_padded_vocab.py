@@ -96,7 +96,8 @@ def test_loss_and_gradients_equal_the_unpadded_model(models, batch):
     got, g_big = _loss_and_grads(big, batch, N)
     unmasked, _ = _loss_and_grads(big, batch, 0)
     print(
-        f"padded-vocab loss {float(got):.7f}, unpadded {float(want):.7f}, |diff| {abs(float(got) - float(want)):.1e}"
+        f"padded-vocab loss {float(got):.7f}, unpadded {float(want):.7f}, "
+        f"|diff| {abs(float(got) - float(want)):.1e}"
     )
     assert abs(float(got) - float(want)) <= 1e-6
     assert abs(float(unmasked) - float(want)) > 1.0  # the padded rows would matter
