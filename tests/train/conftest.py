@@ -47,6 +47,19 @@ class StandIn(nnx.Module):
         return self.llm.final_norm(x)
 
 
+def batch_of(ids: np.ndarray, mask: np.ndarray, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The docs/CONTRACTS.md batch of unpacked rows `ids` [B, T] (one sample each)."""
+    b, t = ids.shape
+    return {
+        "input_ids": ids,
+        "targets": np.roll(ids, -1, axis=1),
+        "loss_mask": mask,
+        "segment_ids": np.ones((b, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+        "images": images,
+    }
+
+
 def batch(seed: int = 0, b: int = B) -> dict[str, np.ndarray]:
     """A random batch in the docs/CONTRACTS.md layout (some rows with few trained tokens)."""
     rng = np.random.default_rng(seed)
@@ -55,14 +68,7 @@ def batch(seed: int = 0, b: int = B) -> dict[str, np.ndarray]:
     for r in range(b):
         n = 2 + r % 3
         mask[r, T - 1 - n : T - 1] = 1.0
-    return {
-        "input_ids": ids,
-        "targets": np.roll(ids, -1, axis=1),
-        "loss_mask": mask,
-        "segment_ids": np.ones((b, T), np.int32),
-        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (b, T)).copy(),
-        "images": rng.normal(size=(b, 1, 4, 4, 3)).astype(np.float32),
-    }
+    return batch_of(ids, mask, rng.normal(size=(b, 1, 4, 4, 3)).astype(np.float32))
 
 
 def inject_nan(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -86,6 +92,12 @@ def standin() -> type[StandIn]:
 @pytest.fixture
 def make_batch():
     return batch
+
+
+@pytest.fixture(scope="session")
+def make_batch_of():
+    """batch_of(ids, loss_mask, images): a batch of the given rows."""
+    return batch_of
 
 
 # ----------------------------------------------------------------------------------------
