@@ -306,3 +306,18 @@ def _clip_folder(llava_model, tmp_path) -> Path:
         vision.load_state_dict(llava_model.model.vision_tower.state_dict())
         vision.save_pretrained(folder)
     return folder
+
+
+def test_rope_scaling_does_not_export_to_nemo():
+    """NeMo's configs have no place for Llama 3.1's RoPE scaling: refused, not dropped."""
+    from neva_jax.convert import nemo_config
+    from neva_jax.convert.nemo_io import NemoError
+    from neva_jax.model import llama
+
+    cfg = llama.tiny(rope_type="llama3")
+    for export in (
+        nemo_config.llm_to_nemo1,
+        lambda c: nemo_config.llm_to_nemo2(c, vocab_size=512, dtype="float32"),
+    ):
+        with pytest.raises(NemoError, match="rope_type='llama3': RoPE scaling does not export"):
+            export(cfg)
