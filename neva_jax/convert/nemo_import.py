@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import yaml
+from flax import nnx
 from jax.sharding import Mesh
 
+from neva_jax import sharding
 from neva_jax.convert import hf, hf_clip, hf_llama, nemo_config, nemo_keys
 from neva_jax.convert.hf import Imported
 from neva_jax.convert.nemo_io import DistCheckpoint, NemoError, Source, load_state_dict
@@ -33,7 +37,7 @@ from neva_jax.data.conversation import IMAGE_PLACEHOLDER
 from neva_jax.model import clip
 from neva_jax.model.clip import ClipConfig
 from neva_jax.model.neva import NevaConfig
-from neva_jax.model.projector import projector_depth
+from neva_jax.model.projector import Projector, projector_depth
 
 VOCAB_MULTIPLE = 64
 # NeMo 1 NeVA media tokens (patch, start, end) per mm_cfg.llm.model_type.
@@ -380,8 +384,6 @@ def import_nemo(
       seed: seed of a fresh projector.
       runtime: RUNTIME_FIELDS (param_dtype, dtype, ...) of the imported config.
     """
-    import transformers
-
     with tempfile.TemporaryDirectory(prefix="neva_nemo_") as tmp, contextlib.ExitStack() as stack:
         source = stack.enter_context(Source(src))
         parts = read_checkpoint(source, Path(tmp), allow_pickle=allow_pickle)
@@ -389,11 +391,11 @@ def import_nemo(
         config_file = (
             "model_config.yaml" if source.exists("model_config.yaml") else "context/model.yaml"
         )
-        tok = (
-            transformers.AutoTokenizer.from_pretrained(str(tokenizer))
-            if tokenizer
-            else parts.tokenizer
-        )
+        tok = parts.tokenizer
+        if tokenizer:
+            import transformers
+
+            tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
         if tok is None:
             raise NemoError(
                 f"{where}: the checkpoint has no tokenizer artifact; pass --tokenizer DIR"
@@ -460,7 +462,7 @@ def import_nemo(
         own = _Only(parts.reader, include=("vision_tower.", "projector."))
         entries = []
         if neva.get("fresh"):
-            fresh["projector"] = hf._fresh_projector(cfg, seed, mesh)
+            fresh["projector"] = _fresh_projector(cfg, seed, mesh)
         else:
             entries += nemo_keys.projector_entries(
                 projector_depth(cfg.projector),
@@ -493,6 +495,43 @@ def import_nemo(
         pre = vision_dir / "preprocessor_config.json" if vision_dir else None
         preprocessor = json.loads(pre.read_text()) if pre is not None and pre.exists() else None
         return Imported(model, cfg, tok, preprocessor)
+
+
+@functools.lru_cache(maxsize=4)
+def _projector_program(
+    kind: str, widths: tuple[int, int], bias: bool, dtypes: tuple[Any, Any], seed: int
+) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, compiled initialisation) of a fresh projector, compiled once per
+    process for each shape, dtype and seed (the same program as `sharding.unsharded`)."""
+
+    def make() -> Projector:
+        return Projector(
+            kind,
+            *widths,
+            use_bias=bias,
+            dtype=dtypes[0],
+            param_dtype=dtypes[1],
+            rngs=nnx.Rngs(seed),
+        )
+
+    with nnx.use_eager_sharding(False):
+        graphdef, _ = nnx.split(nnx.eval_shape(make))
+        lowered = jax.jit(lambda: nnx.state(make())).lower()
+    return graphdef, lowered.compile(compiler_options=sharding._init_compiler_options())
+
+
+def _fresh_projector(cfg: NevaConfig, seed: int, mesh: Mesh | None) -> Projector:
+    """The freshly initialised projector of an LLM-only import."""
+    if mesh is not None:
+        return hf._fresh_projector(cfg, seed, mesh)
+    graphdef, init = _projector_program(
+        cfg.projector,
+        (cfg.vision.hidden_size, cfg.llm.hidden_size),
+        cfg.projector_bias,
+        (cfg.llm.compute_dtype, cfg.llm.weight_dtype),
+        seed,
+    )
+    return nnx.merge(graphdef, init())
 
 
 class _Only:
@@ -567,11 +606,27 @@ def add_import_arguments(p: Any) -> None:
     )
 
 
+def save_imported(out: str | Path, imported: Imported) -> None:
+    """Writes an `import_nemo` result as a model folder (what `import-nemo` writes); a
+    NeMo 1 sentencepiece model is kept as `tokenizer/tokenizer.model` for a NeMo 1
+    export."""
+    from neva_jax.convert import checkpoint
+
+    out = Path(out)
+    checkpoint.save_model(
+        out,
+        imported.model,
+        tokenizer=imported.tokenizer,
+        preprocessor_config=imported.preprocessor_config,
+    )
+    sp_model = getattr(imported.tokenizer, "nemo_sentencepiece_model", None)
+    if sp_model is not None:
+        (out / checkpoint.TOKENIZER / "tokenizer.model").write_bytes(sp_model)
+
+
 def run_import(args: Any) -> None:
     """Runs `import-nemo` and prints a one-line summary."""
     import time
-
-    from neva_jax.convert import checkpoint
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -587,15 +642,7 @@ def run_import(args: Any) -> None:
         seed=args.seed,
         param_dtype=args.param_dtype,
     )
-    checkpoint.save_model(
-        out,
-        imported.model,
-        tokenizer=imported.tokenizer,
-        preprocessor_config=imported.preprocessor_config,
-    )
-    sp_model = getattr(imported.tokenizer, "nemo_sentencepiece_model", None)
-    if sp_model is not None:  # kept for export-nemo --format nemo1
-        (out / checkpoint.TOKENIZER / "tokenizer.model").write_bytes(sp_model)
+    save_imported(out, imported)
     cfg = imported.config
     print(
         f"wrote {out}: LLM {cfg.llm.num_layers} layers x {cfg.llm.hidden_size}, vocab "
