@@ -16,6 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from neva_jax.convert.nemo_io import NemoError
+from neva_jax.data.conversation import IMAGE_PLACEHOLDER
+
+VOCAB_MULTIPLE = 64  # a trimmed vocabulary is rounded up to this
+# NeMo 1 NeVA media tokens (patch, start, end) per mm_cfg.llm.model_type.
+MEDIA_TOKENS = {"llama_3": tuple(f"<|reserved_special_token_{i}|>" for i in (3, 4, 5))}
+DEFAULT_MEDIA = ("<extra_id_3>", "<extra_id_4>", "<extra_id_5>")
 
 
 def _varint(b: bytes, i: int) -> tuple[int, int]:
@@ -170,3 +176,45 @@ def nemo1_tokenizer(tok_cfg: dict[str, Any], find_member: Any, workdir: Path, wh
     raise NemoError(
         f"{where}: tokenizer.library={library!r} is not supported; pass --tokenizer DIR"
     )
+
+
+# ---------------------------------------------------------------------------- vocabulary
+
+
+def vocabulary(
+    tokenizer: Any, padded: int, neva: dict[str, Any] | None, where: str, grow: bool = False
+) -> tuple[int, list[int | None], int | None]:
+    """(model vocab size, row sources, image token id): the padded table is trimmed to the
+    tokenizer (rounded up to 64); NeVA adds `<image>` (and `<im_start>`/`<im_end>`),
+    copying the rows of NeMo's media tokens. `grow`: the LLM came separately (--llm), so
+    tokens past its table get new (mean) rows instead of being an error."""
+    from neva_jax.data.tokenize import IM_END, IM_START
+
+    base = len(tokenizer)
+    copies: dict[int, int] = {}
+    image_id = None
+    if neva is not None:
+        media = neva["media"]
+        wanted = [(IMAGE_PLACEHOLDER, media[0])]
+        if neva["use_im_start_end"]:
+            wanted += [(IM_START, media[1]), (IM_END, media[2])]
+        vocab = tokenizer.get_vocab()
+        new = [t for t, _ in wanted if t not in vocab]
+        if new:
+            tokenizer.add_special_tokens({"additional_special_tokens": new})
+        vocab = tokenizer.get_vocab()
+        for ours, theirs in wanted:
+            if theirs in vocab and theirs != ours and vocab[theirs] < padded:
+                copies[vocab[ours]] = vocab[theirs]
+        image_id = vocab[IMAGE_PLACEHOLDER]
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    n = len(tokenizer)
+    if base > padded and not grow:
+        raise NemoError(f"{where}: tokenizer has {base} tokens, the embedding only {padded} rows")
+    size = -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    size = min(size, padded) if n <= padded else size
+    rows: list[int | None] = [i if i < min(base, padded) else None for i in range(size)]
+    for new_id, src in copies.items():
+        rows[new_id] = src
+    return size, rows, image_id

@@ -20,8 +20,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from neva_jax.convert import checkpoint, hf
 from neva_jax.convert.__main__ import main
+from neva_jax.convert.nemo_dist import MetadataUnpickler
 from neva_jax.convert.nemo_import import import_nemo
-from neva_jax.convert.nemo_io import MetadataUnpickler
 from neva_jax.convert.nemo_tokenizer import sentencepiece_tokenizer
 from neva_jax.convert.nemo_write import WHOLE, write_dist
 

@@ -21,8 +21,9 @@ from jax.sharding import PartitionSpec
 from neva_jax import sharding
 from neva_jax.convert import checkpoint
 from neva_jax.convert.__main__ import main
+from neva_jax.convert.nemo_dist import DistCheckpoint
 from neva_jax.convert.nemo_import import import_nemo
-from neva_jax.convert.nemo_io import DistCheckpoint, Source
+from neva_jax.convert.nemo_io import Source
 
 FIXTURES = Path(__file__).parent / "nemo_fixtures"
 V = 128  # the fixtures' vocabulary
