@@ -128,6 +128,81 @@ def test_cli_import_writes_a_model_folder_with_the_sentencepiece_tokenizer(
     assert (out / "tokenizer" / "tokenizer.model").exists()
 
 
+# ---------------------------------------------------------------------------- tokenizer
+
+SPECIAL = ["<extra_id_3>", "<image>"]
+
+
+@pytest.fixture(scope="module")
+def sp_models(tmp_path_factory):
+    """{name: sentencepiece model file}: NeMo's artifact in the NeMo 1 fixture (BPE) and
+    models trained here with the other options NeMo tokenizers use."""
+    import sentencepiece
+
+    root = tmp_path_factory.mktemp("sp")
+    with tarfile.open(FIXTURES / "tiny_llama_nemo1.nemo") as tar:
+        name = next(n for n in tar.getnames() if n.endswith("tiny_sp.model"))
+        (root / "nemo_fixture.model").write_bytes(tar.extractfile(name).read())
+    rng = np.random.default_rng(4)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    words = ["".join(rng.choice(letters, rng.integers(2, 8))) for _ in range(300)]
+    words += ["Über", "naïve", "café", "2024", "snow", "☃", "x-ray"]
+    corpus = [" ".join(rng.choice(words, 8)) for _ in range(400)] + ["tab\tand\nnew  lines"]
+    (root / "corpus.txt").write_text("\n".join(corpus))
+    options = {
+        "unigram": dict(model_type="unigram", vocab_size=60),
+        "bpe_byte_fallback": dict(model_type="bpe", vocab_size=300, byte_fallback=True),
+        "bpe_no_dummy_prefix_keep_spaces": dict(
+            model_type="bpe", vocab_size=60, add_dummy_prefix=False, remove_extra_whitespaces=False
+        ),
+    }
+    for name, kw in options.items():
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(root / "corpus.txt"),
+            model_prefix=str(root / name),
+            character_coverage=0.98,
+            num_threads=1,
+            minloglevel=2,
+            **kw,
+        )
+    return {name: root / f"{name}.model" for name in ["nemo_fixture", *options]}
+
+
+def _nemo_encode(sp, tok, text: str) -> list[int]:
+    """NeMo's SentencePieceTokenizer with additional special tokens (legacy mode): the
+    text is cut at each special token and every piece encoded by sentencepiece."""
+    ids = []
+    while hits := [(text.index(s), s) for s in SPECIAL if s in text]:
+        at, special = min(hits)
+        ids += [*sp.encode(text[:at]), tok.convert_tokens_to_ids(special)]
+        text = text[at + len(special) :]
+    return ids + sp.encode(text)
+
+
+@pytest.mark.parametrize(
+    "name", ["nemo_fixture", "unigram", "bpe_byte_fallback", "bpe_no_dummy_prefix_keep_spaces"]
+)
+def test_sentencepiece_tokenizer_encodes_as_nemo_does(sp_models, name):
+    """transformers' generic conversion of the model (what import-nemo uses) gives NeMo's
+    ids on text with tabs, newlines, repeated spaces, characters outside the vocabulary,
+    Unicode that sentencepiece normalizes, and NeMo's special tokens."""
+    import sentencepiece
+
+    from neva_jax.convert.nemo_tokenizer import sentencepiece_tokenizer
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_models[name]))
+    tok = sentencepiece_tokenizer(sp_models[name], SPECIAL)
+    assert len(tok) == sp.get_piece_size() + 2
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL] == [len(tok) - 2, len(tok) - 1]
+    rng = np.random.default_rng(5)
+    alphabet = [*"abcdefghij ABCXYZ019.,!?äéü☃\t\n\u3000ＡＢ①", "  ", "alpha", " beta", *SPECIAL]
+    texts = ["", " ", "  a  b  ", "\tTab\nnew line", "ab<image>cd <extra_id_3> ef"]
+    texts += ["".join(rng.choice(alphabet, rng.integers(1, 25))) for _ in range(300)]
+    for text in texts:
+        assert tok(text, add_special_tokens=False).input_ids == _nemo_encode(sp, tok, text), text
+    assert tok("abc").input_ids[0] == sp.bos_id() == tok.bos_token_id
+
+
 # ---------------------------------------------------------------------------- layouts
 
 
