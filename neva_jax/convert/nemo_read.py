@@ -25,6 +25,7 @@ from neva_jax.convert.nemo_merge import DistTensors, RankTensors
 from neva_jax.convert.nemo_tokenizer import DEFAULT_MEDIA, MEDIA_TOKENS, nemo1_tokenizer
 from neva_jax.data.conversation import IMAGE_PLACEHOLDER
 
+_GELU = "torch.nn.functional.gelu"
 _RANK_DIR = re.compile(r"^(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))$")
 
 
@@ -146,7 +147,14 @@ def _read_nemo2(source: Source, *, allow_pickle: bool) -> NemoParts:
         vis = cfg.get("vision_transformer_config") or {}
         proj = cfg.get("vision_projection_config") or {}
         kind = proj.get("projector_type", "mlp2x_gelu")
-        if kind == "mcore_mlp":
+        if kind == "mcore_mlp":  # Megatron's MLP: fc1, activation_func, fc2
+            func = (proj.get("activation_func") or {}).get("_target_", _GELU)
+            if func != _GELU or proj.get("gated_linear_unit", False):
+                raise NemoError(
+                    f"{where}: vision_projection_config: an mcore_mlp projector with "
+                    f"activation_func={func!r}, gated_linear_unit="
+                    f"{proj.get('gated_linear_unit', False)} is not supported (GELU, not gated)"
+                )
             kind = "mlp2x_gelu"
         elif kind == "mlp1x_gelu":
             kind = "linear"

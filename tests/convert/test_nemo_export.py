@@ -1,7 +1,7 @@
 """NeMo export: round trips against the NeMo-written fixtures (read with plain
 torch.distributed.checkpoint), and NeVA checkpoints built from a tiny llava-hf model
-(NeMo 2 LLaVA key names, NeMo 1 NeVA, a stage-1 projector-only checkpoint completed by
---llm)."""
+(NeMo 2 LLaVA key names and its `mcore_mlp` projector form, NeMo 1 NeVA, a stage-1
+projector-only checkpoint completed by --llm as a NeMo LLM or a Hugging Face folder)."""
 
 import io
 import json
@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import transformers
+import yaml
 from flax import nnx
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -22,6 +23,7 @@ from neva_jax.convert import checkpoint, hf
 from neva_jax.convert.__main__ import main
 from neva_jax.convert.nemo_dist import MetadataUnpickler
 from neva_jax.convert.nemo_import import import_nemo
+from neva_jax.convert.nemo_io import NemoError
 from neva_jax.convert.nemo_tokenizer import sentencepiece_tokenizer
 from neva_jax.convert.nemo_write import WHOLE, write_dist
 
@@ -243,6 +245,56 @@ def test_nemo2_llava_export_has_nemo_names_and_imports_to_transformers_logits(ll
     assert diff <= 1e-4
 
 
+def test_nemo2_llava_mcore_mlp_projector(llava, nemo2_llava, tmp_path):
+    """`projector_type: mcore_mlp` stores the projector as Megatron's MLP
+    (`vision_projection.encoder.linear_fc{1,2}`): it imports as mlp2x_gelu; another
+    activation is a one-line error."""
+    src, tensors = nemo2_llava
+    names = {
+        "module.vision_projection.0.": "module.vision_projection.encoder.linear_fc1.",
+        "module.vision_projection.2.": "module.vision_projection.encoder.linear_fc2.",
+    }
+
+    def rename(key: str) -> str:
+        for old, new in names.items():
+            if key.startswith(old):
+                return new + key[len(old) :]
+        return key
+
+    dst = tmp_path / "mcore_mlp"
+    write_dist(
+        dst / "weights",
+        ((rename(k), v.numpy(), WHOLE) for k, v in tensors.items()),
+        {},
+        {},
+        np.float32,
+    )
+    assert "module.vision_projection.encoder.linear_fc2.bias" in _dcp_read(dst / "weights")
+    context = dst / "context"
+    context.mkdir()
+    for path in (src / "context").rglob("*"):
+        if path.is_file():
+            (context / path.relative_to(src / "context")).parent.mkdir(parents=True, exist_ok=True)
+            (context / path.relative_to(src / "context")).write_bytes(path.read_bytes())
+    cfg = yaml.safe_load((context / "model.yaml").read_text())
+    cfg["config"]["vision_projection_config"]["projector_type"] = "mcore_mlp"
+    (context / "model.yaml").write_text(yaml.safe_dump(cfg))
+    imported = import_nemo(dst)
+    assert imported.config.projector == "mlp2x_gelu"
+    np.testing.assert_array_equal(
+        np.asarray(imported.model.projector.linear_2.kernel[...]),
+        tensors["module.vision_projection.2.weight"].numpy().T,
+    )
+    assert _neva_diff(imported.model, llava) <= 1e-4
+    cfg["config"]["vision_projection_config"]["activation_func"] = {
+        "_target_": "megatron.core.activations.quick_gelu",
+        "_call_": False,
+    }
+    (context / "model.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(NemoError, match="mcore_mlp projector with activation_func="):
+        import_nemo(dst)
+
+
 @pytest.fixture(scope="module")
 def nemo1_neva(llava, tmp_path_factory):
     """NeMo 1 exports of the llava model: the NeVA .nemo, an LLM-only .nemo, and a stage-1
@@ -283,3 +335,18 @@ def test_stage1_checkpoint_takes_its_llm_from_a_nemo_checkpoint(llava, nemo1_nev
     imported = import_nemo(stage1, llm=nemo1_neva["llm"], vision=llava["clip"])
     # The LLM-only export dropped <image>/<pad> (ids 128, 129): they get new rows again.
     assert _neva_diff(imported.model, llava, n=128) <= 1e-4
+
+
+def test_stage1_checkpoint_takes_its_llm_from_a_hugging_face_llama_folder(
+    llava, nemo1_neva, tmp_path
+):
+    """--llm as a Hugging Face LLaMA folder: its weights, the checkpoint's tokenizer and
+    projector; every row of the tokenizer (<image> and <pad> included) is the folder's."""
+    model = llava["model"]
+    llama = transformers.LlamaForCausalLM(model.config.text_config)
+    llama.model.load_state_dict(model.model.language_model.state_dict())
+    llama.lm_head.load_state_dict(model.lm_head.state_dict())
+    llama.save_pretrained(tmp_path / "llama")
+    imported = import_nemo(nemo1_neva["stage1"], llm=tmp_path / "llama", vision=llava["clip"])
+    assert imported.config.image_token_id == 128 and imported.config.llm.vocab_size == 192
+    assert _neva_diff(imported.model, llava) <= 1e-4

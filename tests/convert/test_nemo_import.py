@@ -1,9 +1,11 @@
-"""NeMo import: the NeMo-written fixtures against transformers, tensor-parallel, legacy,
-O2, gzip and zarr layouts built by NeMo's rules, placement on a mesh, and bad input."""
+"""NeMo import: the NeMo-written fixtures against transformers, tensor/pipeline-parallel,
+legacy, O2, gzip and zarr layouts built by NeMo's rules, NeVA media-token rows,
+placement on a mesh, and bad input."""
 
 import gzip
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -275,6 +277,23 @@ def _tp_split(tensors: dict, tp: int, V_pad: int) -> list[dict]:
     return ranks
 
 
+def _pp_split(tensors: dict, pp: int, num_layers: int) -> list[dict]:
+    """NeMo's pipeline stages: stage p holds layers [p L/PP, (p+1) L/PP) numbered from 0,
+    the embedding sits on the first stage, the final norm and output layer on the last."""
+    per_stage = num_layers // pp
+    stages = [{} for _ in range(pp)]
+    for key, w in tensors.items():
+        m = re.match(r"^decoder\.layers\.(\d+)\.(.*)$", key)
+        if m:
+            i = int(m.group(1))
+            stages[i // per_stage][f"decoder.layers.{i % per_stage}.{m.group(2)}"] = w
+        elif key.startswith("embedding."):
+            stages[0][key] = w
+        else:
+            stages[-1][key] = w
+    return stages
+
+
 LEGACY = [
     ("decoder.layers.", "language_model.encoder.layers."),
     ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
@@ -303,6 +322,17 @@ def _layout_files(layout: str, tensors: dict, cfg: dict) -> tuple[dict, dict[str
         assert ranks[1]["model.embedding.word_embeddings.weight"].shape == (128, 64)  # 256 / 2
         files = {f"mp_rank_{r:02d}/model_weights.ckpt": _pt(sd) for r, sd in enumerate(ranks)}
         return {**cfg, "tensor_model_parallel_size": 2}, files
+    if layout == "tp2_pp2":  # tp_rank_XX_pp_rank_YYY: each stage split by the TP rules
+        files = {}
+        for p, stage in enumerate(_pp_split(tensors, 2, cfg["num_layers"])):
+            assert sum(k.startswith("decoder.layers.0.") for k in stage) == 6
+            for r, sd in enumerate(_tp_split(stage, 2, 256)):
+                files[f"tp_rank_{r:02d}_pp_rank_{p:03d}/model_weights.ckpt"] = _pt(sd)
+        return {
+            **cfg,
+            "tensor_model_parallel_size": 2,
+            "pipeline_model_parallel_size": 2,
+        }, files
     if layout == "legacy_o2":  # non-mcore names under the O2 `model.module.` prefix
         legacy = {"model.module." + _legacy(k): v for k, v in tensors.items()}
         assert "model.module.language_model.encoder.layers.1.mlp.dense_4h_to_h.weight" in legacy
@@ -312,7 +342,7 @@ def _layout_files(layout: str, tensors: dict, cfg: dict) -> tuple[dict, dict[str
     return cfg, _zarr_files(tensors)
 
 
-@pytest.mark.parametrize("layout", ["tp2_gzip", "legacy_o2", "zarr"])
+@pytest.mark.parametrize("layout", ["tp2_gzip", "tp2_pp2", "legacy_o2", "zarr"])
 def test_layouts_import_to_the_same_model(nemo1_tensors, nemo_imported, clip_dir, tmp_path, layout):
     tensors, cfg, tok, sp = nemo1_tensors
     expected = _flat(nemo_imported["nemo1"].model)
@@ -367,6 +397,54 @@ def _zarr_files(tensors: dict) -> dict[str, bytes]:
             part = arr[tuple(slice(g * c, (g + 1) * c) for g, c in zip(grid, chunks, strict=True))]
             files[f"model_weights/{name}/{'.'.join(map(str, grid))}"] = part.tobytes()
     return files
+
+
+def test_neva_media_token_rows_become_image_and_im_start_end(nemo1_tensors, clip_dir, tmp_path):
+    """A NeMo 1 NeVA with `use_im_start_end` whose tokenizer appends NeMo's media tokens
+    <extra_id_3/4/5>: <image>, <im_start>, <im_end> join the tokenizer and their
+    embedding and output rows are copies of the media tokens' trained rows."""
+    tensors, cfg, tok, sp = nemo1_tensors
+    rng = np.random.default_rng(3)
+    weights = dict(tensors)
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):  # padded to 256
+        weights[key] = np.concatenate([tensors[key], rng.normal(size=(128, 64))]).astype("f4")
+    adapter = "embedding.word_embeddings.adapter_layer.mm_projector_adapter.mm_projector."
+    weights[adapter + "weight"] = rng.normal(size=(64, 24)).astype(np.float32)
+    weights[adapter + "bias"] = rng.normal(size=(64,)).astype(np.float32)
+    media = ["<extra_id_3>", "<extra_id_4>", "<extra_id_5>"]
+    neva_cfg = {
+        **cfg,
+        "tokenizer": {**cfg["tokenizer"], "additional_special_tokens": media},
+        "mm_cfg": {
+            "llm": {"from_pretrained": None, "model_type": "llama_2"},
+            "vision_encoder": {"from_pretrained": None, "from_hf": True, "hidden_size": 24},
+            "mm_mlp_adapter_type": "linear",
+            "use_im_start_end": True,
+        },
+    }
+    files = {"model_weights.ckpt": _pt({"model." + k: v for k, v in weights.items()})}
+    imported = import_nemo(
+        _write_nemo(tmp_path / "neva.nemo", neva_cfg, tok, sp, files), vision=clip_dir
+    )
+    vocab = imported.tokenizer.get_vocab()
+    assert [vocab[t] for t in media] == [128, 129, 130]
+    new = [vocab[t] for t in ("<image>", "<im_start>", "<im_end>")]
+    assert new == [131, 132, 133] and imported.config.image_token_id == 131
+    assert imported.config.use_im_start_end and imported.config.projector == "linear"
+    emb = np.asarray(imported.model.llm.embed.embedding[...])
+    head = np.asarray(imported.model.llm.lm_head.kernel[...])
+    stored_emb = weights["embedding.word_embeddings.weight"]
+    stored_out = weights["output_layer.weight"]
+    assert emb.shape == (192, 64)  # 135 tokens (<pad> too), rounded up to 64
+    np.testing.assert_array_equal(emb[:131], stored_emb[:131])
+    np.testing.assert_array_equal(emb[new], stored_emb[[128, 129, 130]])
+    np.testing.assert_array_equal(head[:, new], stored_out[[128, 129, 130]].T)
+    # <pad> and the rows past the tokenizer: the mean of the real rows, never NeMo's padding.
+    mean = stored_emb[:131].astype(np.float64).mean(0).astype(np.float32)
+    np.testing.assert_array_equal(emb[134:], np.broadcast_to(mean, (192 - 134, 64)))
+    np.testing.assert_array_equal(
+        np.asarray(imported.model.projector.linear_1.kernel[...]), weights[adapter + "weight"].T
+    )
 
 
 def test_import_places_weights_on_a_mesh(clip_dir, nemo_imported):
