@@ -24,6 +24,7 @@ from flax import nnx
 from jax._src.cudnn import fused_attention_stablehlo
 
 from neva_jax import platform, sharding
+from neva_jax.data import pipeline
 from neva_jax.eval import generate as gen_lib
 from neva_jax.model import neva
 from neva_jax.train import build
@@ -95,7 +96,7 @@ def test_sharded_train_step_lowers_for_cuda():
     tx = optax.adamw(1e-3)
     mesh = sharding.make_mesh(2, 2, 2)
     graphdef, abstract, shards = build.abstract_train_state(cfg, parts, tx, mesh)
-    batch_sh = build.batch_shardings(mesh, step_lib.BATCH_KEYS)
+    batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     step = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, tx, optax.constant_schedule(1e-3), trained_parts=parts),
         shards,

@@ -24,7 +24,7 @@ NEMO1_ACTIVATIONS = {
     "gelu": "gelu",
     "squared-relu": "squared-relu",
 }
-NORMALIZATIONS = {"rmsnorm": "rmsnorm", "layernorm": "layernorm", "layernorm1p": "layernorm1p"}
+NEMO_NORMALIZATIONS = {"rmsnorm": "rmsnorm", "layernorm": "layernorm", "layernorm1p": "layernorm1p"}
 # NeMo 2 activation_func targets -> neva-jax activation (non-gated form).
 NEMO2_ACTIVATIONS = {
     "torch.nn.functional.silu": "silu",
@@ -90,9 +90,12 @@ def llm_from_nemo1(cfg: dict[str, Any], where: str) -> LlmSpec:
     if activation == "gelu" and cfg.get("openai_gelu", False):
         activation = "gelu_tanh"
     norm = str(cfg.get("normalization", "layernorm")).lower()
-    if norm not in NORMALIZATIONS:
+    if norm not in NEMO_NORMALIZATIONS:
         _fail(
-            where, "normalization", norm, f"is not supported (supported: {sorted(NORMALIZATIONS)})"
+            where,
+            "normalization",
+            norm,
+            f"is not supported (supported: {sorted(NEMO_NORMALIZATIONS)})",
         )
     position = cfg.get("position_embedding_type", "learned_absolute")
     if position not in ("rope", "learned_absolute"):
@@ -128,7 +131,7 @@ def llm_from_nemo1(cfg: dict[str, Any], where: str) -> LlmSpec:
         ),
         position_embedding_type=position,
         rotary_percentage=float(cfg.get("rotary_percentage", 1.0)),
-        normalization=NORMALIZATIONS[norm],
+        normalization=NEMO_NORMALIZATIONS[norm],
         activation=activation,
         bias=bias,
     )

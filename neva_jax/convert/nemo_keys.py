@@ -243,7 +243,7 @@ def llm_entries(
     return out
 
 
-def projector_entries(
+def nemo_projector_entries(
     depth: int, in_dim: int, out_dim: int, bias: bool, keys: set[str]
 ) -> list[Entry]:
     """Entries for the projector from `projector.{0,2,...}.*` (or `projector.*` for a

@@ -22,10 +22,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from neva_jax.convert.hf import VOCAB_MULTIPLE
 from neva_jax.convert.nemo_io import NemoError
 from neva_jax.data.conversation import IMAGE_PLACEHOLDER
 
-VOCAB_MULTIPLE = 64  # a trimmed vocabulary is rounded up to this
 # NeMo 1 NeVA media tokens (patch, start, end) per mm_cfg.llm.model_type.
 MEDIA_TOKENS = {"llama_3": tuple(f"<|reserved_special_token_{i}|>" for i in (3, 4, 5))}
 DEFAULT_MEDIA = ("<extra_id_3>", "<extra_id_4>", "<extra_id_5>")
