@@ -127,6 +127,17 @@ def _llm_part(
     return dataclasses.replace(base, vocab_size=size, **runtime), (entries, st), image_id
 
 
+def is_nemo_checkpoint(path: str | Path) -> bool:
+    """Whether `import_nemo` reads `path` (rather than a Hugging Face folder): a file (a
+    `.nemo` tar), a NeMo 2 folder (`context/` + `weights/`) or an extracted `.nemo`."""
+    p = Path(path)
+    if p.is_file():
+        return True
+    return (p / "model_config.yaml").is_file() or (
+        (p / "context").is_dir() and (p / "weights").is_dir()
+    )
+
+
 def import_nemo(
     src: str | Path,
     *,
