@@ -28,20 +28,34 @@ def nemo_fixtures() -> Path:
 
 
 @pytest.fixture(scope="session")
-def clip_dir(tmp_path_factory):
-    """A tiny random CLIP vision folder (the tower of an LLM-only NeMo import)."""
-    folder = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    config = transformers.CLIPVisionConfig(
-        hidden_size=24,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=30,
-        patch_size=6,
-    )
-    transformers.CLIPVisionModel(config).save_pretrained(folder)
-    return folder
+def clip_folder(tmp_path_factory):
+    """clip_folder(width, image_size, patch_size) -> a tiny random CLIP vision folder (2
+    layers, 4 heads, FFN 2 x width), written once per shape."""
+    made = {}
+
+    def make(width: int, image_size: int, patch_size: int) -> Path:
+        key = (width, image_size, patch_size)
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("clip")
+            torch.manual_seed(0)
+            config = transformers.CLIPVisionConfig(
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=image_size,
+                patch_size=patch_size,
+            )
+            transformers.CLIPVisionModel(config).save_pretrained(made[key])
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def clip_dir(clip_folder):
+    """The CLIP folder of LLM-only NeMo imports (width 24, 30 px, 6 px patches)."""
+    return clip_folder(24, 30, 6)
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx, traverse_util
 
 from neva_jax.config import from_config_dict
@@ -25,24 +23,14 @@ def _flat(tree) -> dict:
     return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree))
 
 
-def test_tiny_run_starts_from_a_nemo2_llm(tmp_path, tiny_dict):
+def test_tiny_run_starts_from_a_nemo2_llm(tmp_path, tiny_dict, clip_folder):
     """configs/tiny.py (its LLM is the NeMo 2 fixture's shape) with the fixture as
     model.llm.from_pretrained, its tokenizer (context/nemo_tokenizer) and a CLIP folder
     of the tiny tower: step 1 is reached with a finite loss, and the frozen LLM and tower
     are exactly the imported weights."""
     data = tmp_path / "data"
     synth.generate(str(data), n_train=16, n_eval=8)
-    clip = tmp_path / "clip"
-    torch.manual_seed(0)
-    tower = transformers.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    transformers.CLIPVisionModel(tower).save_pretrained(clip)
+    clip = clip_folder(32, 32, 8)  # the tiny config's tower
     cfg = from_config_dict(
         tiny_dict(
             str(data),
