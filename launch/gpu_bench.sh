@@ -13,11 +13,11 @@
 #   2:cudnn:selective  stage 2, cuDNN, keep matmul outputs (recompute the rest)
 #   2:xla:full         stage 2, XLA attention (vs cuDNN at the same remat)
 # Each prints one JSON line: model TFLOP/s, MFU vs the 790 TFLOP/s measured bf16
-# peak of an H200 (DESIGN.md section 7), tokens/s (all and real), compile time,
+# peak of an H200, tokens/s (all and real), compile time,
 # the program's memory and the device's peak memory; then a table and the MFU
 # targets (stage 2 >= 50%, stage 1 >= 55%).
 #
-# XLA flags (DESIGN.md section 7's MaxText anchor; single-GPU subset):
+# XLA flags (the MaxText GPU recipe; single-GPU subset):
 #   --xla_gpu_enable_latency_hiding_scheduler=true
 #       schedule asynchronous work (copies, collectives) to overlap compute.
 #   --xla_gpu_enable_triton_gemm=false
@@ -44,6 +44,11 @@ PYTHON=${PYTHON:-}
 if [[ -z "$PYTHON" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+# A caching allocator for every process (neva_jax/allocator.py: the mimalloc wheel, else
+# tcmalloc / jemalloc / tuned glibc; NEVA_JAX_ALLOCATOR=system opts out), exported here
+# so that each process starts under it instead of re-executing itself.
+allocator_env=$("$PYTHON" -m neva_jax.allocator --env) || exit 2
+eval "$allocator_env"
 
 FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_command_buffer="
 if ! XLA_FLAGS="$FLAGS" "$PYTHON" -c "import jax; jax.devices()" >/dev/null 2>&1; then

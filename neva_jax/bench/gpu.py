@@ -8,7 +8,7 @@ weights (no downloads): bf16 compute, fp32 master weights and Adam moments,
 plus 64-320 text tokens, first-fit, up to 3 images per row; the answer half of
 each sample's text is trained). Each config `stage:attention:remat` is one
 compiled train step, timed over `--steps` steps after 2 warm-up steps, and
-prints model TFLOP/s (DESIGN.md section 7), MFU against the 790 TFLOP/s bf16
+prints model TFLOP/s (`neva_jax.bench.flops`), MFU against the 790 TFLOP/s bf16
 peak measured on an H200, tokens/s (all positions and real tokens), the
 program's memory (XLA's memory analysis) and the device's peak memory so far.
 The parameters are created once and handed from config to config (the step
@@ -17,6 +17,11 @@ fit the time budget are skipped and reported as such.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # a caching allocator, before JAX starts (neva_jax/allocator.py)
+    from neva_jax import allocator
+
+    allocator.ensure()
 
 import argparse
 import sys
@@ -32,7 +37,7 @@ from neva_jax.bench import jax_side, shapes, timing
 from neva_jax.bench.report import Report
 from neva_jax.model.neva import NevaConfig, with_runtime
 
-H200_PEAK_BF16 = 790e12  # measured dense bf16 matmul peak (DESIGN.md section 7)
+H200_PEAK_BF16 = 790e12  # measured dense bf16 matmul peak of an H200
 DEFAULT_CONFIGS = (
     "1:cudnn:selective",
     "2:cudnn:full",
