@@ -99,7 +99,7 @@ def run_decode(
                 **timing.summary("ttft_s", ttft.wall[side]),
                 **timing.summary("decode_tokens_per_s", rates[side]),
                 tokens_per_s=B * new_tokens / e,
-                e2e_cpu_s=timing.median(e2e.cpu[side]),
+                **timing.summary("e2e_cpu_s", e2e.cpu[side]),
                 e2e_runs_s=e2e.wall[side],
                 **extra,
             )

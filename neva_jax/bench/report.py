@@ -62,6 +62,7 @@ class Report:
             "tokens_per_s",
             "compile_s",
             "e2e_s",
+            "e2e_cpu_s",
             "ttft_s",
             "decode_tokens_per_s",
             "recompiles",

@@ -89,7 +89,7 @@ def run_train(
                 stage=stage,
                 side=side,
                 **wall,
-                cpu_s=timing.median(times.cpu[side]),
+                **timing.summary("cpu_s", times.cpu[side]),
                 steps_s=times.wall[side],
                 first_step_s=first,
                 tokens_per_s=tokens / step_s,
@@ -105,7 +105,7 @@ def run_train(
             "train",
             f"stage{stage}_ratio",
             **ratio,
-            speedup_cpu=timing.median(times.cpu["hf"]) / timing.median(times.cpu["ours"]),
+            **timing.ratio_summary("speedup_cpu", times.cpu["hf"], times.cpu["ours"]),
             first_loss_abs_diff=abs(hf_loss - our_loss),
         )
         if stage == 2:

@@ -131,8 +131,10 @@ def test_train_and_util():
             rec = report.find("train", f"stage{stage}_{side}")
             _positive(rec, "step_s", "tokens_per_s", "tflops", "model_flops_per_step")
             _repeated(rec, "step_s")
+            _repeated(rec, "cpu_s")
             assert len(rec["steps_s"]) == 2
         _repeated(report.find("train", f"stage{stage}_ratio"), "speedup")
+        _repeated(report.find("train", f"stage{stage}_ratio"), "speedup_cpu")
         # Same weights, same batch: the first losses agree.
         assert report.find("train", f"stage{stage}_ratio")["first_loss_abs_diff"] < 1e-4
         assert (
@@ -154,7 +156,7 @@ def test_decode():
     for side in ("hf", "ours"):
         rec = report.find("decode", f"b2_{side}")
         _positive(rec, "e2e_s", "ttft_s", "tokens_per_s")
-        for key in ("e2e_s", "ttft_s", "decode_tokens_per_s"):
+        for key in ("e2e_s", "ttft_s", "decode_tokens_per_s", "e2e_cpu_s"):
             _repeated(rec, key)
     ratio = report.find("decode", "b2_ratio")
     assert ratio["greedy_token_agreement"] == 1.0
