@@ -24,7 +24,7 @@ from neva_jax.bench.report import Report
 from neva_jax.bench.shapes import BenchShape
 from neva_jax.eval import generate as generate_lib
 
-DECODE_RATE_GOAL = 2.5  # at batch 1; other batch sizes are reported
+DECODE_RATE_GOAL = 2.5  # both at batch 1; other batch sizes are reported
 LATENCY_GOAL = 2.0
 
 
@@ -110,22 +110,19 @@ def run_decode(
         }
         report.emit("decode", f"b{B}_ratio", **ratios, greedy_token_agreement=agree)
         rate_ratio, latency_ratio = ratios["decode_rate_ratio"], ratios["latency_ratio"]
-        if B == 1:
-            goal, met = f">= {DECODE_RATE_GOAL}x", rate_ratio >= DECODE_RATE_GOAL
-        else:
-            goal, met = "reported", True
+        goals = B == 1  # the goals are set at batch 1; other batch sizes are reported
         report.target(
             f"decode b{B} tokens/s vs generate (median)",
             rate_ratio,
-            goal,
-            met,
+            f">= {DECODE_RATE_GOAL}x" if goals else "reported",
+            rate_ratio >= DECODE_RATE_GOAL or not goals,
             spread=ratios["decode_rate_ratio_spread"],
         )
         report.target(
             f"decode b{B} e2e latency ({new_tokens} new) vs generate (median)",
             latency_ratio,
-            f">= {LATENCY_GOAL}x better",
-            latency_ratio >= LATENCY_GOAL,
+            f">= {LATENCY_GOAL}x better" if goals else "reported",
+            latency_ratio >= LATENCY_GOAL or not goals,
             spread=ratios["latency_ratio_spread"],
         )
         # Same buckets, other sizes: two other budgets and a longer prompt.
