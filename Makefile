@@ -15,10 +15,15 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# The suite (its benchmarks included) runs under the caching allocator that the
+# entry points choose for themselves (neva_jax/allocator.py; NEVA_JAX_ALLOCATOR=system opts out).
 test: $(BIN)/.installed
 	$(BIN)/python -m ruff check neva_jax tests configs
+	allocator_env=$$($(BIN)/python -m neva_jax.allocator --env) || exit 2; \
+	eval "$$allocator_env"; \
 	$(BIN)/python -m pytest -n 2 tests
 
+# Prints which allocator it runs under (its first line).
 demo: $(BIN)/.installed
 	$(BIN)/python -m neva_jax.demo
 
