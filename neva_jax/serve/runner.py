@@ -1,0 +1,283 @@
+"""The model side of the engine: a fixed [slots, S] KV cache, prefill-and-insert, one decode step.
+
+Axis letters: B slots, S cache columns (`--max-seq-len`), T a prompt's bucketed
+length, M images of a request, V vocab, K alternatives reported per token.
+
+Three compiled programs, whatever the traffic:
+  - `_prefill_insert` (one per prompt bucket and image count): the request alone,
+    right padded to its bucket, through the vision tower, projector and LLM into a
+    fresh batch-1 cache; that cache is inserted into row `slot` of the big one
+    (`slot` is traced: one program for every slot) and the row's length is set to
+    the prompt's true length, so decoding writes over the padding; the first token
+    is picked from the last real position.
+  - `_decode` (greedy, and a sampling variant used while any active slot samples):
+    one token for every row, each continuing its own sequence.
+  - `_free`: empties a row.
+Warm-up compiles them all for every bucket up to S; `compilations()` counts the
+programs compiled so far (jit cache entries), so a recompilation after warm-up
+shows up in /metrics.
+
+Each request samples with its own key, `fold_in(key(seed), n)` for its n-th token,
+so a seeded answer does not depend on which slot it got or what else was running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from neva_jax.eval import generate as gen_lib
+from neva_jax.eval.sampling import select_next
+from neva_jax.serve.engine import GenParams, Token
+from neva_jax.serve.protocol import MAX_TOP_LOGPROBS
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """Host copies of one prefill (B = 1) or decode step (B = slots)."""
+
+    tokens: np.ndarray  # [B] int32
+    logprobs: np.ndarray  # [B] float32, of the raw logits
+    top_ids: np.ndarray  # [B, K]
+    top_logprobs: np.ndarray  # [B, K]
+
+    def token(self, row: int) -> Token:
+        top = tuple(
+            (int(i), float(lp))
+            for i, lp in zip(self.top_ids[row], self.top_logprobs[row], strict=True)
+        )
+        return Token(int(self.tokens[row]), float(self.logprobs[row]), top)
+
+
+def prompt_buckets(max_len: int, shortest: int = 1) -> list[int]:
+    """Every prefill length a prompt of `shortest`..`max_len` tokens can be padded to."""
+    sizes, n = [], shortest
+    while n <= max_len:
+        size = min(gen_lib.bucket_prompt_length(n), max_len)
+        sizes.append(size)
+        n = size + 1
+    return sizes
+
+
+class KVSlotRunner:
+    """Owns the model, the [slots, S] cache and each slot's sampling state (host side)."""
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        *,
+        slots: int,
+        max_len: int,
+        eos_ids: Sequence[int],
+        pad_id: int,
+        max_images: int = 1,
+    ):
+        cfg = model.config
+        self.slots, self.max_len, self.max_images = slots, max_len, max_images
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.pad_id = pad_id
+        self.image_shape = (cfg.vision.image_size, cfg.vision.image_size, 3)
+        self.image_slots = cfg.num_image_tokens
+        self.image_token_id = cfg.image_token_id
+        # Per-layer weights (sliced from the stack once, here) on CPU, where a decode step
+        # reading them in place is much faster; stacked elsewhere (no second weight copy).
+        layers = model.llm.unstack_layers() if gen_lib.decode_per_layer() else None
+        self.graphdef, self.state = nnx.split((model, layers))
+        self.cache = model.llm.init_cache(slots, max_len)
+        self.last = np.zeros(slots, np.int32)  # the token each slot feeds next
+        self.count = np.zeros(slots, np.int32)  # tokens generated per slot (key index)
+        self.seed = np.zeros(slots, np.uint32)
+        self.temperature = np.zeros(slots, np.float32)
+        self.top_p = np.ones(slots, np.float32)
+        self.top_k = np.zeros(slots, np.int32)
+
+    # ------------------------------------------------------------------ programs
+
+    def compilations(self) -> int:
+        """Programs compiled so far by this module's jitted functions (all runners)."""
+        return sum(f._cache_size() for f in (_prefill_insert, _decode, _free))
+
+    def warmup(self) -> None:
+        """Compiles every prefill bucket (per image count), both decode variants and `_free`."""
+        for m in range(self.max_images + 1):
+            shortest = m * self.image_slots + 1
+            pixels = np.zeros((m, *self.image_shape), np.float32) if m else None
+            for T in prompt_buckets(self.max_len, shortest):
+                ids = [self.pad_id] * (T - 1)  # a length that pads to T (the program's shape)
+                ids[: m * self.image_slots] = [self.image_token_id] * (m * self.image_slots)
+                self.prefill(0, ids, pixels, GenParams(max_tokens=1))
+                self.free(0)
+        for temperature in (0.0, 1.0):  # the greedy and the sampling decode step
+            self.temperature[:] = temperature
+            self.decode(np.ones(self.slots, bool))
+        for slot in range(self.slots):
+            self.free(slot)
+        self.temperature[:] = 0.0
+
+    def prefill(
+        self, slot: int, ids: list[int], pixels: np.ndarray | None, params: GenParams
+    ) -> StepOutput:
+        """Prefills one request into `slot`; returns its first token (row 0)."""
+        n = len(ids)
+        if not 0 < n < self.max_len:
+            raise ValueError(f"prompt of {n} tokens: must be 1..{self.max_len - 1}")
+        T = min(gen_lib.bucket_prompt_length(n), self.max_len)
+        input_ids = np.full((1, T), self.pad_id, np.int32)
+        input_ids[0, :n] = ids
+        segment_ids = np.zeros((1, T), np.int32)
+        segment_ids[0, :n] = 1
+        positions = np.zeros((1, T), np.int32)
+        positions[0, :n] = np.arange(n)
+        images = None if pixels is None else np.asarray(pixels, np.float32)[None]
+        self.seed[slot] = np.uint32(params.seed or 0)
+        self.temperature[slot] = params.temperature
+        self.top_p[slot] = params.top_p
+        self.top_k[slot] = params.top_k
+        self.count[slot] = 0
+        knobs = self._knobs(np.array([slot]))
+        self.cache, out = _prefill_insert(
+            self.state,
+            self.cache,
+            input_ids,
+            segment_ids,
+            positions,
+            images,
+            np.int32(slot),
+            np.int32(n),
+            knobs,
+            graphdef=self.graphdef,
+        )
+        return self._record(out, np.array([slot]))
+
+    def decode(self, active: np.ndarray) -> StepOutput:
+        """One token for every slot (rows of inactive slots are computed and ignored)."""
+        rows = np.arange(self.slots)
+        sample = bool(np.any(active & (self.temperature > 0)))
+        self.cache, out = _decode(
+            self.state,
+            self.cache,
+            self.last,
+            self._knobs(rows),
+            graphdef=self.graphdef,
+            sample=sample,
+        )
+        return self._record(out, rows)
+
+    def free(self, slot: int) -> None:
+        """Empties `slot`'s cache row (its next request overwrites it anyway)."""
+        self.cache = _free(self.cache, np.int32(slot))
+
+    # ------------------------------------------------------------------ host state
+
+    def _knobs(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "seed": self.seed[rows],
+            "count": self.count[rows],
+            "temperature": self.temperature[rows],
+            "top_p": self.top_p[rows],
+            "top_k": self.top_k[rows],
+        }
+
+    def _record(self, out: tuple[jax.Array, ...], rows: np.ndarray) -> StepOutput:
+        step = StepOutput(*(np.asarray(x) for x in out))
+        self.last[rows] = step.tokens
+        self.count[rows] += 1
+        return step
+
+
+# ---------------------------------------------------------------------------- jitted
+
+
+def _pick(
+    logits: jax.Array, knobs: dict[str, jax.Array], sample: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """logits [B, V] -> token, its log-prob, the top-K ids and log-probs (raw logits)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if sample:
+
+        def one(row_logits, seed, count, temperature, top_p, top_k):
+            key = jax.random.fold_in(jax.random.key(seed), count)
+            return select_next(
+                row_logits[None],
+                jnp.zeros((1, row_logits.shape[-1]), bool),
+                key,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                repetition_penalty=jnp.float32(1.0),
+            )[0]
+
+        tok = jax.vmap(one)(
+            logits,
+            knobs["seed"],
+            knobs["count"],
+            knobs["temperature"],
+            knobs["top_p"],
+            knobs["top_k"],
+        )
+    else:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+    top_lps, top_ids = jax.lax.top_k(logp, MAX_TOP_LOGPROBS)
+    return tok, lp, top_ids.astype(jnp.int32), top_lps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _prefill_insert(
+    state: nnx.State,
+    cache: Any,
+    input_ids: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    images: jax.Array | None,
+    slot: jax.Array,
+    length: jax.Array,
+    knobs: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+) -> tuple[Any, tuple[jax.Array, ...]]:
+    model, layers = nnx.merge(graphdef, state)
+    T = input_ids.shape[1]
+    prefix = model.llm.init_cache(1, T)
+    prefix, h = model.prefill(
+        prefix,
+        input_ids,
+        images,
+        positions=positions,
+        segment_ids=segment_ids,
+        layers=layers,
+    )
+    last = jax.lax.dynamic_index_in_dim(h, length - 1, axis=1, keepdims=True)  # [1, 1, D]
+    logits = model.llm.logits(last)[:, 0]
+    cache = cache.insert(prefix, slot)
+    # Right padding: the row continues at the prompt's true length, over the padding.
+    cache = cache.replace(lengths=cache.lengths.at[slot].set(length))
+    # The sampling pick also serves greedy rows (argmax): one program per bucket.
+    return cache, _pick(logits, knobs, sample=True)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sample"), donate_argnames=("cache",))
+def _decode(
+    state: nnx.State,
+    cache: Any,
+    last: jax.Array,
+    knobs: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    sample: bool,
+) -> tuple[Any, tuple[jax.Array, ...]]:
+    model, layers = nnx.merge(graphdef, state)
+    cache, h = model.llm.decode(cache, last[:, None], layers=layers)
+    return cache, _pick(model.llm.logits(h)[:, 0], knobs, sample)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _free(cache: Any, slot: jax.Array) -> Any:
+    return cache.free(slot)

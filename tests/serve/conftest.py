@@ -1,0 +1,119 @@
+"""Serving fixtures: the tiny llava-hf model (built once), loaded once, and live servers.
+
+A `LiveServer` is the real app under uvicorn on a loopback port in a thread of the
+test process, so clients talk real HTTP to it while the tests can look at its
+engine; the compiled programs are shared by every server of the process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _eval_conftest() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "eval_conftest", os.path.join(HERE, "..", "eval", "conftest.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random llava-hf folder with a tokenizer (as in tests/eval)."""
+    out = str(tmp_path_factory.mktemp("serve_llava_hf"))
+    _eval_conftest().build_llava_hf(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def generator(llava_dir: str) -> Any:
+    from neva_jax.eval.generate import Generator
+
+    return Generator.load(llava_dir)
+
+
+class LiveServer:
+    """`python -m neva_jax.serve` minus the process: same arguments, same app."""
+
+    def __init__(self, generator: Any, *flags: str):
+        import uvicorn
+
+        from neva_jax.serve.__main__ import build_state, parse_args
+        from neva_jax.serve.app import create_app
+
+        self.args = parse_args(["--checkpoint", "tiny-llava", "--port", "1", *flags])
+        self.state = build_state(self.args, generator)
+        self.engine = self.state.engine
+        config = uvicorn.Config(
+            create_app(self.state), host="127.0.0.1", port=0, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            self.thread.join(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def client(self, **kw: Any) -> Any:
+        """An official `openai` client for this server (no retries: 429s must show)."""
+        import openai
+
+        kw.setdefault("api_key", self.args.api_key or "none")
+        return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, timeout=120, **kw)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+        self.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def make_server(generator: Any) -> Iterator[Any]:
+    """make_server(*flags) -> a started LiveServer, closed at the end of the module."""
+    servers: list[LiveServer] = []
+
+    def make(*flags: str) -> LiveServer:
+        servers.append(LiveServer(generator, *flags))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def png_bytes(
+    color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (40, 30)
+) -> bytes:
+    """A small solid-colour PNG."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def image_uri() -> Any:
+    """image_uri(color=..., size=...) -> a PNG data: URI (or of given bytes: data=...)."""
+    import base64
+
+    def make(data: bytes | None = None, **kw: Any) -> str:
+        data = png_bytes(**kw) if data is None else data
+        return "data:image/png;base64," + base64.b64encode(data).decode()
+
+    return make
