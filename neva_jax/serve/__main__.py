@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0: any free port")
     p.add_argument(
         "--slots",
         type=int,
@@ -113,8 +113,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--max-images must be >= 0, got {args.max_images}")
     if args.max_seq_len is not None and args.max_seq_len < 16:
         p.error(f"--max-seq-len must be >= 16, got {args.max_seq_len}")
-    if not 0 < args.port < 65536:
-        p.error(f"--port must be 1..65535, got {args.port}")
+    if not 0 <= args.port < 65536:
+        p.error(f"--port must be 0..65535, got {args.port}")
     if args.image_root is not None and not Path(args.image_root).is_dir():
         p.error(f"--image-root {args.image_root}: not a folder")
     return args
@@ -186,6 +186,13 @@ def serve(args: argparse.Namespace) -> int:
 
     def on_signal(sig: int, frame: Any) -> None:
         state.engine.drain()  # requests arriving on open connections get 503
+        stats = state.engine.stats()
+        log.info(
+            "%s: draining (%d in flight, %d queued); no new requests",
+            signal.Signals(sig).name,
+            stats["active"],
+            stats["queued"],
+        )
         stop_accepting(sig, frame)
 
     server.handle_exit = on_signal  # type: ignore[method-assign]
@@ -193,7 +200,6 @@ def serve(args: argparse.Namespace) -> int:
     # so a drained server exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    log.info("serving %s on http://%s:%d", state.model_name, args.host, args.port)
     try:
         server.run()
     finally:
