@@ -61,6 +61,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="context per request, prompt + answer (default: the model's, at most 2048)",
     )
     p.add_argument(
+        "--prefill-buckets",
+        metavar="N,N,...",
+        help="prompt lengths to pad to, one compiled prefill each (default: 16, 24, 32, 48, "
+        "... up to --max-seq-len); fewer buckets compile faster and pad more",
+    )
+    p.add_argument(
         "--max-queue",
         type=int,
         default=64,
@@ -113,6 +119,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--max-images must be >= 0, got {args.max_images}")
     if args.max_seq_len is not None and args.max_seq_len < 16:
         p.error(f"--max-seq-len must be >= 16, got {args.max_seq_len}")
+    if args.prefill_buckets is not None:
+        try:
+            args.prefill_buckets = [int(b) for b in args.prefill_buckets.split(",") if b.strip()]
+        except ValueError:
+            p.error(f"--prefill-buckets {args.prefill_buckets!r}: expected numbers like 64,128,256")
+        if any(b < 1 for b in args.prefill_buckets):
+            p.error("--prefill-buckets: every bucket must be >= 1")
     if not 0 <= args.port < 65536:
         p.error(f"--port must be 0..65535, got {args.port}")
     if args.image_root is not None and not Path(args.image_root).is_dir():
@@ -148,6 +161,7 @@ def build_state(args: argparse.Namespace, gen: Any = None) -> Any:
         eos_ids=gen.eos_ids,
         pad_id=gen.tokenizer.pad_id,
         max_images=args.max_images,
+        buckets=args.prefill_buckets,
     )
     metrics = ServerMetrics()
     engine = Engine(runner, max_queue=args.max_queue, metrics=metrics)

@@ -11,7 +11,7 @@ from neva_jax.serve.runner import StepOutput
 
 
 class InterimRunner:
-    def __init__(self, model, *, slots, max_len, eos_ids, pad_id, max_images=1):
+    def __init__(self, model, *, slots, max_len, eos_ids, pad_id, max_images=1, buckets=None):
         self.model, self.slots, self.max_len = model, slots, max_len
         self.eos_ids = frozenset(eos_ids)
         self.pad_id = pad_id

@@ -188,6 +188,7 @@ def _params(req: protocol.ChatCompletionRequest, prompt_tokens: int, context: in
         top_k=req.top_k,
         seed=req.seed,
         top_logprobs=req.top_logprobs or 0,
+        ignore_eos=req.ignore_eos,
     )
 
 
@@ -288,3 +289,33 @@ async def _cancel_on_disconnect(request: Request, handle: Handle) -> None:
         if message["type"] == "http.disconnect":
             handle.cancel()
             return
+
+
+class BackgroundServer:
+    """`create_app(state)` under uvicorn on a loopback port, in a thread of this process.
+
+    For tests and benchmarks that want real HTTP and a look at the engine;
+    `close()` stops the server and the engine.
+    """
+
+    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int = 0):
+        import threading
+
+        import uvicorn
+
+        self.state = state
+        config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="neva-serve-http", daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start on {host}:{port}")
+            self.thread.join(0.01)
+        bound = self.server.servers[0].sockets[0].getsockname()
+        self.url = f"http://{host}:{bound[1]}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+        self.state.engine.stop()

@@ -50,6 +50,7 @@ class GenParams:
     top_k: int = 0
     seed: int | None = None
     top_logprobs: int = 0
+    ignore_eos: bool = False  # only max_tokens ends the request (benchmarks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +294,7 @@ class Engine:
         handle._put(token)
         if self.metrics is not None:
             self.metrics.tokens_out(1)
-        if token.id in self.runner.eos_ids:
+        if token.id in self.runner.eos_ids and not handle.params.ignore_eos:
             self._finish(handle, slot, "stop")
         elif handle.generated >= handle.params.max_tokens:
             self._finish(handle, slot, "length")

@@ -87,6 +87,7 @@ class ChatCompletionRequest(_Model):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # an extension (vLLM has it too); 0 = off
+    ignore_eos: bool = False  # an extension (vLLM's): generate exactly the token limit
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False

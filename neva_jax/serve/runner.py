@@ -56,14 +56,15 @@ class StepOutput:
         return Token(int(self.tokens[row]), float(self.logprobs[row]), top)
 
 
-def prompt_buckets(max_len: int, shortest: int = 1) -> list[int]:
-    """Every prefill length a prompt of `shortest`..`max_len` tokens can be padded to."""
-    sizes, n = [], shortest
-    while n <= max_len:
-        size = min(gen_lib.bucket_prompt_length(n), max_len)
-        sizes.append(size)
-        n = size + 1
-    return sizes
+def prompt_buckets(max_len: int, sizes: Sequence[int] | None = None) -> list[int]:
+    """The prefill lengths prompts are padded to: `sizes` (default: `generate`'s buckets)
+    below `max_len`, and `max_len` itself for the longest prompts."""
+    if sizes is None:
+        sizes, n = [], 1
+        while n < max_len:
+            sizes.append(gen_lib.bucket_prompt_length(n))
+            n = sizes[-1] + 1
+    return sorted({int(b) for b in sizes if 0 < b < max_len} | {max_len})
 
 
 class KVSlotRunner:
@@ -78,11 +79,13 @@ class KVSlotRunner:
         eos_ids: Sequence[int],
         pad_id: int,
         max_images: int = 1,
+        buckets: Sequence[int] | None = None,
     ):
         cfg = model.config
         self.slots, self.max_len, self.max_images = slots, max_len, max_images
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.pad_id = pad_id
+        self.buckets = prompt_buckets(max_len, buckets)
         self.image_shape = (cfg.vision.image_size, cfg.vision.image_size, 3)
         self.image_slots = cfg.num_image_tokens
         self.image_token_id = cfg.image_token_id
@@ -107,10 +110,12 @@ class KVSlotRunner:
     def warmup(self) -> None:
         """Compiles every prefill bucket (per image count), both decode variants and `_free`."""
         for m in range(self.max_images + 1):
-            shortest = m * self.image_slots + 1
             pixels = np.zeros((m, *self.image_shape), np.float32) if m else None
-            for T in prompt_buckets(self.max_len, shortest):
-                ids = [self.pad_id] * (T - 1)  # a length that pads to T (the program's shape)
+            for T in self.buckets:
+                n = min(T, self.max_len - 1)  # the longest prompt padded to T
+                if self.bucket(n) != T or n <= m * self.image_slots:
+                    continue  # no prompt (with m images) is padded to T
+                ids = [self.pad_id] * n
                 ids[: m * self.image_slots] = [self.image_token_id] * (m * self.image_slots)
                 self.prefill(0, ids, pixels, GenParams(max_tokens=1))
                 self.free(0)
@@ -121,6 +126,10 @@ class KVSlotRunner:
             self.free(slot)
         self.temperature[:] = 0.0
 
+    def bucket(self, n: int) -> int:
+        """The prefill length of an n-token prompt."""
+        return next(b for b in self.buckets if b >= n)
+
     def prefill(
         self, slot: int, ids: list[int], pixels: np.ndarray | None, params: GenParams
     ) -> StepOutput:
@@ -128,7 +137,7 @@ class KVSlotRunner:
         n = len(ids)
         if not 0 < n < self.max_len:
             raise ValueError(f"prompt of {n} tokens: must be 1..{self.max_len - 1}")
-        T = min(gen_lib.bucket_prompt_length(n), self.max_len)
+        T = self.bucket(n)
         input_ids = np.full((1, T), self.pad_id, np.int32)
         input_ids[0, :n] = ids
         segment_ids = np.zeros((1, T), np.int32)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,26 +45,14 @@ class LiveServer:
     """`python -m neva_jax.serve` minus the process: same arguments, same app."""
 
     def __init__(self, generator: Any, *flags: str):
-        import uvicorn
-
         from neva_jax.serve.__main__ import build_state, parse_args
-        from neva_jax.serve.app import create_app
+        from neva_jax.serve.app import BackgroundServer
 
-        self.args = parse_args(["--checkpoint", "tiny-llava", "--port", "1", *flags])
+        self.args = parse_args(["--checkpoint", "tiny-llava", "--port", "0", *flags])
         self.state = build_state(self.args, generator)
         self.engine = self.state.engine
-        config = uvicorn.Config(
-            create_app(self.state), host="127.0.0.1", port=0, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            self.thread.join(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.http = BackgroundServer(self.state)
+        self.url = self.http.url
 
     def client(self, **kw: Any) -> Any:
         """An official `openai` client for this server (no retries: 429s must show)."""
@@ -75,9 +62,7 @@ class LiveServer:
         return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, timeout=120, **kw)
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join()
-        self.engine.stop()
+        self.http.close()
 
 
 @pytest.fixture(scope="module")
