@@ -59,7 +59,8 @@ class LiveServer:
         import openai
 
         kw.setdefault("api_key", self.args.api_key or "none")
-        return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, timeout=120, **kw)
+        kw.setdefault("timeout", 120)
+        return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, **kw)
 
     def close(self) -> None:
         self.http.close()
