@@ -102,15 +102,19 @@ class Handle:
         self.rid, self.ids, self.pixels, self.params = rid, ids, pixels, params
         self.loop = loop
         self.queue: asyncio.Queue[Token | Finished] = asyncio.Queue()
-        self.cancelled = False
+        self.cancel_event = threading.Event()
         self.generated = 0
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
 
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
     def cancel(self) -> None:
         """Stops generation; the slot is freed before the next decode step (thread-safe)."""
-        self.cancelled = True
+        self.cancel_event.set()
 
     async def events(self) -> AsyncIterator[Token | Finished]:
         """Tokens as they are generated, then one `Finished`."""
@@ -124,7 +128,7 @@ class Handle:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the client's event loop is closed: nobody is listening
-            self.cancelled = True
+            self.cancel_event.set()
 
 
 class Engine:
@@ -256,17 +260,17 @@ class Engine:
     def _admit(self) -> None:
         """Prefills waiting requests into free slots (each yields its first token)."""
         while True:
-            with self.cond:
+            with self.cond:  # a request is always counted: waiting, in a slot, or finished
                 free = [i for i, h in enumerate(self.slots) if h is None]
                 if not free or not self.pending:
                     return
                 handle = self.pending.popleft()
+                if handle.cancelled:
+                    self._finish(handle, None, "cancelled")
+                    continue
+                slot = free[0]
+                self.slots[slot] = handle
             self._gauges()
-            if handle.cancelled:
-                self._finish(handle, None, "cancelled")
-                continue
-            slot = free[0]
-            self.slots[slot] = handle
             out = self.runner.prefill(slot, handle.ids, handle.pixels, handle.params)
             self._deliver(slot, handle, out.token(0))
 
@@ -302,15 +306,15 @@ class Engine:
             self._finish(handle, slot, "cancelled")
 
     def _finish(self, handle: Handle, slot: int | None, reason: str) -> None:
-        if slot is not None:
-            with self.cond:
+        with self.cond:
+            if slot is not None:
                 self.slots[slot] = None
-                self.cond.notify_all()
-            self.runner.free(slot)
-        handle.finished_at = time.perf_counter()
-        handle._put(Finished(reason))
-        if self.metrics is not None:
-            self.metrics.finished(reason, handle.finished_at - handle.submitted)
+                self.runner.free(slot)
+            handle.finished_at = time.perf_counter()
+            handle._put(Finished(reason))
+            if self.metrics is not None:
+                self.metrics.finished(reason, handle.finished_at - handle.submitted)
+            self.cond.notify_all()
         self._gauges()
 
     def _gauges(self) -> None:

@@ -184,3 +184,43 @@ def test_metrics(server, client):
     assert values["neva_slots_total"] == 4 and values["neva_queue_length"] == 0
     assert values["neva_compilations_after_warmup"] == 0
     assert values["process_resident_memory_bytes"] > 0
+
+
+def cancelled_count(server) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith('neva_requests_total{finish_reason="cancelled"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_that_leaves_frees_its_request(server):
+    """Streaming and plain: the client hangs up while its request waits; it is dropped."""
+    import socket
+
+    engine = server.engine
+    before = cancelled_count(server)
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 40}
+    engine.pause()
+    try:
+        with httpx.stream("POST", server.url + "/v1/chat/completions",
+                          json={**body, "stream": True}) as resp:  # fmt: skip
+            first = next(resp.iter_lines())
+            assert first.startswith("data: ") and '"role":"assistant"' in first
+            streamed = engine.pending[-1]
+        assert streamed.cancel_event.wait(30)  # the server saw the client leave
+        raw = httpx.Request("POST", server.url + "/v1/chat/completions", json=body)
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+            head += f"Content-Type: application/json\r\nContent-Length: {len(raw.content)}\r\n\r\n"
+            sock.sendall(head.encode() + raw.content)
+            with engine.cond:
+                assert engine.cond.wait_for(lambda: engine.queue_length == 2, timeout=30)
+            plain = engine.pending[-1]
+        assert plain.cancel_event.wait(30)
+    finally:
+        engine.resume()
+    with engine.cond:
+        assert engine.cond.wait_for(lambda: engine.queue_length == 0 and engine.active == 0, 30)
+    assert cancelled_count(server) == before + 2
+    assert httpx.get(server.url + "/health").json()["active"] == 0
