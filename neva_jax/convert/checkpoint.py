@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from neva_jax import platform
 from neva_jax.convert import hf
 from neva_jax.model import neva
 from neva_jax.model.neva import Neva, NevaConfig
@@ -116,8 +117,10 @@ def load_model(
     path: str | Path, mesh: Mesh | None = None, **runtime: Any
 ) -> tuple[Neva, ModelInfo]:
     """Loads a model folder or a llava-hf folder; `runtime` sets `neva.RUNTIME_FIELDS`
-    (compute dtype, attention implementation, ...) on the loaded config."""
+    (compute dtype, attention implementation, ...) on the loaded config, the others
+    take this backend's choices (`platform.resolve_runtime`)."""
     path = Path(path)
+    runtime = platform.resolve_runtime(**runtime)  # this backend's choices, once
     # Imported lazily: the training checkpoint format lives with the trainer.
     from neva_jax.train import checkpoint as train_checkpoint
 
@@ -141,9 +144,7 @@ def load_model(
         tokenizer_path = path if imported.tokenizer is not None else None
         info = ModelInfo(path, kind, imported.config, tokenizer_path, imported.preprocessor_config)
         return imported.model, info
-    cfg = read_config(path)
-    if runtime:
-        cfg = neva.with_runtime(cfg, **runtime)
+    cfg = neva.with_runtime(read_config(path), **runtime)
     model = restore_params(path / PARAMS, cfg, mesh)
     tokenizer_path = path / TOKENIZER if (path / TOKENIZER).is_dir() else None
     pre = path / PREPROCESSOR

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from neva_jax import platform
 from neva_jax.convert.checkpoint import load_model
 from neva_jax.data import image as image_lib
 from neva_jax.data.conversation import IMAGE_PLACEHOLDER, Message, Template, get_template
@@ -38,23 +39,6 @@ from neva_jax.eval.sampling import SamplingParams, select_next
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 8
 FINE_PROMPT_BUCKETS_FROM = 256
-
-
-# None: the per-layer decode form on CPU only; True/False force it (tests, benchmarks).
-PER_LAYER_DECODE: bool | None = None
-
-
-def decode_per_layer() -> bool:
-    """Whether `generate_tokens` decodes with per-layer weights and cache buffers.
-
-    On CPU (fp32 decode reads every weight once per token) that is 1.3-2x faster per
-    token than scanning the stacked layers, which copies each layer's weight and cache
-    slice per step; it costs a second copy of the LLM's weights during the call, which
-    an accelerator serving a 7B model may not have room for.
-    """
-    if PER_LAYER_DECODE is not None:
-        return PER_LAYER_DECODE
-    return jax.default_backend() == "cpu"
 
 
 def bucket_prompt_length(length: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
@@ -125,6 +109,7 @@ def generate_tokens(
     pad_id: int = 0,
     sampling: SamplingParams | None = None,
     return_logits: bool = False,
+    per_layer_weights: bool | None = None,
 ) -> GenerationOutput:
     """Generates continuations of token-id prompts.
 
@@ -139,6 +124,11 @@ def generate_tokens(
       pad_id: id written after a row has ended (and used for prompt padding).
       sampling: how to pick tokens (default greedy); see `SamplingParams`.
       return_logits: also return the raw logits of every step (tests, scoring).
+      per_layer_weights: the decode form. True: the LLM's per-layer weights are sliced
+        out of the stacked arrays once per call and every decode step reads them in
+        place (fastest on CPU; holds the LLM's weights twice during the call). False:
+        each step slices them from the stack. None: this backend's choice
+        (`platform.per_layer_decode`). Both forms compute the same values.
 
     Returns:
       A `GenerationOutput`.
@@ -189,7 +179,14 @@ def generate_tokens(
         np.int32(pad_id),
         np.int32(rows),
     )
-    static = dict(graphdef=graphdef, new_tokens_bucket=N, return_logits=return_logits)
+    if per_layer_weights is None:
+        per_layer_weights = platform.per_layer_decode()
+    static = dict(
+        graphdef=graphdef,
+        new_tokens_bucket=N,
+        return_logits=return_logits,
+        per_layer_weights=per_layer_weights,
+    )
     if mesh is not None:
         with jax.set_mesh(mesh):
             tokens, logprobs, done, logits = _generate_jit(*args, **static)
@@ -212,7 +209,10 @@ def generate_tokens(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens_bucket", "return_logits"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "new_tokens_bucket", "return_logits", "per_layer_weights"),
+)
 def _generate_jit(
     state: nnx.State,
     input_ids: jax.Array,
@@ -229,28 +229,23 @@ def _generate_jit(
     graphdef: nnx.GraphDef,
     new_tokens_bucket: int,
     return_logits: bool,
+    per_layer_weights: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Prefill + while-loop decode; returns tokens, logprobs [B, N], done [B], logits."""
     model = nnx.merge(graphdef, state)
     B, T = input_ids.shape
     N = new_tokens_bucket
     max_new_tokens = jnp.minimum(max_new_tokens, N)
-    per_layer = decode_per_layer()
-    # Per-layer form: each layer's weights sliced out of the stack once, here, and one
-    # cache buffer per layer; every step then runs the layers unrolled, reading the
-    # weights and updating the cache in place (no per-step slicing or copying). It holds
-    # the LLM's weights twice during the call, so it is the CPU form; on accelerators
-    # the stacked weights and cache are scanned (see `decode_per_layer`).
-    layers = model.llm.unstack_layers() if per_layer else None
-    cache = model.llm.init_cache(B, T + N, per_layer=per_layer)
-    h, cache = model.hidden_states(
+    # Per-layer weights: sliced out of the stack once, here, so that every step reads
+    # them in place (see `generate_tokens`); else each step slices them itself.
+    layers = model.llm.unstack_layers() if per_layer_weights else None
+    cache, h = model.prefill(
+        model.llm.init_cache(B, T + N),
         input_ids,
         images,
         positions=positions,
         segment_ids=segment_ids,
-        cache=cache,
         layers=layers,
-        fresh_cache=True,
     )
     logits = model.llm.logits(h[:, -1:])[:, 0]  # left padding: the last slot is real
     V = logits.shape[-1]
@@ -297,9 +292,7 @@ def _generate_jit(
     def body(state: tuple[jax.Array, dict[str, Any]]) -> tuple[jax.Array, dict[str, Any]]:
         step, carry = state
         # Feed the previous token; positions continue each row's own sequence.
-        h, cache = model.llm.hidden_states(
-            carry["last"][:, None], cache=carry["cache"], layers=layers
-        )
+        cache, h = model.llm.decode(carry["cache"], carry["last"][:, None], layers=layers)
         carry = dict(carry, cache=cache, logits=model.llm.logits(h)[:, 0])
         return step + 1, pick(step, carry)
 

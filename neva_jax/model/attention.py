@@ -41,22 +41,23 @@ def select_implementation(
     kv_len: int = 2,
     has_mask: bool = False,
 ) -> str:
-    """Resolves the `attention_impl` knob to the `implementation` of dot_product_attention.
+    """Resolves the model's `attention_impl` to the `implementation` of dot_product_attention.
 
-    `auto` picks cuDNN flash attention when the backend is a GPU, the compute dtype
-    is bf16/fp16, the head dim is one cuDNN supports (multiple of 8, <= 128) and, with
-    an explicit mask (which cuDNN takes as a bias), both lengths are even (cuDNN's
-    rule for a bias in training; odd lengths such as 1-token decode steps go to XLA).
-    Everywhere else (CPU, fp32) it picks XLA. `cudnn` is honoured as asked (it
-    raises where cuDNN is missing or the shape is unsupported); `xla` always works.
+    The model never asks which backend it runs on: `auto` reaches a model only where
+    cuDNN is available (`neva_jax.platform.runtime_choices` turns the run config's
+    `auto` into `xla` on every other backend). Here `auto` picks cuDNN flash attention
+    when the compute dtype is bf16/fp16, the head dim is one cuDNN supports (multiple
+    of 8, <= 128) and, with an explicit mask (which cuDNN takes as a bias), both
+    lengths are even (cuDNN's rule for a bias in training; odd lengths such as 1-token
+    decode steps go to XLA); else XLA. `cudnn` is honoured as asked (it raises where
+    cuDNN is missing or the shape is unsupported); `xla` always works.
     """
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={attention_impl!r} is not one of {ATTENTION_IMPLS}")
     if attention_impl != "auto":
         return attention_impl
     cudnn_ok = (
-        jax.default_backend() == "gpu"
-        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and head_dim % 8 == 0
         and head_dim <= 128
         and not (has_mask and (q_len % 2 or kv_len % 2))
@@ -116,28 +117,26 @@ def make_attention_mask(
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated KV cache for all layers (static shapes; one write slot for the batch).
+    """Preallocated KV cache: one k and one v buffer per layer, static shapes.
 
-    k, v: either stacked, [L, B, K, S, H], or per layer, a tuple of L arrays
-    [B * K, S, H] (rows and kv heads merged; `create(..., per_layer=True)` or
-    `unstack()`), in the compute dtype, heads before slots so that a decode step
-    reads each head's keys as one contiguous [S, H] block (no transposed copy of the
-    cache per step; see `cached_attention`). The per-layer form is the decode form:
-    each layer's buffer is its own loop-carried value that a step updates in place
-    and attends over directly; no per-step slicing of a stacked array, and with its
-    single batch axis no reshape between the update and the attention (with a batch
-    of 1, a [1, K, S, H] buffer would be reshaped for the attention, and XLA then
-    copies the whole buffer every step). segment_ids, positions: [B, S] int32 of the
-    cached tokens (segment 0 marks empty slots and left padding). index: [] int32,
-    the next slot to write; a call with T tokens writes slots [index, index + T).
-    Rows with different prompt lengths are left padded so they share `index`.
+    k, v: tuples of L arrays [B * K, S, H] in the compute dtype (rows and kv heads
+    merged, row-major: merged row b * K + j is row b's kv head j), heads before slots
+    so that a decode step reads each head's keys as one contiguous [S, H] block; each
+    buffer is its own loop-carried value that a decode step updates in place and
+    attends over directly (no per-step slicing of a stacked array, no reshape between
+    the update and the attention).
+    segment_ids, positions: [B, S] int32 of the cached tokens; segment 0 marks empty
+    slots and padding, which no query attends to.
+    lengths: [B] int32, the next slot each row writes: rows advance independently, so
+    a serving engine can hold requests of different lengths in different rows
+    (`insert`, `free`); `generate_tokens` left-pads prompts so that all rows share it.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     segment_ids: jax.Array
     positions: jax.Array
-    index: jax.Array
+    lengths: jax.Array
 
     @classmethod
     def create(
@@ -148,93 +147,142 @@ class KVCache:
         num_kv_heads: int,
         head_dim: int,
         dtype: jnp.dtype,
-        *,
-        per_layer: bool = False,
     ) -> KVCache:
-        """An empty cache: zeros, segment ids 0, index 0 (k/v per layer if asked)."""
-        if per_layer:
-            shape = (batch * num_kv_heads, max_len, head_dim)
-            k = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-            v = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-        else:
-            shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
-            k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        """An empty cache: zeros, segment ids 0, every row's length 0."""
+        shape = (batch * num_kv_heads, max_len, head_dim)
         return cls(
-            k=k,
-            v=v,
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
             segment_ids=jnp.zeros((batch, max_len), jnp.int32),
             positions=jnp.zeros((batch, max_len), jnp.int32),
-            index=jnp.zeros((), jnp.int32),
+            lengths=jnp.zeros((batch,), jnp.int32),
         )
 
     @property
+    def batch(self) -> int:
+        """B, the number of rows (slots)."""
+        return self.segment_ids.shape[0]
+
+    @property
     def max_len(self) -> int:
-        """S, the number of slots."""
+        """S, the number of columns per row."""
         return self.segment_ids.shape[1]
 
     @property
-    def per_layer(self) -> bool:
-        """True when k/v are tuples of per-layer arrays rather than stacked arrays."""
-        return isinstance(self.k, tuple)
-
-    def unstack(self) -> KVCache:
-        """The same cache with k/v as tuples of per-layer [B * K, S, H] arrays."""
-        if self.per_layer:
-            return self
-
-        def layers(x: jax.Array) -> tuple[jax.Array, ...]:
-            L, B, K, S, H = x.shape
-            return tuple(x[i].reshape(B * K, S, H) for i in range(L))
-
-        return self.replace(k=layers(self.k), v=layers(self.v))
+    def num_kv_heads(self) -> int:
+        """K."""
+        return self.k[0].shape[0] // self.batch
 
     def next_positions(self) -> jax.Array:
         """[B] int32: one past the largest cached position of each row (0 when empty)."""
         cached = jnp.where(self.segment_ids != 0, self.positions, -1)
         return jnp.max(cached, axis=1) + 1
 
-    def append_tokens(self, segment_ids: jax.Array, positions: jax.Array) -> KVCache:
-        """Records the segment ids/positions [B, T] of T new tokens and advances index.
+    def start_prefill(self, segment_ids: jax.Array, positions: jax.Array) -> KVCache:
+        """Records T prompt tokens [B, T] in columns [0, T) of every row, the rest empty.
 
-        The per-layer k/v are written by the layers themselves (`Attention`).
+        Whatever the rows held before is forgotten (their k/v are overwritten by the
+        layers or masked). A row's length becomes one past its last real token: T for
+        a left-padded row, the prompt's length for a right-padded one (its padding is
+        then overwritten by the tokens it decodes).
         """
-        start = (jnp.zeros((), jnp.int32), self.index)
+        T = segment_ids.shape[1]
+        pad = ((0, 0), (0, self.max_len - T))
+        real = segment_ids != 0
+        last = jnp.max(jnp.where(real, jnp.arange(T, dtype=jnp.int32), -1), axis=1)
         return self.replace(
-            segment_ids=jax.lax.dynamic_update_slice(
-                self.segment_ids, segment_ids.astype(jnp.int32), start
-            ),
-            positions=jax.lax.dynamic_update_slice(
-                self.positions, positions.astype(jnp.int32), start
-            ),
-            index=self.index + segment_ids.shape[1],
+            segment_ids=jnp.pad(segment_ids.astype(jnp.int32), pad),
+            positions=jnp.pad(positions.astype(jnp.int32), pad),
+            lengths=last + 1,
+        )
+
+    def append(self, segment_ids: jax.Array, positions: jax.Array) -> KVCache:
+        """Records T new tokens [B, T] at each row's own length, which advances by T.
+
+        The layers write the matching k/v (`write_rows`); a row already full keeps
+        writing into its last T columns (clamped, as `dynamic_update_slice` does).
+        """
+        return self.replace(
+            segment_ids=write_rows(self.segment_ids, segment_ids.astype(jnp.int32), self.lengths),
+            positions=write_rows(self.positions, positions.astype(jnp.int32), self.lengths),
+            lengths=self.lengths + segment_ids.shape[1],
+        )
+
+    def insert(self, prefix: KVCache, slot: jax.Array | int) -> KVCache:
+        """Copies the one-row cache `prefix` (S' <= S columns) into row `slot`.
+
+        The row's columns [0, S') take the prefix, the rest is emptied; its length
+        becomes the prefix's. `slot` may be traced: one compiled insert serves every
+        slot (a serving engine's prefill-then-insert).
+        """
+        if prefix.batch != 1 or prefix.max_len > self.max_len:
+            raise ValueError(
+                f"insert needs a one-row cache of at most {self.max_len} columns, got "
+                f"{prefix.batch} rows of {prefix.max_len}"
+            )
+        if len(prefix.k) != len(self.k) or prefix.num_kv_heads != self.num_kv_heads:
+            raise ValueError("insert: the caches have different layer or kv-head counts")
+        slot = jnp.asarray(slot, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        K = self.num_kv_heads
+
+        def put(buf: jax.Array, new: jax.Array) -> jax.Array:  # [B*K, S, H] <- [K, S', H]
+            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (slot * K, zero, zero))
+
+        def row(big: jax.Array, small: jax.Array) -> jax.Array:  # [B, S] <- [1, S'] + empty
+            full = jnp.pad(small, ((0, 0), (0, self.max_len - prefix.max_len)))
+            return jax.lax.dynamic_update_slice(big, full, (slot, zero))
+
+        return self.replace(
+            k=tuple(put(b, n) for b, n in zip(self.k, prefix.k, strict=True)),
+            v=tuple(put(b, n) for b, n in zip(self.v, prefix.v, strict=True)),
+            segment_ids=row(self.segment_ids, prefix.segment_ids),
+            positions=row(self.positions, prefix.positions),
+            lengths=jax.lax.dynamic_update_slice(self.lengths, prefix.lengths, (slot,)),
+        )
+
+    def free(self, slot: jax.Array | int) -> KVCache:
+        """Row `slot` emptied: segment ids 0 and length 0 (its k/v are never read again)."""
+        slot = jnp.asarray(slot, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        empty = jnp.zeros((1, self.max_len), jnp.int32)
+        return self.replace(
+            segment_ids=jax.lax.dynamic_update_slice(self.segment_ids, empty, (slot, zero)),
+            lengths=jax.lax.dynamic_update_slice(self.lengths, jnp.zeros((1,), jnp.int32), (slot,)),
         )
 
 
-def write_kv(
-    cache_kv: jax.Array, new_kv: jax.Array, index: jax.Array, layer: jax.Array | None = None
-) -> jax.Array:
-    """Writes new_kv [B, T, K, H] at slot `index` of one layer's cache, in place.
+def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Writes new [R, T, ...] into buf [R, S, ...] at column starts[r] of each row r.
 
-    The cache is one layer's [B, K, S, H], one layer's per-layer (merged) [B * K, S, H],
-    or, with `layer`, that layer of the stacked cache [L, B, K, S, H].
+    One scatter (a vmapped `dynamic_update_slice`); in a decode loop it updates the
+    loop-carried buffer in place.
     """
-    zero = jnp.zeros((), jnp.int32)
+
+    def one(b: jax.Array, n: jax.Array, s: jax.Array) -> jax.Array:
+        start = (s,) + (jnp.zeros((), jnp.int32),) * (b.ndim - 1)
+        return jax.lax.dynamic_update_slice(b, n, start)
+
+    return jax.vmap(one)(buf, new.astype(buf.dtype), starts.astype(jnp.int32))
+
+
+def write_kv(cache_kv: jax.Array, new_kv: jax.Array, starts: jax.Array | None = None) -> jax.Array:
+    """Writes new_kv [B, T, K, H] into one layer's buffer [B * K, S, H].
+
+    At column 0 of every row (a prefill: one `dynamic_update_slice`), or at column
+    starts[b] of row b (`starts` [B], a decode step: one scatter).
+    """
     B, T, K, H = new_kv.shape
-    new_kv = jnp.swapaxes(new_kv, 1, 2).astype(cache_kv.dtype)  # [B, K, T, H]
-    if layer is not None:
-        start = (jnp.asarray(layer, jnp.int32), zero, zero, index, zero)
-        return jax.lax.dynamic_update_slice(cache_kv, new_kv[None], start)
-    if cache_kv.ndim == 3:
-        new_kv = new_kv.reshape(B * K, T, H)
-        return jax.lax.dynamic_update_slice(cache_kv, new_kv, (zero, index, zero))
-    return jax.lax.dynamic_update_slice(cache_kv, new_kv, (zero, zero, index, zero))
+    new_kv = jnp.swapaxes(new_kv, 1, 2).reshape(B * K, T, H).astype(cache_kv.dtype)
+    if starts is None:
+        return jax.lax.dynamic_update_slice(cache_kv, new_kv, (0, 0, 0))
+    return write_rows(cache_kv, new_kv, jnp.repeat(starts, K))
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention of q [B, T, N, H] over one layer's cache -> [B, T, N, H].
+    """Attention of q [B, T, N, H] over one layer's cache k, v [B * K, S, H] -> [B, T, N, H].
 
-    k, v: [B, K, S, H], or the per-layer form [B * K, S, H] (see `KVCache`). mask
-    [B, 1, T, S] bool. The same arithmetic as `jax.nn.dot_product_attention`'s
+    mask [B, 1, T, S] bool. The same arithmetic as `jax.nn.dot_product_attention`'s
     XLA path (logits and softmax in float32, masked logits set to a large finite
     negative number, scale 1/sqrt(H)). The einsums keep the cache as the operand in
     its stored order ([S, H] per head, then [S, H] again for the values), so XLA
@@ -242,26 +290,16 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     step; only the T*G queries per kv head (G = N / K) are rearranged.
     """
     B, T, N, H = q.shape
-    merged = k.ndim == 3
-    K = k.shape[0] // B if merged else k.shape[1]
+    K = k.shape[0] // B
     G = N // K
-    q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
-    if merged:
-        q = q.reshape(B * K, T * G, H)
-        logits = jnp.einsum("CSH,CQH->CQS", k, q, preferred_element_type=jnp.float32)
-        logits = logits.reshape(B, K, T * G, -1)
-    else:
-        logits = jnp.einsum("BKSH,BKQH->BKQS", k, q, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(H**-0.5)
+    q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B * K, T * G, H)
+    logits = jnp.einsum("CSH,CQH->CQS", k, q, preferred_element_type=jnp.float32)
+    logits = logits.reshape(B, K, T * G, -1) * jnp.float32(H**-0.5)
     keep = jnp.broadcast_to(mask[:, :, :, None, :], (B, 1, T, G, mask.shape[-1]))
     masked = jnp.float32(dense_attention.MASKED_LOGIT)
     logits = jnp.where(keep.reshape(B, 1, T * G, -1), logits, masked)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    if merged:
-        out = jnp.einsum("CQS,CSH->CQH", probs.reshape(B * K, T * G, -1), v)
-        out = out.reshape(B, K, T * G, H)
-    else:
-        out = jnp.einsum("BKQS,BKSH->BKQH", probs, v)  # [B, K, T*G, H]
+    out = jnp.einsum("CQS,CSH->CQH", probs.reshape(B * K, T * G, -1), v)
     return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
@@ -276,7 +314,7 @@ class Attention(nnx.Module):
     o/kernel [N, H, D] ('heads', 'head_dim', 'embed'); biases, when `use_bias`, on the
     output axes. Q/K/V are column-parallel and O row-parallel under tensor parallelism.
     `rope_theta=None` disables RoPE (CLIP, learned absolute positions); `causal=False`
-    gives bidirectional attention (CLIP).
+    gives bidirectional attention (CLIP). `row_major_weight_grads`: see `layers.Dense`.
     """
 
     def __init__(
@@ -290,7 +328,8 @@ class Attention(nnx.Module):
         rope_theta: float | None = 10000.0,
         rotary_percentage: float = 1.0,
         causal: bool = True,
-        attention_impl: str = "auto",
+        attention_impl: str = "xla",
+        row_major_weight_grads: bool = False,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         kernel_init: Initializer = DEFAULT_KERNEL_INIT,
@@ -313,6 +352,7 @@ class Attention(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=kernel_init,
+            row_major_weight_grads=row_major_weight_grads,
             rngs=rngs,
         )
         self.q = Dense(features, (num_heads, head_dim), axes=("embed", "heads", "head_dim"), **kw)
@@ -330,25 +370,23 @@ class Attention(nnx.Module):
         *,
         positions: jax.Array | None = None,
         mask: jax.Array | None = None,
-        cache_kv: tuple[jax.Array, jax.Array] | None = None,
-        cache_index: jax.Array | None = None,
-        cache_layer: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """x [B, T, D] -> [B, T, D].
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        write_at: jax.Array | None = None,
+    ) -> tuple[tuple[jax.Array, jax.Array] | None, jax.Array]:
+        """x [B, T, D] -> (updated (k, v) cache buffers or None, output [B, T, D]).
 
-        positions [B, T]: RoPE positions (default arange(T)). mask [B, 1, T, S] bool:
-        the complete mask (causality included), e.g. from `make_attention_mask`; when
-        None the attention is causal (or full when `causal=False`) over x itself.
-        cache_kv: this layer's cache (k, v), each [B, K, S, H] or, in the per-layer
-        form of `KVCache`, [B * K, S, H]; the new keys/values are
-        written at `cache_index` and the queries attend over the whole cache (a mask
-        is then required). A mask [B, 1, T, T] (keys: this call's tokens only) says
-        the cache held nothing before this call (a prefill): the queries then attend
-        over the new tokens alone (causal key blocks skipped) and the cache is only
-        written. Returns the output, plus the updated (k, v) with a cache.
-        cache_layer: when given, `cache_kv` holds every layer's cache [L, B, K, S, H]
-        and this layer is `cache_layer`: the new slots are written in place into the
-        stacked cache, which is returned (no per-layer copy of it is made).
+        positions [B, T]: RoPE positions (default arange(T)). mask: the complete
+        boolean mask (causality included, e.g. from `make_attention_mask`); None =
+        causal (or full when `causal=False`) over x itself.
+
+        Without `kv` the queries attend over this call's tokens (mask [B, 1, T, T]).
+        With `kv`, this layer's cache buffers (each [B * K, S, H], see `KVCache`), the
+        new keys/values are written and the call is one of two kinds:
+        - a prefill (`write_at=None`): they go to columns [0, T) of every row and the
+          queries attend over the new tokens alone (mask [B, 1, T, T]; causal key
+          blocks skipped), as without a cache;
+        - a decode step (`write_at` [B]: each row's first new column): they go to
+          those columns and the queries attend over the whole cache (mask [B, 1, T, S]).
         """
         B, T, _ = x.shape
         q = self.q(x)  # [B, T, N, H]
@@ -359,20 +397,15 @@ class Attention(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             q = apply_rope(q, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
             k = apply_rope(k, positions, theta=self.rope_theta, rotary_dim=self.rotary_dim)
-        if cache_kv is not None:
-            if mask is None or cache_index is None:
-                raise ValueError("attention with a KV cache needs an explicit mask and cache_index")
-            k_cache = write_kv(cache_kv[0], k, cache_index, cache_layer)
-            v_cache = write_kv(cache_kv[1], v, cache_index, cache_layer)
-            if mask.shape[-1] == T:  # a fresh cache: only this call's tokens are keys
-                return self.o(self._attend(q, k, v, mask)), (k_cache, v_cache)
-            k, v = k_cache, v_cache  # [B, K, S, H], or per layer [B * K, S, H]
-            if cache_layer is not None:  # this layer of the stacked cache
-                k = jax.lax.dynamic_index_in_dim(k_cache, cache_layer, keepdims=False)
-                v = jax.lax.dynamic_index_in_dim(v_cache, cache_layer, keepdims=False)
-            out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-            return self.o(out), (k_cache, v_cache)
-        return self.o(self._attend(q, k, v, mask))
+        if kv is None:
+            return None, self.o(self._attend(q, k, v, mask))
+        if mask is None:
+            raise ValueError("attention with a KV cache needs an explicit mask")
+        new_kv = (write_kv(kv[0], k, write_at), write_kv(kv[1], v, write_at))
+        if write_at is None:  # prefill: the keys are this call's tokens
+            return new_kv, self.o(self._attend(q, k, v, mask))
+        k_all, v_all = (c.astype(q.dtype) for c in new_kv)
+        return new_kv, self.o(cached_attention(q, k_all, v_all, mask))
 
     def _attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None

@@ -65,9 +65,10 @@ class ClipConfig:
     # Run-time choices.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention_impl: str = "auto"
+    attention_impl: str = "xla"  # xla | cudnn | auto (GPU only: attention.select_implementation)
     remat_policy: str = "none"
     scan_layers: bool = True
+    row_major_weight_grads: bool = False  # the XLA:CPU weight-gradient form (layers.Dense)
 
     def __post_init__(self):
         def fail(msg: str) -> None:
@@ -219,10 +220,15 @@ class ClipBlock(nnx.Module):
     """Pre-norm encoder block: h + attn(ln1(h)), then h + mlp(ln2(h)); bidirectional."""
 
     def __init__(self, cfg: ClipConfig, *, rngs: nnx.Rngs):
-        dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        dt = dict(
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            row_major_weight_grads=cfg.row_major_weight_grads,
+        )
         init = nnx.initializers.normal(INIT_STD)
         E = cfg.hidden_size
-        self.attn_norm = LayerNorm(E, eps=cfg.layernorm_epsilon, rngs=rngs, **dt)
+        norm_dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        self.attn_norm = LayerNorm(E, eps=cfg.layernorm_epsilon, rngs=rngs, **norm_dt)
         self.attn = Attention(
             E,
             cfg.num_attention_heads,
@@ -234,7 +240,7 @@ class ClipBlock(nnx.Module):
             rngs=rngs,
             **dt,
         )
-        self.mlp_norm = LayerNorm(E, eps=cfg.layernorm_epsilon, rngs=rngs, **dt)
+        self.mlp_norm = LayerNorm(E, eps=cfg.layernorm_epsilon, rngs=rngs, **norm_dt)
         self.mlp = Mlp(
             E,
             cfg.ffn_hidden_size,
@@ -247,7 +253,8 @@ class ClipBlock(nnx.Module):
 
     def __call__(self, h: jax.Array) -> jax.Array:
         """h [B, P, E] -> [B, P, E]."""
-        h = h + self.attn(self.attn_norm(h))
+        _, a = self.attn(self.attn_norm(h))
+        h = h + a
         h = h + self.mlp(self.mlp_norm(h))
         return constrain(h, ("act_batch", "act_length", "act_embed"))
 
@@ -266,6 +273,7 @@ class ClipVisionTower(nnx.Module):
             E,
             axes=(None, None, None, "embed"),
             kernel_init=init,
+            row_major_weight_grads=cfg.row_major_weight_grads,
             rngs=rngs,
             **dt,
         )

@@ -82,6 +82,12 @@ class Dense(nnx.Module):
     E.g. a query projection: `Dense(D, (N, H), axes=('embed', 'heads', 'head_dim'))`
     maps [B, T, D] -> [B, T, N, H]; the output projection
     `Dense((N, H), D, axes=('heads', 'head_dim', 'embed'))` maps back.
+
+    `row_major_weight_grads=True` computes the kernel's gradient with `contract` (a
+    row-major matmul on an explicitly transposed input): the fast form on XLA:CPU.
+    False leaves the gradient to XLA, which GPU matmul libraries serve best (they take
+    transposed operands as they are). The forward pass is the same either way; the
+    caller chooses per backend (`neva_jax.platform`), the layer never asks.
     """
 
     def __init__(
@@ -95,11 +101,13 @@ class Dense(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         kernel_init: Initializer = DEFAULT_KERNEL_INIT,
         bias_init: Initializer = ZEROS_INIT,
+        row_major_weight_grads: bool = False,
         rngs: nnx.Rngs,
     ):
         self.in_shape = _as_tuple(in_shape)
         self.out_shape = _as_tuple(out_shape)
         self.dtype = dtype
+        self.row_major_weight_grads = row_major_weight_grads
         self.kernel = param(rngs, kernel_init, self.in_shape + self.out_shape, axes, param_dtype)
         out_axes = tuple(axes)[len(self.in_shape) :]
         self.bias = (
@@ -112,9 +120,9 @@ class Dense(nnx.Module):
         if x.shape[x.ndim - n_in :] != self.in_shape:
             raise ValueError(f"Dense expects trailing dims {self.in_shape}, got {x.shape}")
         kernel = self.kernel[...].astype(self.dtype)
-        if jax.default_backend() == "cpu":
+        if self.row_major_weight_grads:
             y = contract(x.astype(self.dtype), kernel, n_in)
-        else:  # GPU matmul libraries take transposed operands as they are
+        else:
             y = jnp.tensordot(x.astype(self.dtype), kernel, axes=n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -265,6 +273,7 @@ class Mlp(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         kernel_init: Initializer = DEFAULT_KERNEL_INIT,
+        row_major_weight_grads: bool = False,
         rngs: nnx.Rngs,
     ):
         if activation not in GATED_ACTIVATIONS and activation not in ACTIVATIONS:
@@ -277,6 +286,7 @@ class Mlp(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=kernel_init,
+            row_major_weight_grads=row_major_weight_grads,
             rngs=rngs,
         )
         self.gate = (

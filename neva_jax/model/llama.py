@@ -70,9 +70,10 @@ class LlamaConfig:
     # Run-time choices.
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    attention_impl: str = "auto"  # auto | xla | cudnn
+    attention_impl: str = "xla"  # xla | cudnn | auto (GPU only: attention.select_implementation)
     remat_policy: str = "none"  # none | full | selective
-    scan_layers: bool = True
+    scan_layers: bool = True  # training/no-cache calls: lax.scan over the stacked layers
+    row_major_weight_grads: bool = False  # the XLA:CPU weight-gradient form (layers.Dense)
 
     def __post_init__(self):
         def check(name: str, allowed: tuple[str, ...]) -> None:
@@ -217,6 +218,7 @@ class DecoderLayer(nnx.Module):
             rope_theta=cfg.rope_theta if cfg.position_embedding_type == "rope" else None,
             rotary_percentage=cfg.rotary_percentage,
             attention_impl=cfg.attention_impl,
+            row_major_weight_grads=cfg.row_major_weight_grads,
             kernel_init=init,
             rngs=rngs,
             **dt,
@@ -228,6 +230,7 @@ class DecoderLayer(nnx.Module):
             activation=cfg.activation,
             use_bias=cfg.bias,
             kernel_init=init,
+            row_major_weight_grads=cfg.row_major_weight_grads,
             rngs=rngs,
             **dt,
         )
@@ -238,29 +241,20 @@ class DecoderLayer(nnx.Module):
         *,
         positions: jax.Array,
         mask: jax.Array | None,
-        cache_kv: tuple[jax.Array, jax.Array] | None = None,
-        cache_index: jax.Array | None = None,
-        cache_layer: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """h [B, T, D] -> (h, updated (k, v) or None).
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        write_at: jax.Array | None = None,
+    ) -> tuple[tuple[jax.Array, jax.Array] | None, jax.Array]:
+        """h [B, T, D] -> (this layer's updated cache buffers or None, h).
 
-        The cache is this layer's [B, K, S, H], or with `cache_layer` the stacked
-        [L, B, K, S, H] of all layers (see `Attention`).
+        `kv` / `write_at`: this layer's cache buffers and the kind of cached call
+        (see `Attention.__call__`).
         """
-        a = self.attn(
-            self.attn_norm(h),
-            positions=positions,
-            mask=mask,
-            cache_kv=cache_kv,
-            cache_index=cache_index,
-            cache_layer=cache_layer,
+        kv, a = self.attn(
+            self.attn_norm(h), positions=positions, mask=mask, kv=kv, write_at=write_at
         )
-        kv = None
-        if cache_kv is not None:
-            a, kv = a
         h = h + a
         h = h + self.mlp(self.mlp_norm(h))
-        return constrain(h, ("act_batch", "act_length", "act_embed")), kv
+        return kv, constrain(h, ("act_batch", "act_length", "act_embed"))
 
 
 class Llama(nnx.Module):
@@ -306,19 +300,14 @@ class Llama(nnx.Module):
                 cfg.vocab_size,
                 axes=("embed", "vocab"),
                 kernel_init=init,
+                row_major_weight_grads=cfg.row_major_weight_grads,
                 rngs=rngs,
                 **dt,
             )
         )
 
-    def init_cache(
-        self, batch: int, max_len: int, dtype: Any = None, *, per_layer: bool = False
-    ) -> KVCache:
-        """An empty KV cache for `batch` rows of up to `max_len` tokens.
-
-        `per_layer=True` keeps one k and one v buffer per layer (the decode form, see
-        `KVCache` and `unstack_layers`) instead of stacked [L, ...] arrays.
-        """
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (see `KVCache`)."""
         cfg = self.config
         return KVCache.create(
             cfg.num_layers,
@@ -327,22 +316,34 @@ class Llama(nnx.Module):
             cfg.num_kv_heads,
             cfg.head_size,
             dtype or cfg.compute_dtype,
-            per_layer=per_layer,
         )
 
     def unstack_layers(self) -> tuple[DecoderLayer, ...]:
         """The stacked layers as L separate modules, each owning its weight slice.
 
         The slices are copies (the weights' memory once more). A decode loop takes them
-        once, before it starts, and passes them to `hidden_states(..., layers=)` at
+        once, before it starts, and passes them to `prefill`/`decode` as `layers=` at
         every step: each step then reads every layer's weights in place instead of
-        slicing (copying) them out of the stacked [L, ...] arrays per step.
+        slicing (copying, on XLA:CPU) them out of the stacked [L, ...] arrays per step.
         """
         graphdef, state = nnx.split(self.layers)
         return tuple(
             nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
             for i in range(self.config.num_layers)
         )
+
+    def _inputs(self, input_ids: jax.Array | None, embeds: jax.Array | None) -> jax.Array:
+        """Token embeddings [B, T, D] in the compute dtype from exactly one of the two."""
+        if (input_ids is None) == (embeds is None):
+            raise ValueError("give exactly one of input_ids or embeds")
+        if embeds is None:
+            return self.embed(input_ids)
+        return embeds.astype(self.config.compute_dtype)
+
+    def _add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
 
     def hidden_states(
         self,
@@ -351,87 +352,95 @@ class Llama(nnx.Module):
         embeds: jax.Array | None = None,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-        cache: KVCache | None = None,
-        layers: Sequence[DecoderLayer] | None = None,
-        fresh_cache: bool = False,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Final-normed hidden states [B, T, D] (and the updated cache when one is given).
+    ) -> jax.Array:
+        """Final-normed hidden states [B, T, D] of a whole sequence (no cache: training).
 
-        Give exactly one of `input_ids` [B, T] or `embeds` [B, T, D]. `positions` [B, T]
-        default to arange(T) (with a cache: each row's next positions). `segment_ids`
-        [B, T] (0 = padding, 1..k = packed samples) switch to an explicit mask; without
-        them and without a cache the attention is plainly causal.
-
-        `fresh_cache=True` promises that `cache` is empty (a prefill): attention then
-        runs over the T new tokens only, as without a cache (causal blocks skipped),
-        instead of over all S slots, and the new keys/values are written into it.
-
-        With a per-layer cache (`KVCache.per_layer`) the layers run unrolled, each on its
-        own cache buffers; `layers` (from `unstack_layers`, inference only, no remat)
-        then supplies the per-layer weights, else they are sliced from the stack here.
+        Give exactly one of `input_ids` [B, T] or `embeds` [B, T, D]. `positions`
+        [B, T] default to arange(T). `segment_ids` [B, T] (0 = padding, 1..k = packed
+        samples) switch to an explicit mask; without them the attention is plainly
+        causal.
         """
-        if (input_ids is None) == (embeds is None):
-            raise ValueError("give exactly one of input_ids or embeds")
-        x = self.embed(input_ids) if embeds is None else embeds.astype(self.config.compute_dtype)
+        x = self._inputs(input_ids, embeds)
         B, T = x.shape[:2]
-        arange = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        mask, cache_index = None, None
-        if cache is not None:
-            if segment_ids is None:
-                segment_ids = jnp.ones((B, T), jnp.int32)
-            if positions is None:
-                positions = cache.next_positions()[:, None] + arange
-            cache_index = cache.index
-            cache = cache.append_tokens(segment_ids, positions)
-            if fresh_cache:  # nothing cached before: keys are this call's tokens
-                mask = make_attention_mask(segment_ids, positions, segment_ids, positions)
-            else:
-                mask = make_attention_mask(
-                    segment_ids, positions, cache.segment_ids, cache.positions
-                )
-        else:
-            if positions is None:
-                positions = arange
-            if segment_ids is not None:
-                mask = make_attention_mask(segment_ids, positions, segment_ids, positions)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
-        x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        if layers is not None and (cache is None or not cache.per_layer):
-            raise ValueError("hidden_states(layers=...) needs a per-layer KV cache")
-        x, new_kv = self._apply_layers(x, positions, mask, cache, cache_index, layers)
-        h = self.final_norm(x)
-        if cache is None:
-            return h
-        return h, cache.replace(k=new_kv[0], v=new_kv[1])
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        mask = None
+        if segment_ids is not None:
+            mask = make_attention_mask(segment_ids, positions, segment_ids, positions)
+        x = self._scan_layers(self._add_positions(x, positions), positions, mask)
+        return self.final_norm(x)
 
-    def _apply_layers(
+    def prefill(
         self,
-        x: jax.Array,
-        positions: jax.Array,
-        mask: jax.Array | None,
-        cache: KVCache | None,
-        cache_index: jax.Array | None,
+        cache: KVCache,
+        input_ids: jax.Array | None = None,
+        *,
+        embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         layers: Sequence[DecoderLayer] | None = None,
-    ) -> tuple[jax.Array, Any]:
-        """Runs the stacked layers with lax.scan or an unrolled loop, remat per layer."""
+    ) -> tuple[KVCache, jax.Array]:
+        """Runs T prompt tokens and writes their keys/values to columns [0, T) of `cache`.
+
+        Returns (cache, final-normed hidden states [B, T, D]). Whatever `cache` held is
+        forgotten: the queries attend over the new tokens alone (causal key blocks
+        skipped, as in `hidden_states`). Rows of different lengths are left padded
+        (`segment_ids` 0) with their own `positions` (default arange(T), segment ids
+        default 1). `layers`: see `decode`.
+        """
+        x = self._inputs(input_ids, embeds)
+        B, T = x.shape[:2]
+        if cache.max_len < T:
+            raise ValueError(f"prefill of {T} tokens into a cache of {cache.max_len} slots")
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        mask = make_attention_mask(segment_ids, positions, segment_ids, positions)
+        cache = cache.start_prefill(segment_ids, positions)
+        x, cache = self._cached_layers(
+            self._add_positions(x, positions), positions, mask, cache, None, layers
+        )
+        return cache, self.final_norm(x)
+
+    def decode(
+        self,
+        cache: KVCache,
+        input_ids: jax.Array | None = None,
+        *,
+        embeds: jax.Array | None = None,
+        layers: Sequence[DecoderLayer] | None = None,
+    ) -> tuple[KVCache, jax.Array]:
+        """Appends T new tokens per row (T = 1 for a decode step) after each row's cache.
+
+        Each row writes at its own length and continues its own positions; the
+        queries attend over everything the row has cached. Returns (cache, final-normed
+        hidden states [B, T, D]).
+
+        `layers` (from `unstack_layers`, inference only): per-layer weights sliced
+        once by the caller, so a decode loop reads them in place; without it the
+        weights are sliced from the stacked arrays in this call.
+        """
+        x = self._inputs(input_ids, embeds)
+        B, T = x.shape[:2]
+        positions = cache.next_positions()[:, None] + jnp.arange(T, dtype=jnp.int32)
+        segment_ids = jnp.ones((B, T), jnp.int32)
+        write_at = cache.lengths
+        cache = cache.append(segment_ids, positions)
+        mask = make_attention_mask(segment_ids, positions, cache.segment_ids, cache.positions)
+        x, cache = self._cached_layers(
+            self._add_positions(x, positions), positions, mask, cache, write_at, layers
+        )
+        return cache, self.final_norm(x)
+
+    def _scan_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """The stacked layers without a cache: lax.scan or an unrolled loop, remat per layer."""
         cfg = self.config
-        if cache is not None and cache.per_layer:
-            return self._apply_layers_per_layer_cache(
-                x, positions, mask, cache, cache_index, layers
-            )
         graphdef, state = nnx.split(self.layers)
 
-        def layer_fn(h, layer_state, kv, positions, mask, cache_index, cache_layer=None):
-            layer = nnx.merge(graphdef, layer_state)
-            return layer(
-                h,
-                positions=positions,
-                mask=mask,
-                cache_kv=kv,
-                cache_index=cache_index,
-                cache_layer=cache_layer,
-            )
+        def layer_fn(h: jax.Array, layer_state: nnx.State) -> jax.Array:
+            _, h = nnx.merge(graphdef, layer_state)(h, positions=positions, mask=mask)
+            return h
 
         if cfg.remat_policy != "none":
             layer_fn = jax.checkpoint(
@@ -439,74 +448,34 @@ class Llama(nnx.Module):
                 policy=checkpoint_policy(cfg.remat_policy),
                 prevent_cse=not cfg.scan_layers,
             )
-        if cache is not None:
-            return self._apply_layers_cached(
-                layer_fn, state, x, positions, mask, cache, cache_index
-            )
-
         if cfg.scan_layers:
-
-            def body(h, layer_state):
-                return layer_fn(h, layer_state, None, positions, mask, None)
-
-            return jax.lax.scan(body, x, state)
-
+            x, _ = jax.lax.scan(lambda h, s: (layer_fn(h, s), None), x, state)
+            return x
         for i in range(cfg.num_layers):
-            layer_state = jax.tree.map(lambda a, i=i: a[i], state)
-            x, _ = layer_fn(x, layer_state, None, positions, mask, None)
-        return x, None
+            x = layer_fn(x, jax.tree.map(lambda a, i=i: a[i], state))
+        return x
 
-    def _apply_layers_cached(
-        self,
-        layer_fn: Any,
-        state: nnx.State,
-        x: jax.Array,
-        positions: jax.Array,
-        mask: jax.Array,
-        cache: KVCache,
-        cache_index: jax.Array,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """The layers over a KV cache [L, B, K, S, H]: the stacked cache is carried through
-        the layers and each layer writes its T new slots into it in place, so a decode
-        step never copies the whole cache into a new one."""
-
-        def body(carry, layer_state):
-            h, kv, i = carry
-            h, kv = layer_fn(h, layer_state, kv, positions, mask, cache_index, i)
-            return (h, kv, i + 1), None
-
-        carry = (x, (cache.k, cache.v), jnp.zeros((), jnp.int32))
-        if self.config.scan_layers:
-            carry, _ = jax.lax.scan(body, carry, state)
-        else:
-            for i in range(self.config.num_layers):
-                carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], state))
-        x, kv, _ = carry
-        return x, kv
-
-    def _apply_layers_per_layer_cache(
+    def _cached_layers(
         self,
         x: jax.Array,
         positions: jax.Array,
         mask: jax.Array,
         cache: KVCache,
-        cache_index: jax.Array,
+        write_at: jax.Array | None,
         layers: Sequence[DecoderLayer] | None,
-    ) -> tuple[jax.Array, tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]]:
-        """The layers unrolled over a per-layer cache: layer i writes its T new slots
-        into its own [B, K, S, H] buffers (in place inside a decode loop)."""
+    ) -> tuple[jax.Array, KVCache]:
+        """The layers unrolled over the cache: layer i updates its own k/v buffers (in
+        place inside a decode loop). `write_at=None` is a prefill (see `Attention`)."""
         if layers is None:
             layers = self.unstack_layers()
         if len(layers) != len(cache.k):
             raise ValueError(f"{len(layers)} layers for a cache of {len(cache.k)} layers")
         ks, vs = [], []
         for layer, k, v in zip(layers, cache.k, cache.v, strict=True):
-            x, (k, v) = layer(
-                x, positions=positions, mask=mask, cache_kv=(k, v), cache_index=cache_index
-            )
+            (k, v), x = layer(x, positions=positions, mask=mask, kv=(k, v), write_at=write_at)
             ks.append(k)
             vs.append(v)
-        return x, (tuple(ks), tuple(vs))
+        return x, cache.replace(k=tuple(ks), v=tuple(vs))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, T, D] (final-normed) -> float32 logits [B, T, V]."""
@@ -514,8 +483,8 @@ class Llama(nnx.Module):
             return constrain(self.embed.attend(hidden), ("act_batch", "act_length", "act_vocab"))
         dtype = self.config.compute_dtype
         kernel = self.lm_head.kernel[...].astype(dtype)  # [D, V]
-        if jax.default_backend() == "cpu" and dtype == jnp.float32:
-            out = contract(hidden.astype(dtype), kernel, 1)  # see layers.contract
+        if self.config.row_major_weight_grads and dtype == jnp.float32:
+            out = contract(hidden.astype(dtype), kernel, 1)  # see layers.Dense
         else:
             out = jnp.einsum(
                 "BTD,DV->BTV", hidden.astype(dtype), kernel, preferred_element_type=jnp.float32
@@ -529,21 +498,10 @@ class Llama(nnx.Module):
         embeds: jax.Array | None = None,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-        cache: KVCache | None = None,
-        layers: Sequence[DecoderLayer] | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits [B, T, V] float32, or (logits, updated cache) when `cache` is given.
-
-        `layers`: see `hidden_states` (per-layer caches only)."""
-        out = self.hidden_states(
-            input_ids,
-            embeds=embeds,
-            positions=positions,
-            segment_ids=segment_ids,
-            cache=cache,
-            layers=layers,
+    ) -> jax.Array:
+        """Logits [B, T, V] float32 of a whole sequence (see `hidden_states`)."""
+        return self.logits(
+            self.hidden_states(
+                input_ids, embeds=embeds, positions=positions, segment_ids=segment_ids
+            )
         )
-        if cache is None:
-            return self.logits(out)
-        h, cache = out
-        return self.logits(h), cache

@@ -29,7 +29,14 @@ from neva_jax.model.llama import DecoderLayer, Llama, LlamaConfig
 from neva_jax.model.projector import Projector, projector_depth
 
 # Run-time fields shared by the LLM and vision configs (see `with_runtime`).
-RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers")
+RUNTIME_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "attention_impl",
+    "remat_policy",
+    "scan_layers",
+    "row_major_weight_grads",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +227,7 @@ class Neva(nnx.Module):
             use_bias=cfg.projector_bias,
             dtype=cfg.llm.compute_dtype,
             param_dtype=cfg.llm.weight_dtype,
+            row_major_weight_grads=cfg.llm.row_major_weight_grads,
             rngs=rngs,
         )
         self.llm = Llama(cfg.llm, rngs=rngs)
@@ -258,24 +266,28 @@ class Neva(nnx.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-        cache: KVCache | None = None,
         stop_vision_gradient: bool = False,
-        layers: Sequence[DecoderLayer] | None = None,
-        fresh_cache: bool = False,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Final-normed hidden states [B, T, D] (and the updated cache when one is given).
-
-        `layers`: the decoder's per-layer modules for a per-layer cache; `fresh_cache`:
-        `cache` is empty (a prefill). See `Llama.hidden_states`.
-        """
+    ) -> jax.Array:
+        """Final-normed hidden states [B, T, D] of whole sequences (see `Llama.hidden_states`)."""
         x = self.embed(input_ids, images, stop_vision_gradient=stop_vision_gradient)
-        return self.llm.hidden_states(
-            embeds=x,
-            positions=positions,
-            segment_ids=segment_ids,
-            cache=cache,
-            layers=layers,
-            fresh_cache=fresh_cache,
+        return self.llm.hidden_states(embeds=x, positions=positions, segment_ids=segment_ids)
+
+    def prefill(
+        self,
+        cache: KVCache,
+        input_ids: jax.Array,
+        images: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        layers: Sequence[DecoderLayer] | None = None,
+    ) -> tuple[KVCache, jax.Array]:
+        """Prompts with their images into an empty cache: vision tower, projector, then
+        `Llama.prefill`. Returns (cache, final-normed hidden states [B, T, D]); decode
+        steps continue with `model.llm.decode`."""
+        x = self.embed(input_ids, images)
+        return self.llm.prefill(
+            cache, embeds=x, positions=positions, segment_ids=segment_ids, layers=layers
         )
 
     def __call__(
@@ -285,19 +297,14 @@ class Neva(nnx.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-        cache: KVCache | None = None,
         stop_vision_gradient: bool = False,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits [B, T, V] float32, or (logits, updated cache) when `cache` is given."""
-        out = self.hidden_states(
+    ) -> jax.Array:
+        """Logits [B, T, V] float32 of whole sequences."""
+        h = self.hidden_states(
             input_ids,
             images,
             positions=positions,
             segment_ids=segment_ids,
-            cache=cache,
             stop_vision_gradient=stop_vision_gradient,
         )
-        if cache is None:
-            return self.llm.logits(out)
-        h, cache = out
-        return self.llm.logits(h), cache
+        return self.llm.logits(h)

@@ -60,6 +60,7 @@ class Projector(nnx.Module):
         use_bias: bool = True,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
+        row_major_weight_grads: bool = False,
         rngs: nnx.Rngs,
     ):
         self.kind = kind
@@ -81,6 +82,7 @@ class Projector(nnx.Module):
                 param_dtype=param_dtype,
                 kernel_init=init,
                 bias_init=init,
+                row_major_weight_grads=row_major_weight_grads,
                 rngs=rngs,
             )
             setattr(self, f"linear_{i + 1}", layer)

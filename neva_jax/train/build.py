@@ -25,10 +25,10 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from neva_jax import sharding
+from neva_jax import platform, sharding
 from neva_jax.config import ConfigError, RunConfig
 from neva_jax.config_checks import mesh_shape, neva_config
-from neva_jax.model.neva import Neva, NevaConfig
+from neva_jax.model.neva import Neva, NevaConfig, with_runtime
 from neva_jax.train import checkpoint as ckpt_lib
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import state as state_lib
@@ -261,7 +261,9 @@ def run_neva_config(cfg: RunConfig, image_token_id: int, vocab_in_use: int) -> N
             f"config.model.llm.vocab_size={cfg.model.llm.vocab_size}: the tokenizer uses "
             f"{vocab_in_use} ids; raise it to at least {vocab_in_use}"
         )
-    return neva_config(cfg, image_token_id=image_token_id)
+    ncfg = neva_config(cfg, image_token_id=image_token_id)
+    # Backend-dependent run-time choices are made here, once (see neva_jax.platform).
+    return with_runtime(ncfg, **platform.resolve_runtime(attention_impl=ncfg.llm.attention_impl))
 
 
 def versions() -> dict[str, str]:

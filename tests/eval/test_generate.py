@@ -73,19 +73,27 @@ def test_greedy_matches_transformers(llava_dir, batch, greedy):
 
 
 @pytest.mark.parametrize("per_layer", [True, False], ids=["per_layer", "stacked"])
-def test_cache_equals_recompute(imported_std_init, batch, per_layer, monkeypatch):
+def test_cache_equals_recompute(imported_std_init, batch, per_layer):
     """Every step's logits equal a full forward pass over prompt + tokens so far.
 
     At transformers' default init (std 0.02): the differences are fp32
     summation-order noise, which grows with the activations (about 2e-7 here,
-    1e-5 with the 10x-init model of the other tests).
+    1e-5 with the 10x-init model of the other tests). Both decode forms, each its
+    own compiled program.
     """
-    monkeypatch.setattr(gen_lib, "PER_LAYER_DECODE", per_layer)  # both decode forms
     model = imported_std_init.model
     prompts, pixels = batch
+    compiled = gen_lib._generate_jit._cache_size()
     out = gen_lib.generate_tokens(
-        model, prompts, pixels[:, None], max_new_tokens=20, eos_ids=[EOS_ID], return_logits=True
+        model,
+        prompts,
+        pixels[:, None],
+        max_new_tokens=20,
+        eos_ids=[EOS_ID],
+        return_logits=True,
+        per_layer_weights=per_layer,
     )
+    assert gen_lib._generate_jit._cache_size() == compiled + 1  # this form was compiled
     seqs = [p + ids for p, ids in zip(prompts, out.token_ids, strict=True)]
     L = max(map(len, seqs))
     ids = np.full((2, L), PAD_ID, np.int32)

@@ -14,6 +14,7 @@ import torch
 import transformers
 from flax import nnx
 
+from neva_jax import platform
 from neva_jax.convert import hf_llama
 from neva_jax.model import llama
 from neva_jax.model.attention import select_implementation
@@ -61,11 +62,22 @@ def _forward(graphdef, state, ids, positions=None, segment_ids=None):
     return nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=segment_ids)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_cached(graphdef, state, ids, cache, positions=None, segment_ids=None, layers=None):
-    return nnx.merge(graphdef, state)(
-        ids, positions=positions, segment_ids=segment_ids, cache=cache, layers=layers
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prefill(graphdef, per_layer, state, ids, cache, positions, segment_ids):
+    model = nnx.merge(graphdef, state)
+    layers = model.unstack_layers() if per_layer else None
+    cache, h = model.prefill(
+        cache, ids, positions=positions, segment_ids=segment_ids, layers=layers
     )
+    return model.logits(h), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode(graphdef, per_layer, state, ids, cache):
+    model = nnx.merge(graphdef, state)
+    layers = model.unstack_layers() if per_layer else None
+    cache, h = model.decode(cache, ids, layers=layers)  # positions from the cache
+    return model.logits(h), cache
 
 
 def _convert(hf_model: transformers.LlamaForCausalLM) -> tuple[llama.LlamaConfig, dict]:
@@ -158,13 +170,12 @@ def test_causality(untied, ids):
         assert np.all(np.abs(g[:, : t0 + 1]).sum(-1) > 0)
 
 
-@pytest.mark.parametrize("form", ["stacked", "per_layer", "unstacked_after_prefill"])
+@pytest.mark.parametrize("form", ["stacked", "per_layer"])
 def test_kv_cache_matches_full_recompute(untied, form):
     """Prefill (left padded, two prompt lengths) + greedy decode == recomputing everything.
 
-    With the stacked cache, the per-layer cache and unstacked layers (the decode form of
-    `generate`), and a stacked prefill whose cache is then unstacked (layers sliced
-    per call)."""
+    With the weights sliced from the stacked layers in each call, and with per-layer
+    modules sliced once (`unstack_layers`, the CPU decode form of `generate`)."""
     _, _, _, (graphdef, state) = untied
     n_prompt, n_new, lengths = 8, 4, (8, 5)
     rng = np.random.default_rng(1)
@@ -176,26 +187,19 @@ def test_kv_cache_matches_full_recompute(untied, form):
         segment_ids[b, n_prompt - n :] = 1
         positions[b, n_prompt - n :] = np.arange(n)
     model = nnx.merge(graphdef, state)
-    cache = model.init_cache(B, n_prompt + n_new, per_layer=form == "per_layer")
-    layers = model.unstack_layers() if form == "per_layer" else None
-    logits, cache = _forward_cached(
-        graphdef, state, prompt, cache, positions, segment_ids, layers=layers
-    )
-    if form == "unstacked_after_prefill":
-        cache = cache.unstack()
-    assert cache.per_layer == (form != "stacked")
+    per_layer = form == "per_layer"
+    cache = model.init_cache(B, n_prompt + n_new)
+    logits, cache = _prefill(graphdef, per_layer, state, prompt, cache, positions, segment_ids)
     step_logits = [np.asarray(logits)]
     tokens = [prompt]
     for _ in range(n_new):
         next_ids = np.asarray(jnp.argmax(step_logits[-1][:, -1:], -1)).astype(np.int32)
         tokens.append(next_ids)
-        logits, cache = _forward_cached(
-            graphdef, state, next_ids, cache, layers=layers
-        )  # positions from the cache
+        logits, cache = _decode(graphdef, per_layer, state, next_ids, cache)
         step_logits.append(np.asarray(logits))
     cached = np.concatenate(step_logits, axis=1)[:, :-1]  # logits for every fed token but the last
     fed = np.concatenate(tokens, axis=1)  # [B, 12]
-    assert int(cache.index) == n_prompt + n_new
+    assert np.asarray(cache.lengths).tolist() == [n_prompt + n_new] * B
 
     # Reference: each row alone, unpadded (trailing filler is invisible to causal attention).
     alone = np.zeros((B, T), np.int32)
@@ -209,6 +213,63 @@ def test_kv_cache_matches_full_recompute(untied, form):
     print(f"\nKV cache prefill+decode vs full recompute: max abs diff {diff:.2e}")
     assert diff <= 1e-5
     assert np.all(np.isfinite(cached))  # padding rows stay finite
+
+
+def test_insert_into_slots_then_decode_rows_of_different_lengths(untied):
+    """The serving pattern: each prompt prefilled alone into a one-row cache, inserted
+    into a slot of a shared cache (rows at different lengths, no padding between
+    them), then decode steps advance every slot at once; a freed slot is ignored.
+    Every step's logits equal each sequence recomputed alone."""
+    _, _, _, (graphdef, state) = untied
+    model = nnx.merge(graphdef, state)
+    rng = np.random.default_rng(3)
+    prompts = {2: rng.integers(0, V, 7), 0: rng.integers(0, V, 3)}  # slot -> prompt
+    n_new, slots, S = 4, 3, 16
+
+    @jax.jit
+    def prefill_one(state, ids, segment_ids):
+        m = nnx.merge(graphdef, state)
+        cache, h = m.prefill(m.init_cache(1, 8), ids, segment_ids=segment_ids)
+        return cache, m.logits(h)
+
+    @jax.jit
+    def insert(big, prefix, slot):
+        return big.insert(prefix, slot)
+
+    @jax.jit
+    def step(state, cache, ids):
+        cache, h = nnx.merge(graphdef, state).decode(cache, ids)
+        return cache, nnx.merge(graphdef, state).logits(h)[:, 0]
+
+    big = model.init_cache(slots, S)
+    ones = np.ones((1, 8), np.int32)
+    big = insert(big, prefill_one(state, ones, ones)[0], 1)  # a request that then leaves
+    big = big.free(1)
+    fed, got = {}, {}
+    for slot, p in prompts.items():
+        ids, seg = np.zeros((1, 8), np.int32), np.zeros((1, 8), np.int32)
+        ids[0, : len(p)], seg[0, : len(p)] = p, 1  # right padded: pads have segment 0
+        prefix, logits = prefill_one(state, ids, seg)
+        big = insert(big, prefix, slot)
+        # The first token each slot decodes: the prompt's greedy continuation.
+        fed[slot], got[slot] = [*p, int(np.asarray(logits)[0, len(p) - 1].argmax())], []
+    assert np.asarray(big.lengths).tolist() == [3, 0, 7]
+    for _ in range(n_new):
+        ids = np.zeros((slots, 1), np.int32)
+        for slot in prompts:
+            ids[slot, 0] = fed[slot][-1]
+        big, logits = step(state, big, ids)
+        for slot in prompts:
+            got[slot].append(np.asarray(logits[slot]))
+            fed[slot].append(int(np.asarray(logits[slot]).argmax()))
+    worst = 0.0
+    for slot, p in prompts.items():
+        seq = np.asarray(fed[slot][:-1])[None]  # prompt + the tokens fed back
+        ref = np.asarray(_forward(graphdef, state, seq))[0, len(p) :]
+        worst = max(worst, np.abs(np.stack(got[slot]) - ref).max())
+    print(f"\nslots at different lengths vs recompute: max abs diff {worst:.2e}")
+    assert worst <= 1e-5
+    assert np.asarray(big.lengths).tolist()[::2] == [3 + n_new, 7 + n_new]
 
 
 def test_packing_equals_separate(untied):
@@ -268,11 +329,41 @@ def test_remat_selective_gradients(untied, ids):
     assert diff <= 1e-6
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_weight_gradient_forms_agree(tied, ids):
+    """The CPU weight-gradient form (`row_major_weight_grads`, layers.contract) and the
+    form XLA picks (the GPU choice): same logits, same gradients, both run here."""
+    cfg, params = _convert(_hf_model(tied=tied, seed=2))
+    forms = {}
+    for row_major in (False, True):
+        graphdef, state = _load(dataclasses.replace(cfg, row_major_weight_grads=row_major), params)
+
+        @jax.jit
+        def value_and_grad(state, graphdef=graphdef):
+            return jax.value_and_grad(lambda s: nnx.merge(graphdef, s)(ids).std())(state)
+
+        forms[row_major] = value_and_grad(state)
+    (v_xla, g_xla), (v_cpu, g_cpu) = forms[False], forms[True]
+    assert abs(float(v_xla) - float(v_cpu)) <= 1e-6
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_xla))
+    diff = max(
+        jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), g_xla, g_cpu))
+    )
+    assert diff <= 1e-5 * scale and scale > 0
+
+
 def test_attention_impl_choice():
     assert select_implementation("xla", jnp.bfloat16, 128) == "xla"
     assert select_implementation("cudnn", jnp.float32, 128) == "cudnn"
     expected = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    assert select_implementation("auto", jnp.bfloat16, 128) == expected
+    here = platform.resolve_runtime(attention_impl="auto")["attention_impl"]
+    assert select_implementation(here, jnp.bfloat16, 128) == expected
+    # Both sides of the backend choice, whatever this backend is.
+    gpu = platform.resolve_runtime("gpu")["attention_impl"]
+    cpu = platform.resolve_runtime("cpu")["attention_impl"]
+    assert select_implementation(gpu, jnp.bfloat16, 128) == "cudnn"
+    assert select_implementation(gpu, jnp.bfloat16, 128, q_len=1, kv_len=9, has_mask=True) == "xla"
+    assert select_implementation(cpu, jnp.bfloat16, 128) == "xla"
     assert select_implementation("auto", jnp.float32, 128) == "xla"
     with pytest.raises(ValueError, match="attention_impl"):
         llama.tiny(attention_impl="flash")

@@ -152,18 +152,18 @@ def _variants(graphdef, state, ids, images):
     model = nnx.merge(graphdef, state)
     via_hidden = model.llm.logits(model.hidden_states(ids, images))
     cache = model.llm.init_cache(ids.shape[0], ids.shape[1] + 4)
-    via_cache, cache = model(ids, images, cache=cache)
-    return via_hidden, via_cache, cache.index, model(ids)
+    cache, h = model.prefill(cache, ids, images)
+    return via_hidden, model.llm.logits(h), cache.lengths, model(ids)
 
 
 def test_hidden_states_cache_and_no_images_agree_with_call(model, batch, logits):
     ids, images = batch
-    via_hidden, via_cache, index, no_images = _variants(
+    via_hidden, via_cache, lengths, no_images = _variants(
         *nnx.split(model), jnp.asarray(ids), jnp.asarray(images)
     )
     np.testing.assert_allclose(np.asarray(via_hidden), logits, rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(via_cache), logits, rtol=0, atol=1e-5)
-    assert int(index) == T
+    assert np.asarray(lengths).tolist() == [T] * ids.shape[0]
     # Text-only rows need no images at all (the decode path passes images=None).
     np.testing.assert_allclose(np.asarray(no_images)[2:], logits[2:], rtol=0, atol=1e-5)
 

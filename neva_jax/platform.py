@@ -1,0 +1,51 @@
+"""Backend-dependent choices, made once at the edge of the program.
+
+Model code never asks which backend it runs on: a branch on `jax.default_backend()`
+inside a layer would run only one side in the (CPU-only) test suite. Instead the
+places that build a model to run it here (the trainer, `load_model`, generation)
+resolve these choices once and pass them down as plain config fields or arguments,
+and tests run every side on CPU by passing them explicitly:
+
+| choice | CPU | GPU / other | where it is used |
+|---|---|---|---|
+| `attention_impl` `auto` | `xla` | `auto` (cuDNN where the shape allows) | `attention.select_implementation` |
+| `row_major_weight_grads` | True | False | `layers.Dense`, `Llama.logits` |
+| decode weights | per layer (sliced once per call) | stacked (sliced per step) | `eval.generate.generate_tokens` |
+
+Why these: XLA:CPU runs a weight gradient written as a plain row-major matmul on an
+explicitly transposed input at its matmul peak, but the form XLA picks on its own at
+about 80% of it; GPU matmul libraries take transposed operands as they are. On CPU a
+decode step that slices each layer's weights out of the stacked [L, ...] arrays
+copies them every step; slicing them once per call costs a second copy of the LLM's
+weights for the call's duration, which an accelerator serving a 7B model may not
+have room for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+
+def backend_name(backend: str | None = None) -> str:
+    """`backend`, or the platform JAX computes on by default ('cpu', 'gpu', 'tpu')."""
+    return backend or jax.default_backend()
+
+
+def resolve_runtime(backend: str | None = None, **runtime: Any) -> dict[str, Any]:
+    """Run-time model fields (`neva.RUNTIME_FIELDS`) for a model that runs on `backend`.
+
+    Explicit `runtime` values win, except that `attention_impl='auto'` (the default)
+    becomes `xla` on every backend but a GPU, where cuDNN exists.
+    """
+    backend = backend_name(backend)
+    out = {"attention_impl": "auto", "row_major_weight_grads": backend == "cpu", **runtime}
+    if out["attention_impl"] == "auto" and backend != "gpu":
+        out["attention_impl"] = "xla"
+    return out
+
+
+def per_layer_decode(backend: str | None = None) -> bool:
+    """Whether generation slices the LLM's per-layer weights once per call (CPU)."""
+    return backend_name(backend) == "cpu"
