@@ -142,6 +142,7 @@ def build_state(args: argparse.Namespace, gen: Any = None) -> Any:
     from neva_jax.serve.engine import Engine
     from neva_jax.serve.images import ImagePolicy
     from neva_jax.serve.metrics import ServerMetrics
+    from neva_jax.serve.runner import KVSlotRunner
 
     runtime = {"dtype": args.dtype} if args.dtype else {}
     if gen is None:
@@ -152,8 +153,6 @@ def build_state(args: argparse.Namespace, gen: Any = None) -> Any:
     max_len = args.max_seq_len or min(model_len, 2048)
     if max_len > model_len:
         raise ValueError(f"--max-seq-len {max_len} is over the model's {model_len} positions")
-    from neva_jax.serve._interim import InterimRunner as KVSlotRunner  # TEMPORARY
-
     runner = KVSlotRunner(
         gen.model,
         slots=args.slots,

@@ -6,10 +6,10 @@ length, M images of a request, V vocab, K alternatives reported per token.
 Three compiled programs, whatever the traffic:
   - `_prefill_insert` (one per prompt bucket and image count): the request alone,
     right padded to its bucket, through the vision tower, projector and LLM into a
-    fresh batch-1 cache; that cache is inserted into row `slot` of the big one
-    (`slot` is traced: one program for every slot) and the row's length is set to
-    the prompt's true length, so decoding writes over the padding; the first token
-    is picked from the last real position.
+    fresh batch-1 cache (whose length is the prompt's true length, so decoding writes
+    over the padding); that cache is inserted into row `slot` of the big one (`slot`
+    is traced: one program for every slot); the first token is picked from the last
+    real position.
   - `_decode` (greedy, and a sampling variant used while any active slot samples):
     one token for every row, each continuing its own sequence.
   - `_free`: empties a row.
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from neva_jax import platform
 from neva_jax.eval import generate as gen_lib
 from neva_jax.eval.sampling import select_next
 from neva_jax.serve.engine import GenParams, Token
@@ -91,9 +92,12 @@ class KVSlotRunner:
         self.image_token_id = cfg.image_token_id
         # Per-layer weights (sliced from the stack once, here) on CPU, where a decode step
         # reading them in place is much faster; stacked elsewhere (no second weight copy).
-        layers = model.llm.unstack_layers() if gen_lib.decode_per_layer() else None
+        layers = model.llm.unstack_layers() if platform.per_layer_decode() else None
         self.graphdef, self.state = nnx.split((model, layers))
-        self.cache = model.llm.init_cache(slots, max_len)
+        # Placed (committed) like the weights: the programs then see the same argument
+        # placement on the first call as on every later one (no second compilation).
+        sharding = jax.tree.leaves(self.state)[0].sharding
+        self.cache = jax.device_put(model.llm.init_cache(slots, max_len), sharding)
         self.last = np.zeros(slots, np.int32)  # the token each slot feeds next
         self.count = np.zeros(slots, np.int32)  # tokens generated per slot (key index)
         self.seed = np.zeros(slots, np.uint32)
@@ -265,9 +269,8 @@ def _prefill_insert(
     )
     last = jax.lax.dynamic_index_in_dim(h, length - 1, axis=1, keepdims=True)  # [1, 1, D]
     logits = model.llm.logits(last)[:, 0]
+    # Right padding: the row's length is the prompt's, so decoding writes over the padding.
     cache = cache.insert(prefix, slot)
-    # Right padding: the row continues at the prompt's true length, over the padding.
-    cache = cache.replace(lengths=cache.lengths.at[slot].set(length))
     # The sampling pick also serves greedy rows (argmax): one program per bucket.
     return cache, _pick(logits, knobs, sample=True)
 

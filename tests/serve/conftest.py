@@ -41,6 +41,11 @@ def generator(llava_dir: str) -> Any:
     return Generator.load(llava_dir)
 
 
+# Every test server has the same cache and bucket shapes, so the programs compiled by
+# the first one serve all the others in the process (warm-up then compiles nothing).
+SHAPE_FLAGS = ("--slots", "16", "--max-seq-len", "96", "--prefill-buckets", "64")
+
+
 class LiveServer:
     """`python -m neva_jax.serve` minus the process: same arguments, same app."""
 
@@ -48,7 +53,7 @@ class LiveServer:
         from neva_jax.serve.__main__ import build_state, parse_args
         from neva_jax.serve.app import BackgroundServer
 
-        self.args = parse_args(["--checkpoint", "tiny-llava", "--port", "0", *flags])
+        self.args = parse_args(["--checkpoint", "tiny-llava", "--port", "0", *SHAPE_FLAGS, *flags])
         self.state = build_state(self.args, generator)
         self.engine = self.state.engine
         self.http = BackgroundServer(self.state)
@@ -68,7 +73,8 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def make_server(generator: Any) -> Iterator[Any]:
-    """make_server(*flags) -> a started LiveServer, closed at the end of the module."""
+    """make_server(*flags) -> a started LiveServer (SHAPE_FLAGS, then `flags`), closed at the
+    end of the module."""
     servers: list[LiveServer] = []
 
     def make(*flags: str) -> LiveServer:

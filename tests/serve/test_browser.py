@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def server(make_server):
-    return make_server("--slots", "2", "--max-seq-len", "128")
+    return make_server()
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +51,21 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def test_upload_ask_and_read_the_streamed_answer(server, browser, generator, tmp_path):
+def test_upload_ask_and_read_the_streamed_answer(server, browser, tmp_path):
+    import base64
+
+    import httpx
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     question = "What colour are the shapes?"
-    image = Image.new("RGB", (48, 36), (220, 40, 40))
-    image.save(tmp_path / "red.png")
-    want = generator.generate([question], [image], max_new_tokens=24)[0].text
+    Image.new("RGB", (48, 36), (220, 40, 40)).save(tmp_path / "red.png")
+    uri = "data:image/png;base64," + base64.b64encode((tmp_path / "red.png").read_bytes()).decode()
+    content = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": question}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 24, "temperature": 0}
+    want = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    want = want.json()["choices"][0]["message"]["content"]
 
     browser.get(server.url + "/")
     wait = WebDriverWait(browser, 60)

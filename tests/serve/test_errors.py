@@ -35,14 +35,14 @@ def image_root(tmp_path_factory):
 def server(make_server, image_root):
     return make_server(
         "--api-key", KEY, "--image-root", str(image_root), "--max-image-pixels", "1000000",
-        "--slots", "1", "--max-queue", "1", "--max-seq-len", "64",
+        "--max-queue", "1",
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def open_server(make_server):
     """No key, no image root, remote images allowed."""
-    return make_server("--allow-remote-images", "--slots", "1", "--max-seq-len", "64")
+    return make_server("--allow-remote-images")
 
 
 def post(server, body, headers=AUTH, **kw):
@@ -106,8 +106,8 @@ CASES = {
         image_msg("http://127.0.0.1:9/x.png"), 400, "remote image URLs are disabled"),
     "unsupported scheme": (image_msg("ftp://host/x.png"), 400, "unsupported URL scheme 'ftp'"),
     "prompt longer than the context": (
-        {**user("word " * 200), "max_tokens": 4}, 400, "exceeds the context of 64 tokens"),
-    "prompt fills the context": (user("word " * 200), 400, "fills the context of 64 tokens"),
+        {**user("word " * 200), "max_tokens": 4}, 400, "exceeds the context of 96 tokens"),
+    "prompt fills the context": (user("word " * 200), 400, "fills the context of 96 tokens"),
     "max_tokens 0": ({**user("hi"), "max_tokens": 0}, 400, "max_tokens must be at least 1"),
     "max_tokens negative": ({**user("hi"), "max_tokens": -5}, 400, "max_tokens must be at least 1"),
     "max_completion_tokens 0": (
@@ -184,7 +184,7 @@ def test_api_key(server):
 
 
 def test_full_queue_answers_429(server):
-    """One slot, a queue of one: with the engine paused, the second waiting request is refused."""
+    """A queue of one: with the engine paused, the second waiting request is refused."""
     engine = server.engine
     engine.pause()
     results = {}

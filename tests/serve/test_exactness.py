@@ -18,7 +18,7 @@ COLOURS = [(220, 30, 30), (30, 200, 40), (20, 40, 220), (240, 240, 20)]
 
 @pytest.fixture(scope="module")
 def server(make_server):
-    return make_server("--slots", "16", "--max-seq-len", "96", "--max-queue", "32")
+    return make_server("--max-queue", "32")
 
 
 @pytest.fixture(scope="module")

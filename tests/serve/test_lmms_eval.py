@@ -8,6 +8,7 @@ records must be the server's greedy answers, and its metric must be computed on 
 
 from __future__ import annotations
 
+import base64
 import json
 import textwrap
 
@@ -79,13 +80,12 @@ def task_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(make_server):
-    return make_server("--slots", "4", "--max-seq-len", "96")
+    return make_server()
 
 
-def test_lmms_eval_openai_route_scores_the_server(server, task_dir, generator, monkeypatch):
+def test_lmms_eval_openai_route_scores_the_server(server, task_dir, monkeypatch):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
-    from PIL import Image
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -101,8 +101,16 @@ def test_lmms_eval_openai_route_scores_the_server(server, task_dir, generator, m
         log_samples=True,
         verbosity="WARNING",
     )
-    images = [Image.open(task_dir / f"{name}.png") for name in COLOURS]
-    want = [c.text for c in generator.generate([QUESTION] * 4, images, max_new_tokens=8)]
+    client = server.client()
+    want = []  # the server's own answers to the same questions (PNG, as lmms-eval sends)
+    for name in COLOURS:
+        data = base64.b64encode((task_dir / f"{name}.png").read_bytes()).decode()
+        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}},
+                   {"type": "text", "text": QUESTION}]  # fmt: skip
+        r = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0
+        )
+        want.append(r.choices[0].message.content)
     samples = sorted(results["samples"]["tiny_colours"], key=lambda s: s["doc_id"])
     got = [s["filtered_resps"][0] for s in samples]
     got = [g if isinstance(g, str) else g[0] for g in got]

@@ -19,7 +19,7 @@ RSS_MARGIN = 64 * 2**20  # bytes the process may grow by between the rounds
 
 @pytest.fixture(scope="module")
 def server(make_server):
-    return make_server("--slots", "8", "--max-seq-len", "96", "--max-queue", "64")
+    return make_server("--max-queue", "64")
 
 
 @pytest.fixture(scope="module")
