@@ -46,7 +46,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--depths", default="4,32", help="compile: the two decoder depths to compare")
     p.add_argument("--skip-unrolled", action="store_true", help="compile: scan_layers only")
     p.add_argument("--clients", default="1,4,16", help="serve: comma-separated client counts")
-    p.add_argument("--serve-tokens", type=int, default=32, help="serve: tokens per answer")
+    p.add_argument(
+        "--serve-tokens",
+        type=int,
+        default=64,
+        help="serve: mean tokens per answer (varied 1/4-7/4)",
+    )
     return p.parse_args(argv)
 
 

@@ -3,17 +3,19 @@
 The bench shape's model (random weights, fp32) is saved as a llava-hf folder with a
 word-level tokenizer over its whole 32000-token vocabulary; our server loads it
 with the project's importer and serves it on a loopback port in this process.
-Every request is one image (random pixels, PNG) and a 27-word question; the answer
-is exactly `new_tokens` greedy tokens (`ignore_eos`). Closed-loop clients each send
-their requests one after the other, streaming (SSE, one chunk per token), at 1, 4
-and 16 concurrent clients.
+Every request is one image (random pixels, PNG) and a 27-word question; answers
+differ in length as real ones do: request j asks for a fixed number of tokens drawn
+once from [new_tokens / 4, 7 new_tokens / 4] (mean `new_tokens`), generated exactly
+(greedy, `ignore_eos`). Closed-loop clients each send their requests one after the
+other, streaming (SSE, one chunk per token), at 1, 4 and 16 concurrent clients.
 
 The same requests (the same ids and pixels, from the server's own rendering) go to
 `transformers`' `LlavaForConditionalGeneration.generate` in two ways:
   - one at a time behind a lock (LLaVA's model worker: one request at a time under
     a semaphore);
   - static batches: a worker takes every waiting request (up to the client count),
-    runs one batched `generate`, and answers them all when it ends.
+    runs one batched `generate` for as many tokens as its longest request asks for,
+    and answers them all when it ends.
 The baselines run in-process without HTTP (in their favour). Figures per side and
 client count: output tokens/s (all tokens / wall time of the round), p50/p95 time
 to first token and latency; plus the recompilations of our engine after warm-up
@@ -196,8 +198,10 @@ def figures(records: list[dict[str, Any]], wall: float) -> dict[str, float]:
 class StaticBatcher:
     """A `transformers` worker that runs every waiting request as one batch."""
 
-    def __init__(self, hf: HFSide, inputs: list[tuple[np.ndarray, np.ndarray]], n: int, cap: int):
-        self.hf, self.inputs, self.n, self.cap = hf, inputs, n, cap
+    def __init__(
+        self, hf: HFSide, inputs: list[tuple[np.ndarray, np.ndarray]], lengths: list[int], cap: int
+    ):
+        self.hf, self.inputs, self.lengths, self.cap = hf, inputs, lengths, cap
         self.waiting: queue.Queue[tuple[int, dict[str, Any], threading.Event]] = queue.Queue()
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.stopped = False
@@ -223,10 +227,12 @@ class StaticBatcher:
                     break
             ids = np.stack([self.inputs[j][0] for j, _, _ in batch])
             pixels = np.stack([self.inputs[j][1][0] for j, _, _ in batch])
-            out, first = hf_generate(self.hf, ids, pixels, self.n)
+            n = max(self.lengths[j] for j, _, _ in batch)
+            out, first = hf_generate(self.hf, ids, pixels, n)
             end = time.perf_counter()
-            for row, (_, record, done) in enumerate(batch):
-                record.update(first=first, end=end, tokens=self.n, ids=out[row].tolist())
+            for row, (j, record, done) in enumerate(batch):
+                n = self.lengths[j]
+                record.update(first=first, end=end, tokens=n, ids=out[row, :n].tolist())
                 done.set()
 
     def close(self) -> None:
@@ -239,7 +245,7 @@ def run_serve(
     shape: BenchShape,
     *,
     clients: Sequence[int] = (1, 4, 16),
-    new_tokens: int = 32,
+    new_tokens: int = 64,
     requests_per_client: int = 2,
     slots: int = 16,
 ) -> None:
@@ -270,7 +276,9 @@ def run_serve(
     # Every prompt has the same length (word-level tokens): one bucket, room for the answer.
     prompt_tokens = len(inputs[0][0])
     bucket = bucket_prompt_length(prompt_tokens)
-    max_len = bucket + new_tokens
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(new_tokens // 4, new_tokens * 7 // 4 + 1, n_jobs).tolist()
+    max_len = bucket + max(lengths)
     args = parse_args(
         ["--checkpoint", "bench", "--port", "0", "--slots", str(slots), "--max-seq-len",
          str(max_len), "--prefill-buckets", str(bucket), "--max-queue", str(n_jobs)]
@@ -280,13 +288,14 @@ def run_serve(
     report.emit(
         "serve", "warmup", compile_s=time.perf_counter() - t0,
         programs=state.engine.runner.compilations(), slots=slots, max_seq_len=max_len,
-        prompt_tokens=prompt_tokens, prefill_bucket=bucket, new_tokens=new_tokens,
+        prompt_tokens=prompt_tokens, prefill_bucket=bucket, new_tokens_mean=new_tokens,
+        new_tokens_min=min(lengths), new_tokens_max=max(lengths),
     )  # fmt: skip
     server = BackgroundServer(state)
     http = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
 
     def ours(job: int) -> dict[str, Any]:
-        body = {"messages": [messages[job]], "max_tokens": new_tokens, "temperature": 0,
+        body = {"messages": [messages[job]], "max_tokens": lengths[job], "temperature": 0,
                 "stream": True, "logprobs": True, "ignore_eos": True}  # fmt: skip
         record: dict[str, Any] = {"submit": time.perf_counter(), "tokens": 0, "text": ""}
         with http.stream("POST", server.url + "/v1/chat/completions", json=body) as resp:
@@ -310,8 +319,10 @@ def run_serve(
         record: dict[str, Any] = {"submit": time.perf_counter()}
         with lock:
             ids, pixels = inputs[job]
-            out, first = hf_generate(hf, ids[None], pixels, new_tokens)
-        record.update(first=first, end=time.perf_counter(), tokens=new_tokens, ids=out[0].tolist())
+            out, first = hf_generate(hf, ids[None], pixels, lengths[job])
+        record.update(
+            first=first, end=time.perf_counter(), tokens=lengths[job], ids=out[0].tolist()
+        )
         return record
 
     # Warm-up (first-call allocations of both sides), then the rounds.
@@ -322,7 +333,7 @@ def run_serve(
     agree = []
     for c in clients:
         jobs = list(range(c * requests_per_client))
-        batcher = StaticBatcher(hf, inputs, new_tokens, cap=c)
+        batcher = StaticBatcher(hf, inputs, lengths, cap=c)
         runs = {"ours": ours, "hf_one_at_a_time": serial, "hf_static_batches": batcher.call}
         for side, call in runs.items():
             records, wall = closed_loop(c, jobs, call)
