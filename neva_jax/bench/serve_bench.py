@@ -16,7 +16,9 @@ The same requests (the same ids and pixels, from the server's own rendering) go 
   - static batches: a worker takes every waiting request (up to the client count),
     runs one batched `generate` for as many tokens as its longest request asks for,
     and answers them all when it ends.
-The baselines run in-process without HTTP (in their favour). Figures per side and
+The baselines run in-process without HTTP (in their favour); our clients run in a
+separate process on the CPUs the bench does not compute on (none are left with
+`--threads` = all of them: then they share). Figures per side and
 client count: output tokens/s (all tokens / wall time of the round), p50/p95 time
 to first token and latency; plus the recompilations of our engine after warm-up
 and how many answers agree with `transformers` token for token.
@@ -28,6 +30,8 @@ import asyncio
 import base64
 import io
 import json
+import multiprocessing
+import os
 import queue
 import statistics
 import tempfile
@@ -195,6 +199,49 @@ def figures(records: list[dict[str, Any]], wall: float) -> dict[str, float]:
     }
 
 
+def stream_one(http: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One streamed request; the record of its times, tokens (logprob entries) and text."""
+    record: dict[str, Any] = {"submit": time.perf_counter(), "tokens": 0, "text": ""}
+    with http.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:]).get("choices", []):
+                entries = (choice.get("logprobs") or {}).get("content") or []
+                if entries and "first" not in record:
+                    record["first"] = time.perf_counter()
+                record["tokens"] += len(entries)
+                record["text"] += choice["delta"].get("content") or ""
+    record["end"] = time.perf_counter()
+    return record
+
+
+def _clients_main(url: str, bodies: list, clients: int, jobs: list[int], cpus: list[int],
+                  out: Any) -> None:  # fmt: skip
+    """The body of `client_process` (a spawned process): closed-loop clients over HTTP."""
+    import httpx
+
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
+        out.put(closed_loop(clients, jobs, lambda j: stream_one(http, url, bodies[j])))
+
+
+def client_process(
+    url: str, bodies: list[dict[str, Any]], clients: int, jobs: list[int], cpus: list[int]
+) -> tuple[list[dict[str, Any]], float]:
+    """`closed_loop` of streamed requests, run in a fresh process on `cpus` (times are
+    CLOCK_MONOTONIC, comparable across processes)."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_clients_main, args=(url, bodies, clients, jobs, cpus, out))
+    proc.start()
+    result = out.get()
+    proc.join()
+    return result
+
+
 class StaticBatcher:
     """A `transformers` worker that runs every waiting request as one batch."""
 
@@ -250,8 +297,6 @@ def run_serve(
     slots: int = 16,
 ) -> None:
     """Measures our server and both `transformers` workers at each client count."""
-    import httpx
-
     from neva_jax.eval.generate import Generator, bucket_prompt_length
     from neva_jax.serve.__main__ import build_state, parse_args
     from neva_jax.serve.app import BackgroundServer
@@ -292,26 +337,18 @@ def run_serve(
         new_tokens_min=min(lengths), new_tokens_max=max(lengths),
     )  # fmt: skip
     server = BackgroundServer(state)
-    http = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
 
-    def ours(job: int) -> dict[str, Any]:
-        body = {"messages": [messages[job]], "max_tokens": lengths[job], "temperature": 0,
-                "stream": True, "logprobs": True, "ignore_eos": True}  # fmt: skip
-        record: dict[str, Any] = {"submit": time.perf_counter(), "tokens": 0, "text": ""}
-        with http.stream("POST", server.url + "/v1/chat/completions", json=body) as resp:
-            resp.raise_for_status()
-            for line in resp.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                for choice in chunk.get("choices", []):
-                    entries = (choice.get("logprobs") or {}).get("content") or []
-                    if entries and "first" not in record:
-                        record["first"] = time.perf_counter()
-                    record["tokens"] += len(entries)
-                    record["text"] += choice["delta"].get("content") or ""
-        record["end"] = time.perf_counter()
-        return record
+    bodies = [
+        {"messages": [m], "max_tokens": n, "temperature": 0, "stream": True, "logprobs": True,
+         "ignore_eos": True}
+        for m, n in zip(messages, lengths, strict=True)
+    ]  # fmt: skip
+    # The clients run in another process, on the CPUs the server does not use (if any):
+    # load generators are not part of a server.
+    others = sorted(set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0))
+
+    def ours(clients: int, jobs: list[int]) -> tuple[list[dict[str, Any]], float]:
+        return client_process(server.url, bodies, clients, jobs, others)
 
     lock = threading.Lock()
 
@@ -326,7 +363,7 @@ def run_serve(
         return record
 
     # Warm-up (first-call allocations of both sides), then the rounds.
-    closed_loop(1, [0], ours)
+    ours(1, [0])
     closed_loop(1, [0], serial)
     compiled = state.engine.compilations_after_warmup()
     results: dict[tuple[str, int], dict[str, float]] = {}
@@ -334,9 +371,13 @@ def run_serve(
     for c in clients:
         jobs = list(range(c * requests_per_client))
         batcher = StaticBatcher(hf, inputs, lengths, cap=c)
-        runs = {"ours": ours, "hf_one_at_a_time": serial, "hf_static_batches": batcher.call}
-        for side, call in runs.items():
-            records, wall = closed_loop(c, jobs, call)
+        runs = {
+            "ours": lambda c=c, jobs=jobs: ours(c, jobs),
+            "hf_one_at_a_time": lambda c=c, jobs=jobs: closed_loop(c, jobs, serial),
+            "hf_static_batches": lambda c=c, jobs=jobs, b=batcher: closed_loop(c, jobs, b.call),
+        }
+        for side, run in runs.items():
+            records, wall = run()
             results[side, c] = figures(records, wall)
             report.emit("serve", f"c{c}_{side}", clients=c, side=side, **results[side, c])
             if side == "ours":
@@ -347,7 +388,6 @@ def run_serve(
                     agree.append(mine["text"] == text.strip())
         batcher.close()
     recompiles = state.engine.compilations_after_warmup() - compiled
-    http.close()
     server.close()
     top = max(clients)
     vs_serial = (

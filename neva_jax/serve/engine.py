@@ -125,10 +125,21 @@ class Handle:
                 return
 
     def _put(self, event: Token | Finished) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the client's event loop is closed: nobody is listening
-            self.cancel_event.set()
+        _send(self.loop, [(self, event)])
+
+
+def _send(loop: asyncio.AbstractEventLoop, events: list[tuple[Handle, Token | Finished]]) -> None:
+    """Queues events for their handles on `loop`, with one wake-up of that loop."""
+
+    def put_all() -> None:
+        for handle, event in events:
+            handle.queue.put_nowait(event)
+
+    try:
+        loop.call_soon_threadsafe(put_all)
+    except RuntimeError:  # the clients' event loop is closed: nobody is listening
+        for handle, _ in events:
+            handle.cancel_event.set()
 
 
 class Engine:
@@ -147,6 +158,7 @@ class Engine:
         self.error: str | None = None
         self.running = threading.Event()  # cleared by `pause()`
         self.running.set()
+        self.outbox: list[tuple[Handle, Token | Finished]] = []  # sent after each step
 
     # ------------------------------------------------------------------ control
 
@@ -247,6 +259,7 @@ class Engine:
                 self._admit()
                 if any(self.slots):
                     self._step()
+                self._flush()
         except Exception as e:  # a bug or a device failure: fail every request, say why
             log.exception("engine loop failed")
             self.error = f"{type(e).__name__}: {e}"
@@ -273,6 +286,7 @@ class Engine:
             self._gauges()
             out = self.runner.prefill(slot, handle.ids, handle.pixels, handle.params)
             self._deliver(slot, handle, out.token(0))
+            self._flush()
 
     def _step(self) -> None:
         """One decode step for every active slot; cancelled slots are freed first."""
@@ -286,6 +300,16 @@ class Engine:
         for slot, h in enumerate(self.slots):
             if h is not None:
                 self._deliver(slot, h, out.token(slot))
+        self._flush()
+
+    def _flush(self) -> None:
+        """Sends the events of the last step: one wake-up per client event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle, event in self.outbox:
+            by_loop.setdefault(handle.loop, []).append((handle, event))
+        self.outbox = []
+        for loop, events in by_loop.items():
+            _send(loop, events)
 
     def _deliver(self, slot: int, handle: Handle, token: Token) -> None:
         """Hands one token to its request; finishes the request when it is done."""
@@ -295,7 +319,7 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.first_token(now - handle.submitted)
         handle.generated += 1
-        handle._put(token)
+        self.outbox.append((handle, token))
         if self.metrics is not None:
             self.metrics.tokens_out(1)
         if token.id in self.runner.eos_ids and not handle.params.ignore_eos:
@@ -311,7 +335,7 @@ class Engine:
                 self.slots[slot] = None
                 self.runner.free(slot)
             handle.finished_at = time.perf_counter()
-            handle._put(Finished(reason))
+            self.outbox.append((handle, Finished(reason)))
             if self.metrics is not None:
                 self.metrics.finished(reason, handle.finished_at - handle.submitted)
             self.cond.notify_all()

@@ -149,7 +149,7 @@ class KVSlotRunner:
         positions = np.zeros((1, T), np.int32)
         positions[0, :n] = np.arange(n)
         images = None if pixels is None else np.asarray(pixels, np.float32)[None]
-        self.seed[slot] = np.uint32(params.seed or 0)
+        self.seed[slot] = np.uint32((params.seed or 0) % 2**32)  # any int: OpenAI allows negatives
         self.temperature[slot] = params.temperature
         self.top_p[slot] = params.top_p
         self.top_k[slot] = params.top_k

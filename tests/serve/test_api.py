@@ -165,6 +165,7 @@ def test_seeded_sampling_repeats(client):
 
     assert ask(7) == ask(7)
     assert len({ask(7), ask(8), ask(9)}) > 1
+    assert ask(-3) == ask(-3)  # any integer seed
 
 
 def test_metrics(server, client):
