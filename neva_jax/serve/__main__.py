@@ -67,6 +67,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "... up to --max-seq-len); fewer buckets compile faster and pad more",
     )
     p.add_argument(
+        "--decode-buckets",
+        metavar="N,N,...",
+        help="row counts a decode step runs on, one compiled step each (default: 1, 4, 16, "
+        "... up to --slots); a step computes only the first N slots that hold every request",
+    )
+    p.add_argument(
         "--max-queue",
         type=int,
         default=64,
@@ -119,13 +125,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--max-images must be >= 0, got {args.max_images}")
     if args.max_seq_len is not None and args.max_seq_len < 16:
         p.error(f"--max-seq-len must be >= 16, got {args.max_seq_len}")
-    if args.prefill_buckets is not None:
+    for name in ("prefill_buckets", "decode_buckets"):
+        flag, value = "--" + name.replace("_", "-"), getattr(args, name)
+        if value is None:
+            continue
         try:
-            args.prefill_buckets = [int(b) for b in args.prefill_buckets.split(",") if b.strip()]
+            sizes = [int(b) for b in value.split(",") if b.strip()]
         except ValueError:
-            p.error(f"--prefill-buckets {args.prefill_buckets!r}: expected numbers like 64,128,256")
-        if any(b < 1 for b in args.prefill_buckets):
-            p.error("--prefill-buckets: every bucket must be >= 1")
+            p.error(f"{flag} {value!r}: expected numbers like 16,64,256")
+        if not sizes or any(b < 1 for b in sizes):
+            p.error(f"{flag} {value!r}: every size must be >= 1")
+        setattr(args, name, sizes)
     if not 0 <= args.port < 65536:
         p.error(f"--port must be 0..65535, got {args.port}")
     if args.image_root is not None and not Path(args.image_root).is_dir():
@@ -161,6 +171,7 @@ def build_state(args: argparse.Namespace, gen: Any = None) -> Any:
         pad_id=gen.tokenizer.pad_id,
         max_images=args.max_images,
         buckets=args.prefill_buckets,
+        decode_buckets=args.decode_buckets,
     )
     metrics = ServerMetrics()
     engine = Engine(runner, max_queue=args.max_queue, metrics=metrics)

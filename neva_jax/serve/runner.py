@@ -10,8 +10,9 @@ Three compiled programs, whatever the traffic:
     over the padding); that cache is inserted into row `slot` of the big one (`slot`
     is traced: one program for every slot); the first token is picked from the last
     real position.
-  - `_decode` (greedy, and a sampling variant used while any active slot samples):
-    one token for every row, each continuing its own sequence.
+  - `_decode` (per decode bucket R, greedy and a sampling variant used while any
+    active slot samples): one token for each of the first R rows, each continuing its
+    own sequence (R = 1, 4, 16, ... up to the slots: few requests, a small step).
   - `_free`: empties a row.
 Warm-up compiles them all for every bucket up to S; `compilations()` counts the
 programs compiled so far (jit cache entries), so a recompilation after warm-up
@@ -68,6 +69,15 @@ def prompt_buckets(max_len: int, sizes: Sequence[int] | None = None) -> list[int
     return sorted({int(b) for b in sizes if 0 < b < max_len} | {max_len})
 
 
+def row_buckets(slots: int, sizes: Sequence[int] | None = None) -> list[int]:
+    """The row counts a decode step runs on: `sizes` (default 1, 4, 16, ...: powers of 4)
+    below `slots`, and `slots` itself. A step computes only the first R rows of the
+    cache, so a server with few requests in flight does not pay for all its slots."""
+    if sizes is None:
+        sizes = [4**i for i in range(16) if 4**i < slots]
+    return sorted({int(b) for b in sizes if 0 < b < slots} | {slots})
+
+
 class KVSlotRunner:
     """Owns the model, the [slots, S] cache and each slot's sampling state (host side)."""
 
@@ -81,12 +91,14 @@ class KVSlotRunner:
         pad_id: int,
         max_images: int = 1,
         buckets: Sequence[int] | None = None,
+        decode_buckets: Sequence[int] | None = None,
     ):
         cfg = model.config
         self.slots, self.max_len, self.max_images = slots, max_len, max_images
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.pad_id = pad_id
         self.buckets = prompt_buckets(max_len, buckets)
+        self.decode_buckets = row_buckets(slots, decode_buckets)
         self.image_shape = (cfg.vision.image_size, cfg.vision.image_size, 3)
         self.image_slots = cfg.num_image_tokens
         self.image_token_id = cfg.image_token_id
@@ -125,7 +137,8 @@ class KVSlotRunner:
                 self.free(0)
         for temperature in (0.0, 1.0):  # the greedy and the sampling decode step
             self.temperature[:] = temperature
-            self.decode(np.ones(self.slots, bool))
+            for R in self.decode_buckets:
+                self.decode(np.arange(self.slots) < R)
         for slot in range(self.slots):
             self.free(slot)
         self.temperature[:] = 0.0
@@ -170,13 +183,17 @@ class KVSlotRunner:
         return self._record(out, np.array([slot]))
 
     def decode(self, active: np.ndarray) -> StepOutput:
-        """One token for every slot (rows of inactive slots are computed and ignored)."""
-        rows = np.arange(self.slots)
-        sample = bool(np.any(active & (self.temperature > 0)))
+        """One token for the first R slots, R the smallest decode bucket that holds every
+        active slot (the engine fills the lowest free slots first); rows of inactive slots
+        among them are computed and ignored."""
+        used = int(np.flatnonzero(active)[-1]) + 1 if active.any() else 1
+        R = next(b for b in self.decode_buckets if b >= used)
+        rows = np.arange(R)
+        sample = bool(np.any(active[:R] & (self.temperature[:R] > 0)))
         self.cache, out = _decode(
             self.state,
             self.cache,
-            self.last,
+            self.last[:R],
             self._knobs(rows),
             graphdef=self.graphdef,
             sample=sample,
@@ -286,7 +303,25 @@ def _decode(
     sample: bool,
 ) -> tuple[Any, tuple[jax.Array, ...]]:
     model, layers = nnx.merge(graphdef, state)
-    cache, h = model.llm.decode(cache, last[:, None], layers=layers)
+    rows = last.shape[0]
+    if rows == cache.batch:
+        cache, h = model.llm.decode(cache, last[:, None], layers=layers)
+    else:  # the first `rows` rows only: taken out, advanced, written back in place
+        K = cache.num_kv_heads
+        part = cache.replace(
+            k=tuple(b[: rows * K] for b in cache.k),
+            v=tuple(b[: rows * K] for b in cache.v),
+            segment_ids=cache.segment_ids[:rows],
+            positions=cache.positions[:rows],
+            lengths=cache.lengths[:rows],
+        )
+        part, h = model.llm.decode(part, last[:, None], layers=layers)
+        zero = jnp.zeros((), jnp.int32)
+
+        def put(big: jax.Array, small: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_update_slice(big, small, (zero,) * big.ndim)
+
+        cache = jax.tree.map(put, cache, part)
     return cache, _pick(model.llm.logits(h)[:, 0], knobs, sample)
 
 
