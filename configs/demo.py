@@ -3,7 +3,7 @@
 64x64 images of 1-4 shapes of one colour in one corner (`python -m neva_jax.data
 synth`); a 2-layer ViT (8 px patches: 64 image tokens, width 64) frozen at its random
 initialisation, an `mlp2x_gelu` projector and a 2-layer LLaMA-style decoder of width
-128 with 4 heads, in float32 (DESIGN.md section 9). Stage 1 aligns the projector on
+128 with 4 heads, in float32 (docs/REFERENCE.md "Demo evidence"). Stage 1 aligns the projector on
 captions (`plain`); stage 2 trains projector + decoder on four-question conversations
 (`vicuna_v1`). `make demo` (`python -m neva_jax.demo`) runs:
 

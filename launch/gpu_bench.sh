@@ -13,11 +13,11 @@
 #   2:cudnn:selective  stage 2, cuDNN, keep matmul outputs (recompute the rest)
 #   2:xla:full         stage 2, XLA attention (vs cuDNN at the same remat)
 # Each prints one JSON line: model TFLOP/s, MFU vs the 790 TFLOP/s measured bf16
-# peak of an H200 (DESIGN.md section 7), tokens/s (all and real), compile time,
+# peak of an H200 (docs/REFERENCE.md "Measured peaks"), tokens/s (all and real), compile time,
 # the program's memory and the device's peak memory; then a table and the MFU
 # targets (stage 2 >= 50%, stage 1 >= 55%).
 #
-# XLA flags (DESIGN.md section 7's MaxText anchor; single-GPU subset):
+# XLA flags (the MaxText anchor of docs/REFERENCE.md "Measured peaks"; single-GPU subset):
 #   --xla_gpu_enable_latency_hiding_scheduler=true
 #       schedule asynchronous work (copies, collectives) to overlap compute.
 #   --xla_gpu_enable_triton_gemm=false

@@ -1,286 +1,127 @@
-"""Experiment configuration: an ml_collections ConfigDict -> typed frozen dataclasses.
+"""Experiment configuration: an ml_collections ConfigDict -> one typed, validated `RunConfig`.
 
-Experiment files (`configs/*.py`) build a ConfigDict with `get_config(arg)`. The
-entry point converts it here, once, into `RunConfig` and validates it before any
-model is built or any function compiled. Every problem is reported as a
+Experiment files (`configs/*.py`) build a ConfigDict with `get_config(arg)`, starting
+from `default_config()`. The entry point converts it here, once, into a `RunConfig`
+and checks it before any model is built or any function compiled. Every problem is a
 `ConfigError` whose message is one line naming the key and what would fix it;
 `neva_jax.main` turns it into exit status 2. No code below this module reads a
 ConfigDict.
 
-Key names follow NeMo's NeVA config where one exists (`model.llm.freeze`,
-`model.vision_encoder.vision_select_layer`, ...), see DESIGN.md section 3.
+The architecture has one schema, the model's own config dataclasses: `RunConfig.model`
+is a `NevaConfig` (holding `LlamaConfig` and `ClipConfig`). ConfigDict keys keep
+NeMo's names (docs/DESIGN.md "Configuration"):
+
+  model.llm.<name>             LlamaConfig fields made with `schema.key()`
+  model.vision_encoder.<name>  ClipConfig fields made with `schema.key()`
+  model.<name>                 NevaConfig fields made with `schema.key()`
+  model.llm.<name>             also `LlmSettings` (from_pretrained, freeze, ...) -> RunConfig.llm
+  model.vision_encoder.<name>  also `VisionSettings` -> RunConfig.vision_encoder
+  RUNTIME_KEYS / model.<name>  the run-time model fields (`neva.RUNTIME_FIELDS`), both parts
+  <section>.<name>             the other sections' fields; data.<name>: `DataConfig`'s
+
+`_keys()` builds that table from the dataclasses; conversion, defaults, presets and
+`to_dict` all go through it. The typed side and its rules are `neva_jax.run_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
 
-DTYPES = ("float32", "bfloat16", "float16")
-MODEL_TYPES = ("llama_2", "llama", "vicuna", "nvgpt")
-SIGNALS = ("SIGTERM", "SIGKILL", "SIGINT")
+from neva_jax.data.config import DataConfig
+from neva_jax.model import neva
+from neva_jax.model.neva import NevaConfig
+from neva_jax.model.schema import FieldError, keys
+from neva_jax.run_config import ConfigError, RunConfig, check, default_model
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line: key, problem, fix."""
-
-
-# ----------------------------------------------------------------------------------------
-# Sections. Model defaults are the seed's NeVA (LLaMA-2-7B + CLIP-L/14 at 224 px).
-
-
-@dataclasses.dataclass(frozen=True)
-class LlmSection:
-    """`model.llm`: the LLaMA-family decoder (NeMo names; see `model.llama.LlamaConfig`)."""
-
-    from_pretrained: str = ""  # HF LLaMA/Vicuna folder (safetensors); "" = random init
-    freeze: bool = True  # stage 1: True; stage 2: False
-    model_type: str = "llama_2"
-    vocab_size: int = 32064
-    encoder_seq_length: int = 4096
-    num_layers: int = 32
-    hidden_size: int = 4096
-    ffn_hidden_size: int = 11008
-    num_attention_heads: int = 32
-    num_query_groups: int = 0  # GQA kv heads; 0 = num_attention_heads
-    position_embedding_type: str = "rope"
-    rope_theta: float = 10000.0
-    normalization: str = "rmsnorm"
-    layernorm_epsilon: float = 1e-5
-    bias: bool = False
-    activation: str = "swiglu"
-    share_embeddings_and_output_weights: bool = False
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_query_groups or self.num_attention_heads
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionSection:
-    """`model.vision_encoder`: the CLIP ViT tower (NeMo names; see `model.clip.ClipConfig`)."""
-
-    from_pretrained: str = ""  # HF CLIP folder (safetensors); "" = random init
-    from_hf: bool = True
-    freeze: bool = True
-    image_size: int = 224
-    patch_dim: int = 14
-    num_channels: int = 3
-    hidden_size: int = 1024
-    ffn_hidden_size: int = 4096
-    num_layers: int = 24
-    num_attention_heads: int = 16
-    layernorm_epsilon: float = 1e-5
-    activation: str = "quick_gelu"
-    vision_select_layer: int = -2
-    class_token_length: int = 1
-
-    @property
-    def num_image_tokens(self) -> int:
-        return (self.image_size // self.patch_dim) ** 2 + 1 - self.class_token_length
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSection:
-    """`model`: the NeVA model: decoder, vision tower and projector."""
-
-    llm: LlmSection = LlmSection()
-    vision_encoder: VisionSection = VisionSection()
-    projector: str = "mlp2x_gelu"
-    use_im_start_end: bool = False
-    scan_layers: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshSection:
-    """`mesh`: device mesh axes; -1 on one axis = all remaining devices."""
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class RematSection:
-    """`remat`: activation checkpointing of decoder blocks (NeMo's activations_checkpoint_*)."""
-
-    policy: str = "none"
-    num_layers: int = 0  # 0 = every layer
-
-
-@dataclasses.dataclass(frozen=True)
-class PrecisionSection:
-    """`precision`: compute dtype and master-weight dtype (NeMo's bf16 + O2)."""
-
-    compute_dtype: str = "bfloat16"
-    param_dtype: str = "float32"
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionSection:
-    """`attention`: fused attention kernel choice."""
-
-    implementation: str = "auto"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSection:
-    """`train`: steps, batch, optimizer, schedule and failure policy."""
-
-    steps: int = 100
-    batch_size: int = 8  # global, across all devices and accumulation steps
-    grad_accum_steps: int = 1
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    warmup_steps: int = -1  # -1 = warmup_ratio * steps
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # global-norm clip; 0 = off
-    logits_fraction: float = 1.0  # LM-head capacity per row, fraction of T (speed only)
-    log_every: int = 10
-    max_consecutive_nonfinite: int = 5  # K: this many non-finite steps in a row stop the run
-    peak_flops_per_device: float = 0.0  # measured peak for MFU; 0 = the built-in table or none
-
-    @property
-    def warmup(self) -> int:
-        if self.warmup_steps >= 0:
-            return self.warmup_steps
-        return int(self.warmup_ratio * self.steps)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSection:
-    """`eval`: periodic evaluation during training and `--mode eval`."""
-
-    every_steps: int = 0  # 0 = only at the end of training
-    steps: int = 0  # batches per evaluation; 0 = the whole eval set
-    batch_size: int = 0  # 0 = train.batch_size // train.grad_accum_steps
-    checkpoint: str = ""  # --mode eval: a workdir or step folder; "" = the newest in --workdir
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointSection:
-    """`checkpoint`: Orbax checkpointing of the training state."""
-
-    every_steps: int = 1000
-    keep: int = 3
-    async_save: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class DebugSection:
-    """`debug`: test hooks, off by default."""
-
-    inject_nan_steps: tuple[int, ...] = ()  # the loss of these (0-based) steps is NaN
-    signal_at_step: int = 0  # send `signal` to this process after this many steps (0 = off)
-    signal: str = "SIGTERM"
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedSection:
-    """`distributed`: a multi-process launch (`neva_jax.distributed`); unset = the environment.
-
-    Unset values come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID,
-    else SLURM or Open MPI (auto-detected), else one process.
-    """
-
-    coordinator_address: str = ""  # host:port where process 0 serves the coordinator
-    num_processes: int = 0  # 0 = from the environment
-    process_id: int = -1  # -1 = from the environment
-    initialization_timeout: int = 300  # seconds to wait for every process to connect
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanSection:
-    """`plan`: what `--mode plan` (`neva_jax.train.plan`) estimates memory for."""
-
-    num_devices: int = 0  # 0 = the devices this process sees
-    device_memory_gb: float = 0.0  # per device, GB = 1e9 bytes; 0 = the device's own limit
-    memory_fraction: float = 0.9  # share of device memory the estimate may fill
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """The whole experiment, typed. `data` is the data package's own `DataConfig`."""
-
-    model: ModelSection
-    mesh: MeshSection
-    remat: RematSection
-    precision: PrecisionSection
-    attention: AttentionSection
-    train: TrainSection
-    eval: EvalSection
-    checkpoint: CheckpointSection
-    debug: DebugSection
-    data: Any
-    seed: int = 0
-    init_from: str = ""  # a training workdir / step folder / imported model folder
-    distributed: DistributedSection = DistributedSection()
-    plan: PlanSection = PlanSection()
-
-    @property
-    def trained_parts(self) -> tuple[str, ...]:
-        """Top-level submodules that train: projector always; llm/vision unless frozen."""
-        parts = ["projector"]
-        if not self.model.llm.freeze:
-            parts.append("llm")
-        if not self.model.vision_encoder.freeze:
-            parts.append("vision")
-        return tuple(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able nested dict (for checkpoint metadata)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = to_jsonable(v)
-        return out
-
-
-_SECTIONS: dict[str, type] = {
-    "model": ModelSection,
-    "mesh": MeshSection,
-    "remat": RematSection,
-    "precision": PrecisionSection,
-    "attention": AttentionSection,
-    "train": TrainSection,
-    "eval": EvalSection,
-    "checkpoint": CheckpointSection,
-    "debug": DebugSection,
-    "distributed": DistributedSection,
-    "plan": PlanSection,
+# The model's parts: ConfigDict section -> (NevaConfig field, RunConfig field of its other knobs).
+MODEL_PARTS = {"llm": ("llm", "llm"), "vision_encoder": ("vision", "vision_encoder")}
+# Run-time model fields (`neva.RUNTIME_FIELDS`) whose key is not `model.<field>`.
+RUNTIME_KEYS = {
+    "dtype": "precision.compute_dtype",
+    "param_dtype": "precision.param_dtype",
+    "attention_impl": "attention.implementation",
+    "remat_policy": "remat.policy",
 }
+# Keys that moved, with what to set instead.
+_MOVED = {"data.batch_size": "set train.batch_size (the global batch)"}
+# Sections built field by field from ConfigDict sections of the same name.
+_SECTIONS = ("mesh", "remat", "train", "eval", "checkpoint", "distributed", "plan")
 
 
 # ----------------------------------------------------------------------------------------
-# Conversion
+# The key table: ConfigDict key -> where its value lives in RunConfig.
 
 
-def to_jsonable(v: Any) -> Any:
-    """Dataclasses, tuples and mappings as plain JSON-able dicts and lists."""
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: to_jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, tuple | list):
-        return [to_jsonable(x) for x in v]
-    if isinstance(v, Mapping):
-        return {k: to_jsonable(x) for k, x in v.items()}
-    return v
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    paths: tuple[tuple[str, ...], ...]  # attribute paths in RunConfig (several: both parts)
+    annotation: Any
 
 
-def _unknown_key(key: str, known: list[str]) -> ConfigError:
+@functools.cache
+def _keys() -> dict[str, _Slot]:
+    out: dict[str, _Slot] = {}
+    run_hints = typing.get_type_hints(RunConfig)
+
+    def add_fields(prefix: str, cls: type, path: tuple[str, ...], names: Any = None) -> None:
+        hints = typing.get_type_hints(cls)
+        for name in names if names is not None else [f.name for f in dataclasses.fields(cls)]:
+            out[f"{prefix}{name}"] = _Slot(((*path, name),), hints[name])
+
+    model = default_model()
+    for section, (part, settings) in MODEL_PARTS.items():
+        part_cls = type(getattr(model, part))
+        add_fields(f"model.{section}.", part_cls, ("model", part), keys(part_cls))
+        add_fields(f"model.{section}.", run_hints[settings], (settings,))
+    add_fields("model.", NevaConfig, ("model",), keys(NevaConfig))
+    llm_hints = typing.get_type_hints(type(model.llm))
+    for name in neva.RUNTIME_FIELDS:
+        if name in neva.PLATFORM_FIELDS:
+            continue
+        paths = tuple(("model", part, name) for part, _ in MODEL_PARTS.values())
+        out[RUNTIME_KEYS.get(name, f"model.{name}")] = _Slot(paths, llm_hints[name])
+    for section in _SECTIONS:
+        add_fields(f"{section}.", run_hints[section], (section,))
+    data_fields = [f.name for f in dataclasses.fields(DataConfig) if f.name != "batch_size"]
+    add_fields("data.", DataConfig, ("data",), data_fields)
+    add_fields("", RunConfig, (), ["seed", "init_from"])
+    return out
+
+
+def _get(obj: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
+
+
+def _set_path(tree: Any, parts: list[str], value: Any) -> None:
+    for name in parts[:-1]:
+        if name not in tree:
+            tree[name] = {} if isinstance(tree, dict) else ml_collections.ConfigDict()
+        tree = tree[name]
+    tree[parts[-1]] = value
+
+
+def _jsonable(v: Any) -> Any:
+    return [_jsonable(x) for x in v] if isinstance(v, tuple | list) else v
+
+
+def _unknown_key(key: str) -> ConfigError:
     head, _, last = key.rpartition(".")
+    known = [k.rpartition(".")[2] for k in _keys() if k.rpartition(".")[0] == head]
+    if not known:  # an unknown section: name the top-level ones
+        head, known = "", sorted({k.split(".")[0] for k in _keys()})
+        last = key.split(".")[0]
     close = difflib.get_close_matches(last, known, n=1)
     hint = f"did you mean {head + '.' if head else ''}{close[0]}?" if close else ""
     return ConfigError(
@@ -289,8 +130,13 @@ def _unknown_key(key: str, known: list[str]) -> ConfigError:
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Checks/converts one leaf value to the field's annotated type."""
-    origin = typing.get_origin(annotation)
+    """Checks/converts one value to the field's annotated type."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return _coerce(key, value, rest[0]) if len(rest) == 1 else value
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -305,11 +151,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         if value is None:
             return ""
-    elif origin is tuple:
+    elif typing.get_origin(annotation) is tuple:
         if isinstance(value, int) and not isinstance(value, bool):
             value = (value,)
         if isinstance(value, tuple | list):
-            (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis}
+            (item,) = {a for a in args if a is not Ellipsis}
             return tuple(_coerce(key, v, item) for v in value)
     else:
         return value
@@ -318,103 +164,106 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"config.{key}={value!r}: expected {article} {name}")
 
 
-def _build(cls: type, cd: Mapping[str, Any], prefix: str) -> Any:
-    """Builds dataclass `cls` from a mapping, rejecting unknown keys."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in cd.items():
-        full = f"{prefix}{key}"
-        if key not in fields:
-            raise _unknown_key(full, list(fields))
-        ann = hints[key]
-        if dataclasses.is_dataclass(ann):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"config.{full}: expected a section (a ConfigDict)")
-            kwargs[key] = _build(ann, value, full + ".")
-        else:
-            kwargs[key] = _coerce(full, value, ann)
-    return cls(**kwargs)
-
-
-def _as_mapping(cd: Any) -> Mapping[str, Any]:
+def _values(cd: Any) -> dict[str, Any]:
+    """{key: value} of every key `cd` sets, checked against the key table and coerced."""
     if isinstance(cd, ml_collections.ConfigDict):
-        return cd.to_dict()
-    if isinstance(cd, Mapping):
-        return cd
-    raise ConfigError(f"config: expected a ConfigDict, got {type(cd).__name__}")
+        cd = cd.to_dict()
+    if not isinstance(cd, Mapping):
+        raise ConfigError(f"config: expected a ConfigDict, got {type(cd).__name__}")
+    table, out = _keys(), {}
+
+    def walk(tree: Mapping[str, Any], prefix: str) -> None:
+        for name, value in tree.items():
+            key = prefix + name
+            if key in _MOVED:
+                raise ConfigError(f"config.{key}: {_MOVED[key]}")
+            if key in table:
+                out[key] = _coerce(key, value, table[key].annotation)
+            elif any(k.startswith(key + ".") for k in table):
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"config.{key}: expected a section (a ConfigDict)")
+                walk(value, key + ".")
+            else:
+                raise _unknown_key(key)
+
+    walk(cd, "")
+    return out
 
 
-def _data_fields() -> dict[str, dataclasses.Field]:
-    """DataConfig fields an experiment sets (the global batch size is `train.batch_size`)."""
-    from neva_jax.data.config import DataConfig  # one-way: config -> data
+def _assemble(obj: Any, changes: Mapping[tuple[str, ...], Any]) -> Any:
+    """`obj` with `changes` (attribute path -> value): each dataclass is built once."""
+    direct = {p[0]: v for p, v in changes.items() if len(p) == 1}
+    nested: dict[str, dict[tuple[str, ...], Any]] = {}
+    for path, value in changes.items():
+        if len(path) > 1:
+            nested.setdefault(path[0], {})[path[1:]] = value
+    for name, sub in nested.items():
+        direct[name] = _assemble(getattr(obj, name), sub)
+    return dataclasses.replace(obj, **direct) if direct else obj
 
-    return {f.name: f for f in dataclasses.fields(DataConfig) if f.name != "batch_size"}
 
-
-def _build_data(cd: Mapping[str, Any] | None, train: TrainSection) -> Any:
-    """Converts `config.data` into the data package's `DataConfig`."""
-    from neva_jax.data.config import DataConfig
-
-    cd = dict(cd or {})
-    known = list(_data_fields())
-    for key in cd:
-        if key == "batch_size":
-            raise ConfigError("config.data.batch_size: set train.batch_size (the global batch)")
-        if key not in known:
-            raise _unknown_key(f"data.{key}", known)
+def _build(values: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig with these key values (the others at their defaults)."""
+    changes = {path: value for key, value in values.items() for path in _keys()[key].paths}
+    # The image id: a placeholder (the last id) until the tokenizer is known.
+    vocab = changes.get(("model", "llm", "vocab_size"), default_model().llm.vocab_size)
+    changes[("model", "image_token_id")] = vocab - 1
     try:
-        data = _build(DataConfig, {k: v for k, v in cd.items() if v is not None}, "data.")
-        return dataclasses.replace(data, batch_size=train.batch_size)
-    except (TypeError, ValueError) as e:
+        return _assemble(RunConfig(), changes)
+    except FieldError as e:
+        if e.field in neva.RUNTIME_FIELDS:
+            key = RUNTIME_KEYS.get(e.field, f"model.{e.field}")
+        else:
+            key = f"{e.section}.{e.field}"
+        raise ConfigError(f"config.{key}={e.value!r}: {e.problem}") from None
+    except (TypeError, ValueError) as e:  # DataConfig's own conversions
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"config.data: {e}") from None
+        raise ConfigError(f"config.data: {str(e).splitlines()[0]}") from None
 
 
-def _section_dict(cls: type, fields: Mapping[str, dataclasses.Field] | None = None) -> Any:
-    out = ml_collections.ConfigDict()
-    for name, f in (fields or {f.name: f for f in dataclasses.fields(cls)}).items():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if dataclasses.is_dataclass(default):
-            out[name] = _section_dict(type(default))
-        elif default is None:
-            out[name] = ml_collections.FieldReference(None, field_type=str)
-        else:
-            out[name] = default
-    return out
+# ----------------------------------------------------------------------------------------
+# ConfigDicts: defaults, presets, recipes.
 
 
 def default_config() -> ml_collections.ConfigDict:
     """A ConfigDict holding every key with its default; experiment files start from it.
 
-    With `lock_config=True` only existing keys can be set, so every knob must be here.
+    With `lock_config=True` only existing keys can be set, so every knob is here.
     """
-    from neva_jax.data.config import DataConfig
-
     cd = ml_collections.ConfigDict()
-    for name, cls in _SECTIONS.items():
-        cd[name] = _section_dict(cls)
-    cd.data = _section_dict(DataConfig, _data_fields())
-    cd.seed = 0
-    cd.init_from = ""
+    default = RunConfig()
+    for key, slot in _keys().items():
+        value = _get(default, slot.paths[0])
+        if value is None:
+            kind = next(a for a in typing.get_args(slot.annotation) if a is not type(None))
+            value = ml_collections.FieldReference(None, field_type=kind)
+        _set_path(cd, key.split("."), value)
     return cd
 
 
-def model_preset(cd: ml_collections.ConfigDict, name: str) -> None:
-    """Copies a `neva_jax.model.neva.PRESETS` architecture into `cd.model` (in place)."""
-    from neva_jax.model import neva
+def set_model(cd: ml_collections.ConfigDict, model: NevaConfig) -> None:
+    """Writes the architecture of `model` into `cd`'s model keys (in place; run-time
+    fields are left as they are)."""
+    for key, slot in _keys().items():
+        path = slot.paths[0]
+        if path[0] == "model" and path[-1] not in neva.RUNTIME_FIELDS:
+            _set_path(cd, key.split("."), _get(model, path[1:]))
 
-    preset = neva.PRESETS[name]()
-    for section, sub in ((cd.model.llm, preset.llm), (cd.model.vision_encoder, preset.vision)):
-        for key, value in dataclasses.asdict(sub).items():
-            if key in section and key not in ("dtype", "param_dtype"):
-                section[key] = value if value is not None else 0
-    cd.model.projector = preset.projector
+
+def model_preset(cd: ml_collections.ConfigDict, name: str) -> None:
+    """Sets `cd`'s architecture to `neva_jax.model.neva.PRESETS[name]` (in place)."""
+    set_model(cd, neva.PRESETS[name]())
+
+
+def model_config(cd: ml_collections.ConfigDict) -> NevaConfig:
+    """The architecture `cd` describes (its model keys only); raises ConfigError."""
+    values = {k: v for k, v in _values(cd).items() if _keys()[k].paths[0][0] == "model"}
+    return _build(values).model
 
 
 def llava_recipe(cd: ml_collections.ConfigDict, *, stage2: bool, data_dir: str, init: str) -> None:
-    """LLaVA-1.5's two-stage hyperparameters (DESIGN.md section 4) on `cd` (in place).
+    """LLaVA-1.5's two-stage hyperparameters (docs/REFERENCE.md "Recipes") on `cd` (in place).
 
     Stage 1: `plain` captions (LLaVA-Pretrain 558K), projector only, batch 256, lr 1e-3.
     Stage 2: instruction data (llava_v1_5_mix665k), projector + LLM, lr 2e-5, packed
@@ -437,11 +286,10 @@ def llava_recipe(cd: ml_collections.ConfigDict, *, stage2: bool, data_dir: str, 
         data.image_folder = os.path.join(data_dir, "LLaVA-Pretrain", "images")
         data.template = "plain"
     data.tokenizer = os.path.join(init, "tokenizer") if init else ""
-    vis = cd.model.vision_encoder
-    image_tokens = (vis.image_size // vis.patch_dim) ** 2
     # Stage 1 rows are one image + a short caption; stage 2 packs ~3 samples per row.
-    data.max_seq_len = 2048 if stage2 else image_tokens + 128
+    data.max_seq_len = 2048 if stage2 else model_config(cd).num_image_tokens + 128
     data.packing = stage2
+    data.group_by_modality_length = stage2  # LLaVA-1.5 stage 2: all-image or all-text batches
     data.max_images_per_row = 3 if stage2 else 1
     data.num_workers = 8
     t = cd.train
@@ -474,6 +322,10 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------------------
+# ConfigDict -> RunConfig -> dict.
+
+
 def from_config_dict(
     cd: ml_collections.ConfigDict | Mapping[str, Any],
     *,
@@ -486,37 +338,26 @@ def from_config_dict(
     `check_environment=False` skips what depends on this machine (files and folders
     exist, a cuDNN backend): `--mode plan` plans for another machine.
     """
-    top = dict(_as_mapping(cd))
-    kwargs: dict[str, Any] = {}
-    for name, cls in _SECTIONS.items():
-        section = top.pop(name, {}) or {}
-        if not isinstance(section, Mapping):
-            raise ConfigError(f"config.{name}: expected a section (a ConfigDict)")
-        kwargs[name] = _build(cls, section, name + ".")
-    kwargs["data"] = _build_data(top.pop("data", {}), kwargs["train"])
-    for name in ("seed", "init_from"):
-        if name in top:
-            kwargs[name] = _coerce(name, top.pop(name), typing.get_type_hints(RunConfig)[name])
-    if top:
-        known = [*_SECTIONS, "data", "seed", "init_from"]
-        raise _unknown_key(sorted(top)[0], known)
-    cfg = RunConfig(**kwargs)
-    from neva_jax.config_checks import validate  # the rules need model/data configs
-
-    validate(cfg, num_devices, check_environment=check_environment)
+    cfg = _build(_values(cd))
+    data = dataclasses.replace(cfg.data, batch_size=cfg.train.batch_size).with_model(
+        image_size=cfg.model.vision.image_size,
+        num_image_slots=cfg.model.num_image_tokens,
+        use_im_start_end=cfg.model.use_im_start_end,
+    )
+    cfg = dataclasses.replace(cfg, data=data)
+    check(cfg, jax.device_count() if num_devices is None else num_devices, check_environment)
     return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Every key of `cfg` as a nested JSON-able dict in the ConfigDict's layout (for
+    checkpoint metadata; `from_config_dict` reads it back)."""
+    out: dict[str, Any] = {}
+    for key, slot in _keys().items():
+        _set_path(out, key.split("."), _jsonable(_get(cfg, slot.paths[0])))
+    return out
 
 
 def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
-    """`dataclasses.replace` over dotted keys, e.g. replace(cfg, **{'train.steps': 3})."""
-    for key, value in changes.items():
-        cfg = _replace_path(cfg, key.split("."), value)
-    return cfg
-
-
-def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
-    if len(path) == 1:
-        return dataclasses.replace(obj, **{path[0]: value})
-    return dataclasses.replace(
-        obj, **{path[0]: _replace_path(getattr(obj, path[0]), path[1:], value)}
-    )
+    """`dataclasses.replace` over dotted attribute paths, e.g. replace(cfg, **{'train.steps': 3})."""
+    return _assemble(cfg, {tuple(k.split(".")): v for k, v in changes.items()})

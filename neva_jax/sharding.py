@@ -149,6 +149,24 @@ def abstract_sharded(
     return graphdef, state
 
 
+def abstract_state(
+    constructor: Callable[[], M], mesh: Mesh | None
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state of ShapeDtypeStructs with their shardings) of `constructor()`.
+
+    Nothing is allocated. With a mesh each array is placed by its logical axes
+    (`abstract_sharded`); without one every array belongs on the first device.
+    """
+    if mesh is not None:
+        return abstract_sharded(constructor, mesh)
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(nnx.eval_shape(constructor))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return graphdef, jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), state
+    )
+
+
 def state_shardings(module: nnx.Module) -> nnx.State:
     """The NamedSharding of every array in `module`'s state (for jit in/out_shardings)."""
     return jax.tree.map(lambda a: a.sharding, nnx.state(module))

@@ -38,3 +38,13 @@ def tiny_dict():
         return cd
 
     return make
+
+
+@pytest.fixture(scope="session")
+def signal_driver():
+    """tests/signal_at_step.py: the module (its `signal_at` hook) and its path (a driver)."""
+    path = f"{ROOT}/tests/signal_at_step.py"
+    spec = importlib.util.spec_from_file_location("signal_at_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path

@@ -7,8 +7,8 @@ import pytest
 
 from neva_jax import config as config_lib
 from neva_jax.config import ConfigError, from_config_dict, parse_arg
-from neva_jax.config_checks import mesh_shape, neva_config
 from neva_jax.data import synth
+from neva_jax.run_config import MeshSection, TrainSection, mesh_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("tiny", "demo", "neva_llama2_7b", "neva_llama2_13b", "llava_v15")
@@ -55,8 +55,8 @@ def test_tiny_stages(data_dir):
     assert s2.trained_parts == ("projector", "llm")
     assert s1.data.template == "plain" and s2.data.template == "vicuna_v1"
     assert s1.data.batch_size == s1.train.batch_size
-    assert neva_config(s1).llm.num_kv_heads == 2
-    assert s1.to_dict()["model"]["llm"]["freeze"] is True
+    assert s1.model.llm.num_kv_heads == 2
+    assert config_lib.to_dict(s1)["model"]["llm"]["freeze"] is True
     assert from_config_dict(load("tiny", f"stage1,data_dir={data_dir}")) == s1
 
 
@@ -99,9 +99,9 @@ def test_bad_values_fail_with_one_line_naming_the_key(data_dir, changes, expecte
 
 
 def test_mesh_shape_fills_minus_one():
-    assert mesh_shape(config_lib.MeshSection(data=-1, tensor=2), 8) == (4, 1, 2)
+    assert mesh_shape(MeshSection(data=-1, tensor=2), 8) == (4, 1, 2)
     with pytest.raises(ConfigError, match="only one axis may be -1"):
-        mesh_shape(config_lib.MeshSection(data=-1, fsdp=-1), 8)
+        mesh_shape(MeshSection(data=-1, fsdp=-1), 8)
 
 
 def test_parse_arg():
@@ -115,7 +115,80 @@ def test_parse_arg():
 
 def test_default_config_has_every_key():
     cd = config_lib.default_config()
-    assert cd.train.steps == config_lib.TrainSection().steps
+    assert cd.train.steps == TrainSection().steps
     assert "template" in cd.data and "batch_size" not in cd.data
     assert cd.data.system_prompt is None  # a str-typed slot: overridable from the CLI
     cd.data.system_prompt = "be brief"
+
+
+def _flat_keys(tree, prefix="") -> set[str]:
+    out = set()
+    for k, v in tree.items():
+        out |= _flat_keys(v, f"{prefix}{k}.") if hasattr(v, "items") else {prefix + k}
+    return out
+
+
+def test_to_dict_round_trips_and_holds_every_key(data_dir):
+    cfg = from_config_dict(tiny(data_dir, "stage2"))
+    d = config_lib.to_dict(cfg)
+    assert from_config_dict(d) == cfg
+    assert d["model"]["vision_encoder"]["patch_dim"] == 8
+    assert d["precision"]["compute_dtype"] == "float32"
+    assert _flat_keys(d) == _flat_keys(config_lib.default_config())
+    assert "model.llm.num_query_groups" in _flat_keys(d)
+
+
+def test_run_time_keys_reach_both_parts_and_errors_name_the_key(data_dir):
+    cfg = from_config_dict(tiny(data_dir, **{"remat.policy": "full", "model.scan_layers": False}))
+    for part in (cfg.model.llm, cfg.model.vision):
+        assert (part.dtype, part.remat_policy, part.scan_layers) == ("float32", "full", False)
+    assert error(data_dir, **{"model.vision_encoder.image_size": 30}) == (
+        "config.model.vision_encoder.image_size=30: not a multiple of patch_dim=8"
+    )
+    assert error(data_dir, **{"attention.implementation": "flash"}).startswith(
+        "config.attention.implementation='flash': expected one of auto"
+    )
+
+
+@pytest.mark.parametrize("preset", ["llama2_7b_chat", "llava_v15_13b", "tiny"])
+def test_model_preset_sets_every_architecture_key(preset):
+    from neva_jax.model import neva
+    from neva_jax.model.schema import keys
+
+    cd = config_lib.default_config()
+    config_lib.model_preset(cd, preset)
+    got, want = config_lib.model_config(cd), neva.PRESETS[preset]()
+    for ours, theirs in ((got.llm, want.llm), (got.vision, want.vision), (got, want)):
+        for name in keys(type(theirs)):
+            assert getattr(ours, name) == getattr(theirs, name), (preset, name)
+    assert got.llm.dtype == "bfloat16"  # run-time fields keep the run config's
+
+
+def test_rotary_percentage_from_the_command_line_reaches_attention(data_dir, monkeypatch):
+    """A knob added to the run config by marking one LlamaConfig field (NeMo's partial rotary)."""
+    import sys
+
+    from absl import flags
+    from flax import nnx
+
+    from neva_jax import main as main_lib
+    from neva_jax.model.neva import Neva
+
+    argv = [
+        "neva_jax.main",
+        f"--config={ROOT}/configs/tiny.py:stage1,data_dir={data_dir}",
+        "--workdir=/unused",
+        "--config.model.llm.rotary_percentage=0.5",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads --config.* overrides here
+    flags.FLAGS.unparse_flags()
+    try:
+        main_lib.parse_flags(argv)
+        cfg = from_config_dict(main_lib._config_value())
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert cfg.model.llm.rotary_percentage == 0.5
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Neva(cfg.model, rngs=nnx.Rngs(0)))
+    attn = model.llm.layers.attn
+    assert cfg.model.llm.head_size == 16 and attn.rotary_dim == 8

@@ -10,7 +10,7 @@ the code paths (tests/bench).
 - `train`: the stage-2 and stage-1 train step (fp32, AdamW, clip 1.0, frozen vision
   tower; stage 1 also freezes the LLM and its LM head), median after warm-up,
   tokens/s and the ratio, compile time apart (`train_bench`).
-- `util`: model FLOPs per step (`flops`, DESIGN.md section 7) / step time / the
+- `util`: model FLOPs per step (`flops`, docs/REFERENCE.md "FLOP convention") / step time / the
   measured fp32 matmul peak in the same process (`train_bench.run_util`).
 - `decode`: greedy, batch 1 and 8, 64 new tokens after an image prompt: decode
   tokens/s, end-to-end latency, time to first token, recompilations (`decode_bench`).

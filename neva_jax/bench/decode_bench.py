@@ -55,7 +55,7 @@ def run_decode(
         rows = [list(r) for r in ids]
 
         def ours(n: int, rows: list[list[int]] = rows, imgs: np.ndarray = imgs) -> np.ndarray:
-            return jax_side.generate(model, rows, imgs, n)
+            return jax_side.greedy_tokens(model, rows, imgs, n)
 
         def theirs(n: int, ids: np.ndarray = ids, pixels: np.ndarray = pixels) -> np.ndarray:
             return hf.generate(ids, pixels, n)

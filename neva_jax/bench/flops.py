@@ -1,4 +1,4 @@
-"""Model FLOPs of a training step (DESIGN.md section 7) and utilisation figures.
+"""Model FLOPs of a training step (docs/REFERENCE.md "FLOP convention") and utilisation.
 
 Axis letters: B batch, T sequence length, L layers, D model width, F FFN width,
 V vocab, N query heads, K kv heads, H head dim, E vision width, P image tokens.

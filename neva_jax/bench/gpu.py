@@ -8,7 +8,7 @@ weights (no downloads): bf16 compute, fp32 master weights and Adam moments,
 plus 64-320 text tokens, first-fit, up to 3 images per row; the answer half of
 each sample's text is trained). Each config `stage:attention:remat` is one
 compiled train step, timed over `--steps` steps after 2 warm-up steps, and
-prints model TFLOP/s (DESIGN.md section 7), MFU against the 790 TFLOP/s bf16
+prints model TFLOP/s (docs/REFERENCE.md "FLOP convention"), MFU against the 790 TFLOP/s bf16
 peak measured on an H200, tokens/s (all positions and real tokens), the
 program's memory (XLA's memory analysis) and the device's peak memory so far.
 The parameters are created once and handed from config to config (the step
@@ -32,7 +32,7 @@ from neva_jax.bench import jax_side, shapes, timing
 from neva_jax.bench.report import Report
 from neva_jax.model.neva import NevaConfig, with_runtime
 
-H200_PEAK_BF16 = 790e12  # measured dense bf16 matmul peak (DESIGN.md section 7)
+H200_PEAK_BF16 = 790e12  # measured dense bf16 matmul peak (docs/REFERENCE.md)
 DEFAULT_CONFIGS = (
     "1:cudnn:selective",
     "2:cudnn:full",
@@ -100,7 +100,7 @@ def run_config(
     logits_fraction: float,
 ) -> dict[str, Any]:
     """Compiles and times one config; returns the (updated) parameters for the next one."""
-    from neva_jax.train import optimizer as opt_lib
+    from neva_jax.model import parts as model_parts
     from neva_jax.train import state as state_lib
     from neva_jax.train import step as step_lib
 
@@ -115,7 +115,7 @@ def run_config(
     parts = jax_side.STAGE_PARTS[stage]
     tx, schedule = jax_side.optimizer()
     graphdef, abstract = state_lib.abstract(lambda: jax_side.random_model(cfg), parts, tx)
-    trained, frozen = opt_lib.split_dict(params, parts)
+    trained, frozen = model_parts.split_dict(params, parts)
     del params
     state = state_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -171,7 +171,7 @@ def run_config(
         peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
         loss=losses[-1],
     )
-    return opt_lib.merge_dicts(state.params, state.frozen)
+    return model_parts.merge_dicts(state.params, state.frozen)
 
 
 def _program_bytes(mem: Any) -> float:

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 
 from neva_jax.bench import timing
-from neva_jax.config import TrainSection
 from neva_jax.model.neva import Neva, NevaConfig
+from neva_jax.run_config import TrainSection
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import state as state_lib
 from neva_jax.train import step as step_lib
@@ -108,7 +108,7 @@ def abstract_compile_seconds(cfg: NevaConfig, batch: dict[str, np.ndarray], stag
     return {"lower_s": lower_s, "compile_s": compile_s, "total_s": lower_s + compile_s}
 
 
-def generate(
+def greedy_tokens(
     model: Neva,
     prompts: Sequence[Sequence[int]],
     images: np.ndarray,

@@ -1,4 +1,4 @@
-"""`python -m neva_jax.convert`: Hugging Face folders <-> neva-jax model folders.
+"""`python -m neva_jax.convert`: Hugging Face and NeMo checkpoints <-> neva-jax model folders.
 
 Subcommands register themselves in `SUBCOMMANDS` (name -> (add_arguments, run));
 errors print one line `error: ...` naming the key or file and exit with status 1.
@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from neva_jax.convert import hf_export
+from neva_jax.convert import hf_export, nemo_export, nemo_import
 
 IMPORT_HELP = """\
 Import Hugging Face weights (safetensors only) into a neva-jax model folder.
@@ -115,6 +115,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, Callable, Callable]] = {
         _run_import,
     ),
     "export-hf": hf_export.SUBCOMMAND,
+    "import-nemo": nemo_import.SUBCOMMAND,
+    "export-nemo": nemo_export.SUBCOMMAND,
 }
 
 

@@ -1,25 +1,33 @@
-"""Model folders: save an imported/exported `Neva`, and load any folder a user points at.
+"""Every checkpoint kind a user can point at, read into a model: the one restore path.
 
-A model folder (docs/CONTRACTS.md "Checkpoint folders"):
-  model_config.json         NevaConfig as JSON (`neva.config_to_dict`)
-  params/                   Orbax checkpoint of the parameter State as a nested dict
-  tokenizer/                Hugging Face tokenizer files, `<image>` included
-  preprocessor_config.json  the image processor, when the source had one
+Kinds (docs/CONTRACTS.md "Checkpoint folders"):
+- a model folder (`convert import-hf` output, `save_model`):
+    model_config.json         NevaConfig as JSON (`neva.config_to_dict`)
+    params/                   Orbax checkpoint of the parameters as a nested dict
+    tokenizer/                Hugging Face tokenizer files, `<image>` included
+    preprocessor_config.json  the image processor, when the source had one
+- a training run: its workdir, its `checkpoints/` folder or a step folder
+  `checkpoints/STEP/{state,meta,data_iter}` (written by `neva_jax.train.checkpointer`,
+  which owns writing and resuming; the layout constants live here);
+- a llava-hf folder (imported on the fly).
 
-`load_model(path, mesh=None)` accepts a model folder, a llava-hf folder (imported
-on the fly), or a training workdir / step folder (read through
-`neva_jax.train.checkpoint`, which owns that format).
+    load_model(path, mesh=None, **runtime) -> (Neva, ModelInfo)   any kind
+    restore_params(path, target=None) -> (params, meta)            a training run or model folder
+    saved_param_shapes(path)                                        what restore_params would read
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -28,10 +36,17 @@ from neva_jax.convert import hf
 from neva_jax.model import neva
 from neva_jax.model.neva import Neva, NevaConfig
 
+PyTree = Any
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
 TOKENIZER = "tokenizer"
 PREPROCESSOR = "preprocessor_config.json"
+# A training run: WORKDIR/checkpoints/STEP/{state,meta,data_iter}, WORKDIR/tokenizer.
+CHECKPOINT_DIR = "checkpoints"
+ITEMS = ("state", "meta", "data_iter")
+# Files Orbax writes last, on commit: a step folder without them never finished.
+STEP_COMMIT_FILE = "_CHECKPOINT_METADATA"
+ITEM_COMMIT_FILES = {"state": "_METADATA", "meta": "metadata"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +61,186 @@ class ModelInfo:
     step: int | None = None  # training step, for checkpoints that have one
     template: str | None = None  # conversation template the run trained with
     image_aspect_ratio: str | None = None  # square | pad | keep, as trained
+
+
+# ---------------------------------------------------------------------------- training runs
+
+
+def is_complete_step(step_dir: str) -> bool:
+    """Whether `step_dir` holds a committed checkpoint (state and meta written)."""
+    if not os.path.isfile(os.path.join(step_dir, STEP_COMMIT_FILE)):
+        return False
+    return all(
+        os.path.isfile(os.path.join(step_dir, item, name))
+        for item, name in ITEM_COMMIT_FILES.items()
+    )
+
+
+def complete_steps(ckpt_dir: str) -> list[int]:
+    """Sorted steps under `ckpt_dir` whose folders are complete."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(
+        int(n)
+        for n in os.listdir(ckpt_dir)
+        if n.isdigit() and is_complete_step(os.path.join(ckpt_dir, n))
+    )
+
+
+def resolve_checkpoint(path: str) -> tuple[str, int]:
+    """(checkpoints folder, step) for a workdir, a `checkpoints/` folder or a step folder.
+
+    A workdir or `checkpoints/` folder resolves to its newest complete step.
+    Raises FileNotFoundError with a one-line message when there is none.
+    """
+    path = os.path.abspath(path)
+    name = os.path.basename(path.rstrip("/"))
+    if name.isdigit() and os.path.isdir(path):
+        if not is_complete_step(path):
+            raise FileNotFoundError(f"{path}: checkpoint step folder is incomplete")
+        return os.path.dirname(path), int(name)
+    ckpt_dir = path
+    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+        ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
+    steps = complete_steps(ckpt_dir)
+    if not steps:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (expected {CHECKPOINT_DIR}/STEP/)")
+    return ckpt_dir, steps[-1]
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """The JSON `meta` item (config, model_config, versions, mesh) of a training checkpoint."""
+    ckpt_dir, step = resolve_checkpoint(path)
+    with open(os.path.join(ckpt_dir, str(step), "meta", ITEM_COMMIT_FILES["meta"])) as f:
+        meta = json.load(f)
+    meta.setdefault("step", step)
+    return meta
+
+
+# ---------------------------------------------------------------------------- any kind
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """ "training", "model_folder" or "llava_hf"; FileNotFoundError (one line) otherwise."""
+    path = Path(path)
+    if path.name.isdigit() and path.is_dir():  # a step folder: complete, or say why not
+        resolve_checkpoint(str(path))
+        return "training"
+    try:
+        resolve_checkpoint(str(path))
+        return "training"
+    except FileNotFoundError:
+        pass
+    if (path / MODEL_CONFIG).exists() and (path / PARAMS).is_dir():
+        return "model_folder"
+    config = path / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("model_type") == "llava":
+        return "llava_hf"
+    raise FileNotFoundError(
+        f"{path}: not a training workdir or step folder ({CHECKPOINT_DIR}/STEP/), a neva-jax "
+        f"model folder ({MODEL_CONFIG} + {PARAMS}/) or a llava-hf folder (config.json with "
+        "model_type 'llava')"
+    )
+
+
+def _params_dir(path: str | Path) -> tuple[str, bool]:
+    """(Orbax folder, whether the parameters are its whole tree) of a run or model folder."""
+    if checkpoint_kind(path) == "training":
+        ckpt_dir, step = resolve_checkpoint(str(path))
+        return os.path.join(ckpt_dir, str(step), "state"), False
+    return os.path.join(os.path.abspath(path), PARAMS), True
+
+
+def saved_param_shapes(path: str | Path) -> PyTree:
+    """ShapeDtypeStructs of the parameters a training run or model folder holds (no data read)."""
+    directory, root = _params_dir(path)
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory)).tree
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+        tree if root else tree["params"],
+        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+    )
+
+
+def restore_params(path: str | Path, target: PyTree = None) -> tuple[PyTree, dict[str, Any]]:
+    """The parameters saved at `path` (a training run or model folder) and its metadata.
+
+    `target` (ShapeDtypeStructs with shardings, a nested dict) says which parameters
+    to read and where to place them; it may be a subset of what is saved. None reads
+    every parameter as saved onto the first device. The metadata is the training
+    checkpoint's `meta` item, or {"model_config": ...} for a model folder.
+    """
+    directory, root = _params_dir(path)
+    if target is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), saved_param_shapes(path)
+        )
+    item = target if root else {"params": target}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            directory,
+            args=ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            ),
+        )
+    if root:
+        return restored, {"model_config": json.loads((Path(path) / MODEL_CONFIG).read_text())}
+    return restored["params"], read_meta(str(path))
+
+
+def read_config(path: str | Path) -> NevaConfig:
+    """The NevaConfig of a training run or model folder."""
+    if checkpoint_kind(path) == "training":
+        return neva.config_from_dict(read_meta(str(path))["model_config"])
+    return neva.config_from_dict(json.loads((Path(path) / MODEL_CONFIG).read_text()))
+
+
+def load_model(
+    path: str | Path, mesh: Mesh | None = None, **runtime: Any
+) -> tuple[Neva, ModelInfo]:
+    """Loads any checkpoint kind (see the module doc) into a `Neva`, each parameter
+    straight onto its shards (`mesh`) or the first device; `runtime` sets
+    `neva.RUNTIME_FIELDS` (compute dtype, attention implementation, ...), the others
+    take this backend's choices (`platform.resolve_runtime`)."""
+    path = Path(path)
+    runtime = platform.resolve_runtime(**runtime)  # this backend's choices, once
+    kind = checkpoint_kind(path)
+    if kind == "llava_hf":
+        imported = hf.import_llava(path, mesh=mesh, **runtime)
+        tokenizer_path = path if imported.tokenizer is not None else None
+        info = ModelInfo(path, kind, imported.config, tokenizer_path, imported.preprocessor_config)
+        return imported.model, info
+    cfg = neva.with_runtime(read_config(path), **runtime)
+    graphdef, abstract = hf.abstract_neva(cfg, mesh)
+    params, meta = restore_params(path, nnx.to_pure_dict(abstract))
+    nnx.replace_by_pure_dict(abstract, params)
+    model = nnx.merge(graphdef, abstract)
+    if kind == "model_folder":
+        tokenizer = path / TOKENIZER
+        pre = path / PREPROCESSOR
+        preprocessor = json.loads(pre.read_text()) if pre.exists() else None
+        info = ModelInfo(path, kind, cfg, tokenizer if tokenizer.is_dir() else None, preprocessor)
+        return model, info
+    ckpt_dir, step = resolve_checkpoint(str(path))
+    tokenizer = Path(ckpt_dir).parent / TOKENIZER
+    data = meta.get("config", {}).get("data", {})
+    info = ModelInfo(
+        path,
+        kind,
+        cfg,
+        tokenizer if tokenizer.is_dir() else None,
+        None,
+        step,
+        template=data.get("template"),
+        image_aspect_ratio=data.get("image_aspect_ratio"),
+    )
+    return model, info
+
+
+# ---------------------------------------------------------------------------- model folders
 
 
 def save_model(
@@ -80,73 +275,3 @@ def save_model(
         out.rmdir()
     tmp.rename(out)
     return out
-
-
-def _detect(path: Path) -> str:
-    """The kind of folder at `path`; the trainer adds workdir/step kinds here."""
-    if (path / MODEL_CONFIG).exists() and (path / PARAMS).is_dir():
-        return "model_folder"
-    config = path / "config.json"
-    if config.exists() and json.loads(config.read_text()).get("model_type") == "llava":
-        return "llava_hf"
-    raise FileNotFoundError(
-        f"{path}: neither a neva-jax model folder ({MODEL_CONFIG} + {PARAMS}/) nor a llava-hf "
-        "folder (config.json with model_type 'llava')"
-    )
-
-
-def read_config(path: str | Path) -> NevaConfig:
-    """The NevaConfig stored in model folder `path`."""
-    return neva.config_from_dict(json.loads((Path(path) / MODEL_CONFIG).read_text()))
-
-
-def restore_params(params_dir: str | Path, cfg: NevaConfig, mesh: Mesh | None = None) -> Neva:
-    """A `Neva(cfg)` whose parameters are restored from the Orbax folder `params_dir`,
-    each straight onto its shards (`mesh`) or the first device."""
-    graphdef, abstract = hf.abstract_model(cfg, mesh)
-    target = nnx.to_pure_dict(abstract)
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(
-            Path(params_dir).absolute(), args=ocp.args.StandardRestore(target)
-        )
-    nnx.replace_by_pure_dict(abstract, restored)
-    return nnx.merge(graphdef, abstract)
-
-
-def load_model(
-    path: str | Path, mesh: Mesh | None = None, **runtime: Any
-) -> tuple[Neva, ModelInfo]:
-    """Loads a model folder or a llava-hf folder; `runtime` sets `neva.RUNTIME_FIELDS`
-    (compute dtype, attention implementation, ...) on the loaded config, the others
-    take this backend's choices (`platform.resolve_runtime`)."""
-    path = Path(path)
-    runtime = platform.resolve_runtime(**runtime)  # this backend's choices, once
-    # Imported lazily: the training checkpoint format lives with the trainer.
-    from neva_jax.train import checkpoint as train_checkpoint
-
-    if train_checkpoint.is_training_checkpoint(str(path)):
-        model, found = train_checkpoint.restore_model_from_workdir(str(path), mesh, **runtime)
-        data = found["config"].get("data", {}) if isinstance(found["config"], dict) else {}
-        info = ModelInfo(
-            path,
-            "training",
-            found["model_config"],
-            Path(found["tokenizer"]) if found["tokenizer"] else None,
-            None,
-            found["step"],
-            template=data.get("template"),
-            image_aspect_ratio=data.get("image_aspect_ratio"),
-        )
-        return model, info
-    kind = _detect(path)
-    if kind == "llava_hf":
-        imported = hf.import_llava(path, mesh=mesh, **runtime)
-        tokenizer_path = path if imported.tokenizer is not None else None
-        info = ModelInfo(path, kind, imported.config, tokenizer_path, imported.preprocessor_config)
-        return imported.model, info
-    cfg = neva.with_runtime(read_config(path), **runtime)
-    model = restore_params(path / PARAMS, cfg, mesh)
-    tokenizer_path = path / TOKENIZER if (path / TOKENIZER).is_dir() else None
-    pre = path / PREPROCESSOR
-    preprocessor = json.loads(pre.read_text()) if pre.exists() else None
-    return model, ModelInfo(path, kind, cfg, tokenizer_path, preprocessor)

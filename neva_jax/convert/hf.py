@@ -33,7 +33,6 @@ from neva_jax.convert.weights import (
     Entry,
     HFImportError,
     SafetensorsFolder,
-    abstract_state,
     check_keys,
     entries_from,
     grow_vocab,
@@ -97,9 +96,9 @@ def projector_entries(cfg: NevaConfig, prefix: str) -> list[Entry]:
 # ---------------------------------------------------------------------------- importers
 
 
-def abstract_model(cfg: NevaConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_neva(cfg: NevaConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, abstract state with shardings) of `Neva(cfg)`; nothing is allocated."""
-    return abstract_state(lambda: Neva(cfg, rngs=nnx.Rngs(0)), mesh)
+    return sharding.abstract_state(lambda: Neva(cfg, rngs=nnx.Rngs(0)), mesh)
 
 
 @dataclasses.dataclass
@@ -134,7 +133,7 @@ def _llava_layout(keys: set[str]) -> tuple[str, str, str, tuple[str, ...]]:
     )
 
 
-def load_tokenizer(path: str | Path) -> Any | None:
+def load_hf_tokenizer(path: str | Path) -> Any | None:
     """The tokenizer saved in `path`, or None when the folder holds no tokenizer files."""
     import transformers
 
@@ -175,13 +174,13 @@ def import_llava(src: str | Path, *, mesh: Mesh | None = None, **runtime: Any) -
     if cfg.llm.share_embeddings_and_output_weights:
         unused |= {head_key} & keys
     check_keys(entries, reader, unused)
-    tokenizer = load_tokenizer(src)
+    tokenizer = load_hf_tokenizer(src)
     if tokenizer is not None and tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != cfg.image_token_id:
         raise HFImportError(
             f"{src}: tokenizer maps {IMAGE_TOKEN} to {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, "
             f"config.json image_token_index is {cfg.image_token_id}"
         )
-    model = load_into(*abstract_model(cfg, mesh), [(entries, reader)])
+    model = load_into(*abstract_neva(cfg, mesh), [(entries, reader)])
     return Imported(model, cfg, tokenizer, _preprocessor(src))
 
 
@@ -229,7 +228,9 @@ def import_clip(
         class_token_length=class_token_length,
         **runtime,
     )
-    graphdef, abstract = abstract_state(lambda: ClipVisionTower(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, abstract = sharding.abstract_state(
+        lambda: ClipVisionTower(cfg, rngs=nnx.Rngs(0)), mesh
+    )
     entries = [dataclasses.replace(e, path=e.path[1:]) for e in entries]  # drop 'vision'
     return load_into(graphdef, abstract, [(entries, reader)]), cfg
 
@@ -258,7 +259,7 @@ def import_llm_and_clip(
         hf_llm = llama.from_hf_config(hf_cfg, **runtime)
     except ValueError as e:
         raise HFImportError(f"{llm_dir / 'config.json'}: {e}") from None
-    tokenizer = load_tokenizer(llm_dir)
+    tokenizer = load_hf_tokenizer(llm_dir)
     if tokenizer is None:
         raise HFImportError(f"{llm_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     image_id, vocab = add_image_tokens(tokenizer, hf_llm.vocab_size, where=str(llm_dir))
@@ -281,7 +282,7 @@ def import_llm_and_clip(
         ]
     fresh = _fresh_projector(cfg, seed, mesh)
     sources = [(llm_entries, reader), (vision_entries, clip_reader)]
-    model = load_into(*abstract_model(cfg, mesh), sources, {"projector": fresh})
+    model = load_into(*abstract_neva(cfg, mesh), sources, {"projector": fresh})
     return Imported(model, cfg, tokenizer, _preprocessor(clip_dir))
 
 

@@ -3,7 +3,7 @@
 Key tables (convert/hf_llama.py, convert/hf_clip.py) become `Entry`s: one parameter
 of our tree and the HF tensor(s) it is built from. `check_keys` is the strict check
 (every expected key present with its shape, every stored key used or known unused);
-`load_into` builds a module from an abstract state (`abstract_state`), assembling
+`load_into` builds a module from an abstract state (`sharding.abstract_state`), assembling
 every parameter shard by shard from memory-mapped files straight onto its devices,
 so host memory never holds a second copy of the model.
 """
@@ -14,18 +14,14 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
-from jax.sharding import Mesh, SingleDeviceSharding
 
-from neva_jax import sharding
 from neva_jax.convert import hf_llama
-
-M = TypeVar("M", bound=nnx.Module)
 
 
 class HFImportError(ValueError):
@@ -216,23 +212,6 @@ def check_keys(entries: list[Entry], reader: SafetensorsFolder, unused: set[str]
 
 
 # ---------------------------------------------------------------------------- placement
-
-
-def abstract_state(
-    constructor: Callable[[], M], mesh: Mesh | None
-) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, state of ShapeDtypeStructs with their shardings) of `constructor()`.
-
-    Nothing is allocated. Without a mesh every array belongs on the first device.
-    """
-    if mesh is not None:
-        return sharding.abstract_sharded(constructor, mesh)
-    with nnx.use_eager_sharding(False):
-        graphdef, state = nnx.split(nnx.eval_shape(constructor))
-    one = SingleDeviceSharding(jax.devices()[0])
-    return graphdef, jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), state
-    )
 
 
 def place(entry: Entry, reader: SafetensorsFolder, target: jax.ShapeDtypeStruct) -> jax.Array:

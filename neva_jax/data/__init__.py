@@ -7,6 +7,8 @@ Entry points (see each module's docstring):
   tokenize.load_tokenizer(path, ...)     AutoTokenizer + <image> (+ template tokens)
   conversation.get_template(name).render(messages) -> spans
   tokenize.encode_spans(spans, tok, num_image_slots) -> ids / trained / image masks
+  batching.BatchIterator                 pads or packs prepared samples into batches
+  grouping                               `group_by_modality_length` (LLaVA-1.5 stage 2)
   image.open_image / image.preprocess    CLIPImageProcessor-identical pixels
   synth.generate(out, seed=...)          the bundled synthetic dataset
 CLI: `python -m neva_jax.data synth|inspect|validate` (see __main__.py).

@@ -133,7 +133,8 @@ def cmd_inspect(args: argparse.Namespace, cfg: DataConfig) -> int:
         raw, where = src[index]
         print(f"sample {args.index} = {where} (file {f})")
         print(
-            f"template {cfg.template}; tokenizer {cfg.tokenizer} (vocab {tok.vocab_size}, "
+            f"template {cfg.template} ({preparer.template.reference}); "
+            f"tokenizer {cfg.tokenizer} (vocab {tok.vocab_size}, "
             f"<image> = {tok.image_token_id}, added {list(tok.added_tokens) or 'none'})"
         )
         try:
@@ -152,7 +153,10 @@ def cmd_inspect(args: argparse.Namespace, cfg: DataConfig) -> int:
             + (f" at [{slots[0]}, {slots[-1] + 1})" if len(slots) else "")
         )
         if p.dropped_rounds or p.cut_tokens:
-            print(f"truncated: dropped {p.dropped_rounds} round(s), cut {p.cut_tokens} token(s)")
+            print(
+                f"truncated (data.truncation={cfg.truncation}): {p.full_length} -> {n} tokens, "
+                f"dropped {p.dropped_rounds} round(s), cut {p.cut_tokens} token(s)"
+            )
         for name, px in zip(p.image_names, p.images, strict=True):
             print(
                 f"image {name}: {cfg.image_aspect_ratio} -> {px.shape} float32, "
@@ -185,7 +189,7 @@ def cmd_validate(args: argparse.Namespace, cfg: DataConfig) -> int:
     reasons: collections.Counter[str] = collections.Counter()
     first: dict[str, str] = {}
     samples: list[tuple[int, int]] = []
-    read = 0
+    read = truncated = truncated_tokens = 0
     for f in files:
         ds = grain.MapDataset.source(open_source(f, cfg)).map(preparer)
         it = ds.to_iter_dataset(
@@ -204,6 +208,8 @@ def cmd_validate(args: argparse.Namespace, cfg: DataConfig) -> int:
                     first.setdefault(item["bad"], f"{item['where']}: {item['detail']}")
                 else:
                     samples.append((len(item["ids"]), len(item["images"])))
+                    truncated += item["truncated_tokens"] > 0
+                    truncated_tokens += item["truncated_tokens"]
         finally:
             iterator.close()
     skipped = sum(reasons.values())
@@ -215,6 +221,10 @@ def cmd_validate(args: argparse.Namespace, cfg: DataConfig) -> int:
     )
     for reason, n in reasons.most_common():
         print(f"  {reason:<26} {n:6d}  first: {first[reason]}")
+    print(
+        f"truncated to max_seq_len {cfg.max_seq_len} (data.truncation={cfg.truncation}): "
+        f"{truncated} samples, {truncated_tokens} tokens removed"
+    )
     if samples:
         lengths = np.array([n for n, _ in samples])
         q = np.percentile(lengths, [50, 95])

@@ -16,6 +16,7 @@ from neva_jax.data.conversation import TEMPLATES
 from neva_jax.data.image import ASPECT_MODES, CLIP_MEAN, CLIP_STD
 
 TFDS_PREFIX = "tfds:"
+TRUNCATION_MODES = ("tokens", "drop_rounds")
 
 
 def _as_tuple(value: object) -> tuple:
@@ -51,7 +52,14 @@ class DataConfig:
     use_im_start_end: bool = False
     max_images_per_row: int = 1  # M in the batch; with packing, bounds samples per row
     max_seq_len: int = 2048  # T in the batch (static)
+    # Over-long samples: "tokens" keeps the first max_seq_len tokens (LLaVA's
+    # model_max_length cut after image expansion, NeMo's context_length cut: a partly
+    # cut answer is trained); "drop_rounds" drops whole trailing rounds first.
+    truncation: str = "tokens"
     packing: bool = False
+    # LLaVA's group_by_modality_length: every batch all-image or all-text, each
+    # modality in length-grouped megabatches (neva_jax.data.grouping); JSON/JSONL only.
+    group_by_modality_length: bool = False
     batch_size: int = 8  # global rows per batch (split over processes)
     shuffle: bool = True
     seed: int = 0
@@ -104,7 +112,16 @@ class DataConfig:
             f"({len(self.train_files)}), or none",
         )
         check(all(w > 0 for w in self.weights), f"weights={list(self.weights)}: must be > 0")
+        check(
+            not (self.weights and self.group_by_modality_length),
+            "weights: not used with group_by_modality_length=True (the files are "
+            "concatenated, every record once per epoch, as in LLaVA); remove them",
+        )
         check(self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len}: must be >= 2")
+        check(
+            self.truncation in TRUNCATION_MODES,
+            f"truncation={self.truncation!r}: use one of {', '.join(TRUNCATION_MODES)}",
+        )
         check(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")
         check(
             self.max_images_per_row >= 0,

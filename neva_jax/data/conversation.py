@@ -2,17 +2,20 @@
 
 A template is a handful of format strings (no per-template code path). `render`
 turns a list of messages into `Span`s whose concatenated text is exactly the
-prompt the reference implementation builds (LLaVA's `Conversation.get_prompt`,
-NeMo's NVGPT style); `trained` marks the assistant answers plus their end-of-turn
+prompt the template's reference builds (`Template.reference`: LLaVA's
+`Conversation.get_prompt` + `preprocess_*` at haotian-liu/LLaVA c121f04, or
+NeMo 1.x NeVA's); `trained` marks the assistant answers plus their end-of-turn
 token. `neva_jax.data.tokenize.encode_spans` turns the spans into ids and masks.
 
 Rendered forms (S = system prompt, Q/A = question/answer, `<image>` a placeholder
 that the tokenizer step expands into the image slots):
 
     vicuna_v1      S USER: <image>\\nQ1 ASSISTANT:[ A1</s>]USER: Q2 ASSISTANT:[ A2</s>]
+                   (empty S: " USER: ...", LLaVA's `system + " "`)
     llava_llama_2  [INST] <<SYS>>\\nS\\n<</SYS>>\\n\\n<image>\\nQ1 [/INST][ A1 </s>]<s>[INST] Q2 [/INST][ A2 </s>]
     plain          <image>[caption\\n]
-    mistral        [INST] <image>\\nQ1 [/INST][ A1</s>][INST] Q2 [/INST][ A2</s>]
+    mistral        [INST] <image>\\nQ1 [/INST][ A1 </s>][INST] Q2 [/INST][ A2 </s>]
+                   (LLaVA's `mistral_instruct`; a non-empty S is wrapped in <<SYS>> like llama_2)
     llama_3        <|start_header_id|>system<|end_header_id|>\\n\\nS<|eot_id|><|start_header_id|>user
                    <|end_header_id|>\\n\\n<image>\\nQ1<|eot_id|><|start_header_id|>assistant
                    <|end_header_id|>\\n\\n[A1<|eot_id|>]...
@@ -24,9 +27,12 @@ A conversation that ends with a user turn renders the generation prompt (it ends
 with the assistant header, e.g. `" ASSISTANT:"`); generation stops at
 `Template.stop`.
 
-Image placement follows LLaVA's `preprocess_multimodal`: in a turn holding k
-`<image>` placeholders they are removed and `"<image>\\n" * k` is put in front of
-the stripped text; `plain` keeps only the placeholders of the human turn.
+Image placement follows the reference. LLaVA's `preprocess_multimodal` (vicuna_v1,
+llava_llama_2, mistral): in a turn holding k `<image>` placeholders they are
+removed, the rest is stripped, `"<image>\\n" * k` is put in front and the result
+stripped again (LLaVA itself supports k = 1); `plain` keeps only the placeholders
+of the human turn. NeMo (llama_3, nvgpt) leaves each placeholder where the record
+has it (`images_in_place`); the forms above show a turn written `<image>\\nQ1`.
 """
 
 from __future__ import annotations
@@ -92,7 +98,10 @@ class Template:
       stop: end-of-turn text; generation stops when it is produced.
       control_tokens: strings that must be single tokens in the tokenizer.
       images_only_user: `plain`: a user turn renders as its image placeholders only.
+      images_in_place: NeMo: `<image>` stays where the turn has it (else LLaVA's
+        move to the front).
       default_label: NVGPT label line used when an answer carries none.
+      reference: the implementation whose prompt this reproduces (docs, `inspect`).
     """
 
     name: str
@@ -105,7 +114,9 @@ class Template:
     stop: str
     control_tokens: tuple[str, ...] = ()
     images_only_user: bool = False
+    images_in_place: bool = False
     default_label: str = ""
+    reference: str = ""
 
     def system_block(self, system: str | None) -> str:
         text = self.system if system is None else system
@@ -134,7 +145,11 @@ class Template:
                     label = messages[i + 1].label or self.default_label
                 elif self.default_label:
                     label = self.default_label
-                content = place_images(msg.text, images_only=self.images_only_user)
+                content = (
+                    msg.text
+                    if self.images_in_place
+                    else place_images(msg.text, images_only=self.images_only_user)
+                )
                 fmt = self.first_user if i == 0 else self.user
                 text = fmt.format(
                     system=self.system_block(system) if i == 0 else "",
@@ -150,14 +165,15 @@ class Template:
 
 
 def place_images(text: str, *, images_only: bool = False) -> str:
-    """LLaVA's placement: k placeholders move to the front as `"<image>\\n" * k`."""
+    """LLaVA's `preprocess_multimodal`: k placeholders move to the front as
+    `"<image>\\n" * k` before the stripped rest, and the result is stripped."""
     k = text.count(IMAGE_PLACEHOLDER)
     if images_only:
         return IMAGE_PLACEHOLDER * k
     if k == 0:
         return text
     rest = text.replace(IMAGE_PLACEHOLDER, "").strip()
-    return (IMAGE_PLACEHOLDER + "\n") * k + rest
+    return ((IMAGE_PLACEHOLDER + "\n") * k + rest).strip()
 
 
 def messages_from_llava(turns: Sequence[dict]) -> list[Message]:
@@ -192,12 +208,13 @@ TEMPLATES: dict[str, Template] = {
             name="vicuna_v1",
             system=LLAVA_SYSTEM,
             system_format="{system} ",
-            empty_system="",
+            empty_system=" ",  # LLaVA: system + sep, so "" gives " USER: ..."
             first_user="{system}USER: {content} ASSISTANT:",
             user="USER: {content} ASSISTANT:",
             assistant=" {content}</s>",
             stop="</s>",
             control_tokens=("</s>",),
+            reference="LLaVA conv_vicuna_v1 + preprocess_v1",
         ),
         Template(
             name="llava_llama_2",
@@ -209,6 +226,7 @@ TEMPLATES: dict[str, Template] = {
             assistant=" {content} </s>",
             stop="</s>",
             control_tokens=("<s>", "</s>"),
+            reference="LLaVA conv_llava_llama_2 + preprocess_llama_2",
         ),
         Template(
             name="plain",
@@ -220,23 +238,25 @@ TEMPLATES: dict[str, Template] = {
             assistant="{content}\n",
             stop="\n",
             images_only_user=True,
+            reference="LLaVA conv_llava_plain + preprocess_plain",
         ),
         Template(
             name="mistral",
             system="",
-            system_format="{system}\n\n",
+            system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
             empty_system="",
             first_user="[INST] {system}{content} [/INST]",
             user="[INST] {content} [/INST]",
-            assistant=" {content}</s>",
+            assistant=" {content} </s>",
             stop="</s>",
             control_tokens=("</s>",),
+            reference="LLaVA conv_mistral_instruct + preprocess_llama_2",
         ),
         Template(
             name="llama_3",
             system=LLAVA_LLAMA_2_SYSTEM,
             system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
-            empty_system="",
+            empty_system="<|start_header_id|>system<|end_header_id|>\n\n<|eot_id|>",
             first_user=(
                 "{system}<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
                 "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -248,11 +268,13 @@ TEMPLATES: dict[str, Template] = {
             assistant="{content}<|eot_id|>",
             stop="<|eot_id|>",
             control_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+            images_in_place=True,
+            reference="NeMo conv_llava_llama_3 + preprocess_llama_3",
         ),
         Template(
             name="nvgpt",
-            system=LLAVA_SYSTEM,
-            system_format="<extra_id_0>System\n{system}\n\n",
+            system=LLAVA_SYSTEM + "\n\n",  # NeMo: a record's own system text is used as is
+            system_format="<extra_id_0>System\n{system}",
             empty_system="<extra_id_0>System\n",
             first_user=(
                 "{system}<extra_id_1>User\n{content}\n<extra_id_1>Assistant\n<extra_id_2>{label}\n"
@@ -262,6 +284,8 @@ TEMPLATES: dict[str, Template] = {
             stop="<extra_id_1>",
             control_tokens=("<extra_id_0>", "<extra_id_1>", "<extra_id_2>"),
             default_label=NVGPT_LABELS,
+            images_in_place=True,
+            reference="NeMo conv_nvgpt + preprocess_nvgpt",
         ),
     )
 }

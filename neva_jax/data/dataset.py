@@ -12,9 +12,12 @@ float32 [k, S, S, 3]) or a bad marker `{"bad": REASON, "where", "detail"}`; it
 never raises for a data problem, so worker processes keep going and the batcher
 (in the main process) counts, enforces `strict` and the skip ratio.
 
-Over-long samples are cut at round boundaries (whole user/answer pairs are dropped
-from the end). A single round that is still too long is cut at `max_seq_len` if
-its image slots stay whole and a trained token remains; otherwise it is skipped.
+Over-long samples (`data.truncation`): `tokens` (LLaVA and NeMo) keeps the first
+`max_seq_len` tokens, so a partly cut answer is still trained; `drop_rounds` drops
+whole user/answer pairs from the end first and cuts tokens only when a single
+round is still too long. Either way a sample whose image slots would be cut, or
+that keeps no trained token, is skipped (`image_slots_cut`, `no_trained_token`);
+a truncated sample is counted in data_report.json.
 """
 
 from __future__ import annotations
@@ -97,6 +100,11 @@ class RecordFileSource:
 
     def __len__(self) -> int:
         return len(self._records)
+
+    @property
+    def records(self) -> list[Any]:
+        """The raw records (JSON values; an unparsable JSONL line is a marker object)."""
+        return self._records
 
     def __getitem__(self, i: int) -> tuple[Any, str]:
         rec = self._records[i]
@@ -204,6 +212,7 @@ class Prepared:
     where: str
     dropped_rounds: int
     cut_tokens: int
+    full_length: int  # tokens before truncation
 
 
 class SamplePreparer:
@@ -244,10 +253,21 @@ class SamplePreparer:
             "trained": p.encoded.trained,
             "images": p.images,
             "where": where,
+            "truncated_tokens": p.full_length - len(p.encoded),
         }
 
-    def prepare(self, raw: Any, where: str) -> Prepared:
-        """Validates and prepares one record; raises `BadSampleError(reason, detail)`."""
+    def token_length(self, raw: Any) -> int | None:
+        """Tokens the record takes in a row (after truncation), images not read; None if bad."""
+        try:
+            return len(self.prepare(raw, "", load_images=False).encoded)
+        except BadSampleError:
+            return None
+
+    def prepare(self, raw: Any, where: str, *, load_images: bool = True) -> Prepared:
+        """Validates and prepares one record; raises `BadSampleError(reason, detail)`.
+
+        `load_images=False` checks the text only and leaves the pixels zero.
+        """
         cfg = self.cfg
         if isinstance(raw, _Unparsable):
             raise BadSampleError("malformed_record", raw.detail)
@@ -283,28 +303,30 @@ class SamplePreparer:
                 "too_many_images",
                 f"{len(images)} images > config.data.max_images_per_row={cfg.max_images_per_row}",
             )
-        enc, dropped, cut = self._encode_fitting(spans)
+        enc, dropped, cut, full_length = self._encode_fitting(spans)
         pixels = np.zeros((len(images), cfg.image_size, cfg.image_size, 3), np.float32)
         names = []
-        for j, ref in enumerate(images):
+        for j, ref in enumerate(images if load_images else ()):
             pixels[j], name = self._load_image(ref, where)
             names.append(name)
-        return Prepared(enc, pixels, names, where, dropped, cut)
+        return Prepared(enc, pixels, names, where, dropped, cut, full_length)
 
-    def _encode_fitting(self, spans: list[conversation.Span]) -> tuple[Encoded, int, int]:
+    def _encode(self, spans: list[conversation.Span]) -> Encoded:
+        try:
+            return encode_spans(spans, self.tokenizer, self.cfg.num_image_slots)
+        except TemplateMismatchError as e:
+            raise BadSampleError("template_mismatch", str(e)) from e
+
+    def _encode_fitting(self, spans: list[conversation.Span]) -> tuple[Encoded, int, int, int]:
+        """-> (encoded, rounds dropped, tokens cut, length before truncation)."""
         cfg, tok = self.cfg, self.tokenizer
         rounds = max(s.round for s in spans) + 1
         total_images = sum(s.text.count(conversation.IMAGE_PLACEHOLDER) for s in spans)
+        full = enc = self._encode(spans)
         keep = rounds
-        while True:
-            kept = [s for s in spans if s.round < keep]
-            try:
-                enc = encode_spans(kept, tok, cfg.num_image_slots)
-            except TemplateMismatchError as e:
-                raise BadSampleError("template_mismatch", str(e)) from e
-            if len(enc) <= cfg.max_seq_len or keep == 1:
-                break
+        while cfg.truncation == "drop_rounds" and len(enc) > cfg.max_seq_len and keep > 1:
             keep -= 1
+            enc = self._encode([s for s in spans if s.round < keep])
         if enc.num_images != total_images:
             raise BadSampleError(
                 "image_slots_cut",
@@ -329,7 +351,7 @@ class SamplePreparer:
                 if cut
                 else "no answer to train on",
             )
-        return enc, rounds - keep, cut
+        return enc, rounds - keep, cut, len(full)
 
     def _load_image(self, ref: Any, where: str) -> tuple[np.ndarray, str]:
         cfg = self.cfg

@@ -8,6 +8,13 @@ and each placeholder becomes `num_image_slots` copies of the `<image>` id
 tokenized one by one, so SentencePiece's leading-space handling at span
 boundaries cannot change the ids.
 
+SentencePiece (LLaVA's slow LLaMA tokenizer) puts its dummy prefix `▁` in front of
+every text, also one that starts with a space (" USER:" -> `▁`, `▁US`, ...); a
+`tokenizers` Metaspace pre-tokenizer drops it there. For such tokenizers
+(`dummy_prefix_id`) a piece that starts with a space gets the `▁` token back, so
+the ids are SentencePiece's. (Runs of two or more spaces still tokenize
+differently: the converted BPE merges `▁▁` before SentencePiece would.)
+
 Which tokens are trained is read from the tokenizer's character offsets, not from
 token-count arithmetic: a token is trained when its non-space characters lie in a
 trained span. A token whose non-space characters straddle a trained and an
@@ -47,6 +54,7 @@ class TextTokenizer:
     eos_id: int | None
     im_start_id: int | None = None
     im_end_id: int | None = None
+    dummy_prefix_id: int | None = None  # `▁` when a leading space swallows the dummy prefix
     added_tokens: tuple[str, ...] = ()  # tokens this loader added to the vocabulary
     # transformers' wrapper may reconfigure the Rust tokenizer on a call; grain's
     # reader threads share one tokenizer, so calls are serialised.
@@ -115,6 +123,10 @@ def load_tokenizer(
     added = tuple(t for t in dict.fromkeys(wanted) if not _is_single_token(hf, t))
     if added:
         hf.add_special_tokens({"additional_special_tokens": list(added)})
+    plain_a = hf.encode("a", add_special_tokens=False)
+    swallows = plain_a == hf.encode(" a", add_special_tokens=False) and str(
+        hf.convert_ids_to_tokens(plain_a[0])
+    ).startswith("\u2581")
     probe = hf.encode("a", add_special_tokens=True)
     bos = (
         hf.bos_token_id if hf.bos_token_id is not None and probe[:1] == [hf.bos_token_id] else None
@@ -134,6 +146,7 @@ def load_tokenizer(
         image_token_id=tok.token_id(IMAGE_PLACEHOLDER),
         im_start_id=tok.token_id(IM_START) if use_im_start_end else None,
         im_end_id=tok.token_id(IM_END) if use_im_start_end else None,
+        dummy_prefix_id=tok.token_id("\u2581") if swallows else None,
     )
 
 
@@ -209,6 +222,12 @@ def encode_spans(spans: Sequence[Span], tok: TextTokenizer, num_image_slots: int
                 image.append(sid == tok.image_token_id)
                 rounds.append(r)
                 spans_out.append((at, start))
+        if piece and piece[0] == " " and tok.dummy_prefix_id is not None:
+            ids.append(tok.dummy_prefix_id)  # SentencePiece's dummy prefix (module docstring)
+            trained.append(bool(char_trained[start]))
+            image.append(False)
+            rounds.append(int(char_round[start]))
+            spans_out.append((start, start))
         if piece:
             piece_ids, offsets = tok.encode_with_offsets(piece)
             for tid, (a, b) in zip(piece_ids, offsets, strict=True):

@@ -389,9 +389,7 @@ class Attention(nnx.Module):
           those columns and the queries attend over the whole cache (mask [B, 1, T, S]).
         """
         B, T, _ = x.shape
-        q = self.q(x)  # [B, T, N, H]
-        k = self.k(x)  # [B, T, K, H]
-        v = self.v(x)
+        q, k, v = self.project(x)  # [B, T, N, H], [B, T, K, H], [B, T, K, H]
         if self.rope_theta is not None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -406,6 +404,10 @@ class Attention(nnx.Module):
             return new_kv, self.o(self._attend(q, k, v, mask))
         k_all, v_all = (c.astype(q.dtype) for c in new_kv)
         return new_kv, self.o(cached_attention(q, k_all, v_all, mask))
+
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> q [B, T, N, H], k and v [B, T, K, H] (before RoPE)."""
+        return self.q(x), self.k(x), self.v(x)
 
     def _attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
@@ -434,3 +436,47 @@ class Attention(nnx.Module):
             is_causal=self.causal and mask is None,
             implementation=impl,
         )  # [B, T, N, H]
+
+
+class FusedAttention(Attention):
+    """An `Attention` whose q, k and v projections are one [D, (N + 2K) * H] matmul.
+
+    Built from a trained `Attention` (`FusedAttention(attn)`) for inference: the same
+    function, one weight read and one matmul instead of three, which is what a decode
+    step (one token per row) is bound by. The decode form (`Llama.unstack_layers`).
+    """
+
+    def __init__(self, attn: Attention):
+        for name in (
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "rope_theta",
+            "rotary_dim",
+            "causal",
+            "attention_impl",
+            "dtype",
+        ):
+            setattr(self, name, getattr(attn, name))
+        self.q = self.k = self.v = None
+        self.o = attn.o
+        parts = (attn.q, attn.k, attn.v)
+        D = parts[0].kernel.shape[0]
+        kernel = jnp.concatenate([p.kernel[...].reshape(D, -1) for p in parts], axis=-1)
+        bias = None
+        if parts[0].bias is not None:
+            bias = jnp.concatenate([p.bias[...].reshape(-1) for p in parts], axis=-1)
+        self.qkv = Dense.of(
+            kernel,
+            bias,
+            dtype=parts[0].dtype,
+            row_major_weight_grads=parts[0].row_major_weight_grads,
+        )
+
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> q, k, v from the one fused matmul."""
+        N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)  # [B, T, (N + 2K) * H]
+        q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
+        lead = x.shape[:-1]
+        return q.reshape(*lead, N, H), k.reshape(*lead, K, H), v.reshape(*lead, K, H)

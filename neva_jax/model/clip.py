@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neva_jax.model.attention import ATTENTION_IMPLS, Attention
+from neva_jax.model.attention import Attention
 from neva_jax.model.layers import (
     ACTIVATIONS,
     Dense,
@@ -41,27 +41,31 @@ from neva_jax.model.layers import (
     checkpoint_policy,
     param,
 )
+from neva_jax.model.schema import FieldError, check_choice, check_runtime, key
 from neva_jax.sharding import constrain
 
-REMAT_POLICIES = ("none", "full", "selective")
 INIT_STD = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
 class ClipConfig:
-    """CLIP ViT architecture (NeMo `vision_encoder` names) plus run-time choices."""
+    """CLIP ViT architecture plus run-time choices, with NeMo's `vision_encoder` names.
 
-    image_size: int = 224
-    patch_dim: int = 14
-    num_channels: int = 3
-    hidden_size: int = 1024
-    ffn_hidden_size: int = 4096
-    num_layers: int = 24
-    num_attention_heads: int = 16
-    layernorm_epsilon: float = 1e-5
-    activation: str = "quick_gelu"
-    vision_select_layer: int = -2  # hidden_states index; 0 = embeddings, -1 = last block
-    class_token_length: int = 1  # 1 drops the CLS feature (HF 'default'), 0 keeps it ('full')
+    Fields made with `key()` are run-config keys `model.vision_encoder.<name>`
+    (model/schema.py).
+    """
+
+    image_size: int = key(224)
+    patch_dim: int = key(14)
+    num_channels: int = key(3)
+    hidden_size: int = key(1024)
+    ffn_hidden_size: int = key(4096)
+    num_layers: int = key(24)
+    num_attention_heads: int = key(16)
+    layernorm_epsilon: float = key(1e-5)
+    activation: str = key("quick_gelu")
+    vision_select_layer: int = key(-2)  # hidden_states index; 0 = embeddings, -1 = last block
+    class_token_length: int = key(1)  # 1 drops the CLS feature (HF 'default'), 0 keeps it
     # Run-time choices.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -71,31 +75,19 @@ class ClipConfig:
     row_major_weight_grads: bool = False  # the XLA:CPU weight-gradient form (layers.Dense)
 
     def __post_init__(self):
-        def fail(msg: str) -> None:
-            raise ValueError(f"model.vision_encoder.{msg}")
+        def fail(field: str, problem: str) -> None:
+            raise FieldError("model.vision_encoder", field, getattr(self, field), problem)
 
         if self.image_size % self.patch_dim:
-            fail(f"image_size={self.image_size} is not a multiple of patch_dim={self.patch_dim}")
+            fail("image_size", f"not a multiple of patch_dim={self.patch_dim}")
         if self.hidden_size % self.num_attention_heads:
-            fail(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
-            )
+            fail("hidden_size", f"not divisible by num_attention_heads={self.num_attention_heads}")
         if not -(self.num_layers + 1) <= self.vision_select_layer <= self.num_layers:
-            fail(
-                f"vision_select_layer={self.vision_select_layer} is outside [-{self.num_layers + 1}, {self.num_layers}]"
-            )
+            fail("vision_select_layer", f"outside [-{self.num_layers + 1}, {self.num_layers}]")
         if self.class_token_length not in (0, 1):
-            fail(
-                f"class_token_length={self.class_token_length}: 1 drops the class token, 0 keeps it"
-            )
-        if self.activation not in ACTIVATIONS:
-            fail(f"activation={self.activation!r} is not one of {tuple(ACTIVATIONS)}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            fail(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
-        if self.remat_policy not in REMAT_POLICIES:
-            fail(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
-        for name in ("dtype", "param_dtype"):
-            jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
+            fail("class_token_length", "1 drops the class token, 0 keeps it")
+        check_choice("model.vision_encoder", self, "activation", tuple(ACTIVATIONS))
+        check_runtime("model.vision_encoder", self)
 
     @property
     def grid(self) -> int:

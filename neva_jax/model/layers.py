@@ -114,6 +114,32 @@ class Dense(nnx.Module):
             param(rngs, bias_init, self.out_shape, out_axes, param_dtype) if use_bias else None
         )
 
+    @classmethod
+    def of(
+        cls,
+        kernel: jax.Array,
+        bias: jax.Array | None = None,
+        *,
+        in_ndim: int = 1,
+        dtype: jnp.dtype = jnp.float32,
+        row_major_weight_grads: bool = False,
+    ) -> Dense:
+        """A Dense holding the given arrays (no logical axes: built for inference from
+        other layers' weights, e.g. the fused projections of `FusedAttention`)."""
+        shape = kernel.shape
+        return cls(
+            shape[:in_ndim],
+            shape[in_ndim:],
+            axes=(None,) * kernel.ndim,
+            use_bias=bias is not None,
+            dtype=dtype,
+            param_dtype=kernel.dtype,
+            kernel_init=lambda *_: kernel,
+            bias_init=lambda *_: bias,
+            row_major_weight_grads=row_major_weight_grads,
+            rngs=None,
+        )
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """Contracts the trailing `len(in_shape)` dims of `x` with the kernel."""
         n_in = len(self.in_shape)
@@ -297,13 +323,44 @@ class Mlp(nnx.Module):
         self.up = Dense(features, hidden, axes=("embed", "mlp"), **kw)
         self.down = Dense(hidden, features, axes=("mlp", "embed"), **kw)
 
+    def hidden(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> the activations [..., F] that `down` maps back."""
+        if self.gate is not None:
+            return jax.nn.silu(self.gate(x)) * self.up(x)
+        return ACTIVATIONS[self.activation](self.up(x))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., D] -> [..., D]."""
-        if self.gate is not None:
-            h = jax.nn.silu(self.gate(x)) * self.up(x)
-        else:
-            h = ACTIVATIONS[self.activation](self.up(x))
-        return self.down(h)
+        return self.down(self.hidden(x))
+
+
+class FusedMlp(Mlp):
+    """A gated `Mlp` whose gate and up projections are one [D, 2F] matmul (inference).
+
+    Built from a trained `Mlp` (`FusedMlp(mlp)`); the same function, one weight read
+    and one matmul instead of two: the decode form (`Llama.unstack_layers`).
+    """
+
+    def __init__(self, mlp: Mlp):
+        if mlp.gate is None:
+            raise ValueError(f"only a gated MLP has a gate to fuse, not {mlp.activation!r}")
+        self.activation = mlp.activation
+        self.gate, self.up, self.down = None, None, mlp.down
+        g, u = mlp.gate, mlp.up
+        bias = None
+        if g.bias is not None:
+            bias = jnp.concatenate([g.bias[...], u.bias[...]], axis=-1)
+        self.gate_up = Dense.of(
+            jnp.concatenate([g.kernel[...], u.kernel[...]], axis=-1),
+            bias,
+            dtype=g.dtype,
+            row_major_weight_grads=g.row_major_weight_grads,
+        )
+
+    def hidden(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> silu(gate) * up [..., F] from the one fused matmul."""
+        gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
+        return jax.nn.silu(gate) * up
 
 
 class Embed(nnx.Module):

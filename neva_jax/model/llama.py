@@ -28,45 +28,49 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neva_jax.model.attention import ATTENTION_IMPLS, Attention, KVCache, make_attention_mask
+from neva_jax.model.attention import Attention, FusedAttention, KVCache, make_attention_mask
 from neva_jax.model.layers import (
     ACTIVATIONS,
     GATED_ACTIVATIONS,
     NORMALIZATIONS,
     Dense,
     Embed,
+    FusedMlp,
     Mlp,
     checkpoint_policy,
     contract,
     make_norm,
 )
+from neva_jax.model.schema import FieldError, check_choice, check_runtime, key
 from neva_jax.sharding import constrain
 
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
-REMAT_POLICIES = ("none", "full", "selective")
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Decoder architecture plus run-time choices (NeMo knob names where they exist)."""
+    """Decoder architecture plus run-time choices, with NeMo's knob names.
 
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    ffn_hidden_size: int = 11008
-    num_layers: int = 32
-    num_attention_heads: int = 32
-    num_query_groups: int | None = None  # GQA kv heads; None = one per query head
+    Fields made with `key()` are run-config keys `model.llm.<name>` (model/schema.py).
+    """
+
+    vocab_size: int = key(32000)
+    hidden_size: int = key(4096)
+    ffn_hidden_size: int = key(11008)
+    num_layers: int = key(32)
+    num_attention_heads: int = key(32)
+    num_query_groups: int | None = key(None)  # GQA kv heads; None (or 0) = one per query head
     head_dim: int | None = None  # None = hidden_size // num_attention_heads
-    encoder_seq_length: int = 4096  # max positions (size of a learned position table)
-    position_embedding_type: str = "rope"
-    rope_theta: float = 10000.0
-    rotary_percentage: float = 1.0
-    normalization: str = "rmsnorm"
-    layernorm_epsilon: float = 1e-5
-    activation: str = "swiglu"
-    bias: bool = False
-    share_embeddings_and_output_weights: bool = False  # tied LM head
-    init_method_std: float = 0.02
+    encoder_seq_length: int = key(4096)  # max positions (size of a learned position table)
+    position_embedding_type: str = key("rope")
+    rope_theta: float = key(10000.0)
+    rotary_percentage: float = key(1.0)  # NeMo: the share of each head dim that RoPE rotates
+    normalization: str = key("rmsnorm")
+    layernorm_epsilon: float = key(1e-5)
+    activation: str = key("swiglu")
+    bias: bool = key(False)
+    share_embeddings_and_output_weights: bool = key(False)  # tied LM head
+    init_method_std: float = key(0.02)
     # Run-time choices.
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -76,29 +80,25 @@ class LlamaConfig:
     row_major_weight_grads: bool = False  # the XLA:CPU weight-gradient form (layers.Dense)
 
     def __post_init__(self):
-        def check(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"model.llm.{name}={getattr(self, name)!r} is not one of {allowed}"
-                )
-
-        check("position_embedding_type", POSITION_EMBEDDINGS)
-        check("normalization", NORMALIZATIONS)
-        check("activation", GATED_ACTIVATIONS + tuple(ACTIVATIONS))
-        check("attention_impl", ATTENTION_IMPLS)
-        check("remat_policy", REMAT_POLICIES)
+        section = "model.llm"
+        check_choice(section, self, "position_embedding_type", POSITION_EMBEDDINGS)
+        check_choice(section, self, "normalization", NORMALIZATIONS)
+        check_choice(section, self, "activation", GATED_ACTIVATIONS + tuple(ACTIVATIONS))
+        check_runtime(section, self)
         if self.num_attention_heads % self.num_kv_heads:
-            raise ValueError(
-                f"model.llm.num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_query_groups={self.num_query_groups}"
+            raise FieldError(
+                section,
+                "num_attention_heads",
+                self.num_attention_heads,
+                f"not a multiple of num_query_groups={self.num_query_groups}",
             )
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"model.llm.hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}; set head_dim"
+            raise FieldError(
+                section,
+                "hidden_size",
+                self.hidden_size,
+                f"not divisible by num_attention_heads={self.num_attention_heads}; set head_dim",
             )
-        for name in ("dtype", "param_dtype"):
-            jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
 
     @property
     def num_kv_heads(self) -> int:
@@ -318,19 +318,28 @@ class Llama(nnx.Module):
             dtype or cfg.compute_dtype,
         )
 
-    def unstack_layers(self) -> tuple[DecoderLayer, ...]:
+    def unstack_layers(self, *, fused: bool = True) -> tuple[DecoderLayer, ...]:
         """The stacked layers as L separate modules, each owning its weight slice.
 
         The slices are copies (the weights' memory once more). A decode loop takes them
         once, before it starts, and passes them to `prefill`/`decode` as `layers=` at
         every step: each step then reads every layer's weights in place instead of
         slicing (copying, on XLA:CPU) them out of the stacked [L, ...] arrays per step.
+        `fused=True` (inference) also concatenates each layer's q/k/v kernels and its
+        gate/up kernels, so that a step runs one matmul for each group instead of
+        three and two (`FusedAttention`, `FusedMlp`); the values are the same.
         """
         graphdef, state = nnx.split(self.layers)
-        return tuple(
-            nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-            for i in range(self.config.num_layers)
-        )
+        layers = []
+        for i in range(self.config.num_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            if fused:
+                with nnx.use_eager_sharding(False):  # plain arrays, placed like their inputs
+                    layer.attn = FusedAttention(layer.attn)
+                    if layer.mlp.gate is not None:
+                        layer.mlp = FusedMlp(layer.mlp)
+            layers.append(layer)
+        return tuple(layers)
 
     def _inputs(self, input_ids: jax.Array | None, embeds: jax.Array | None) -> jax.Array:
         """Token embeddings [B, T, D] in the compute dtype from exactly one of the two."""

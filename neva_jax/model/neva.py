@@ -27,6 +27,7 @@ from neva_jax.model.attention import KVCache
 from neva_jax.model.clip import ClipConfig, ClipVisionTower
 from neva_jax.model.llama import DecoderLayer, Llama, LlamaConfig
 from neva_jax.model.projector import Projector, projector_depth
+from neva_jax.model.schema import FieldError, key
 
 # Run-time fields shared by the LLM and vision configs (see `with_runtime`).
 RUNTIME_FIELDS = (
@@ -37,30 +38,46 @@ RUNTIME_FIELDS = (
     "scan_layers",
     "row_major_weight_grads",
 )
+# Run-time fields that depend on the backend only: `neva_jax.platform` chooses them
+# where a model is built to run; experiment configs do not set them.
+PLATFORM_FIELDS = ("row_major_weight_grads",)
 
 
 @dataclasses.dataclass(frozen=True)
 class NevaConfig:
-    """The whole model: decoder, vision tower, projector and the image token id."""
+    """The whole model: decoder, vision tower, projector and the image token id.
+
+    Fields made with `key()` are run-config keys `model.<name>` (model/schema.py).
+    """
 
     llm: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
     vision: ClipConfig = dataclasses.field(default_factory=ClipConfig)
-    projector: str = "mlp2x_gelu"  # linear | mlpNx_gelu | identity
+    projector: str = key("mlp2x_gelu")  # linear | mlpNx_gelu | identity
     projector_bias: bool = True
     image_token_id: int = 32000
-    use_im_start_end: bool = False  # the pipeline adds the start/end tokens; recorded here
+    use_im_start_end: bool = key(False)  # the pipeline adds the start/end tokens; recorded here
 
     def __post_init__(self):
-        projector_depth(self.projector)  # raises on a bad name
+        try:
+            projector_depth(self.projector)
+        except ValueError:
+            raise FieldError(
+                "model", "projector", self.projector, "use linear, identity or mlpNx_gelu (N >= 2)"
+            ) from None
         if not 0 <= self.image_token_id < self.llm.vocab_size:
-            raise ValueError(
-                f"model.image_token_id={self.image_token_id} is outside the vocabulary "
-                f"[0, {self.llm.vocab_size})"
+            raise FieldError(
+                "model",
+                "image_token_id",
+                self.image_token_id,
+                f"outside the vocabulary [0, {self.llm.vocab_size}) of model.llm.vocab_size",
             )
         if self.projector == "identity" and self.vision.hidden_size != self.llm.hidden_size:
-            raise ValueError(
-                f"model.projector='identity' needs vision hidden_size={self.vision.hidden_size} "
-                f"== llm hidden_size={self.llm.hidden_size}"
+            raise FieldError(
+                "model",
+                "projector",
+                self.projector,
+                f"needs model.vision_encoder.hidden_size={self.vision.hidden_size} == "
+                f"model.llm.hidden_size={self.llm.hidden_size}",
             )
 
     @property

@@ -1,11 +1,11 @@
 """Training: stage freezing, the pure sharded step, the loop, Orbax checkpoints, metrics.
 
-    from neva_jax.train import loop, checkpoint
+    from neva_jax.train import loop
     loop.train(run_config, workdir)          # what `python -m neva_jax.main` runs
     loop.evaluate(run_config, workdir)       # `--mode eval`
-    model, info = checkpoint.restore_model_from_workdir(path, mesh=None)
+    # reading a run back into a model: neva_jax.convert.checkpoint.load_model(workdir)
 
-Modules: `optimizer` (freezing as data, AdamW + schedule), `state` (TrainState),
-`step` (the pure jitted step), `build` (mesh, initial/restored state), `loop`,
-`checkpoint`, `metrics`.
+Modules: `optimizer` (AdamW + schedule; freezing is `model.parts`), `state`
+(TrainState), `step` (the pure jitted step), `build` (mesh, initial state), `loop`,
+`checkpointer` (writing and resuming Orbax checkpoints), `metrics`, `plan`.
 """

@@ -14,7 +14,6 @@ naming the parameter and both shapes.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,19 +24,18 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from neva_jax import platform, sharding
-from neva_jax.config import ConfigError, RunConfig
-from neva_jax.config_checks import mesh_shape, neva_config
-from neva_jax.model.neva import Neva, NevaConfig, with_runtime
-from neva_jax.train import checkpoint as ckpt_lib
-from neva_jax.train import optimizer as opt_lib
+from neva_jax import sharding
+from neva_jax.convert import checkpoint
+from neva_jax.model import parts as model_parts
+from neva_jax.model.neva import Neva, NevaConfig
+from neva_jax.run_config import ConfigError, RunConfig, mesh_shape
 from neva_jax.train import state as state_lib
 
 PyTree = Any
 
 
-def make_mesh(cfg: RunConfig) -> Mesh:
-    """The (data, fsdp, tensor) mesh over all devices."""
+def run_mesh(cfg: RunConfig) -> Mesh:
+    """The (data, fsdp, tensor) mesh of `cfg.mesh` over all devices."""
     data, fsdp, tensor = mesh_shape(cfg.mesh, jax.device_count())
     return sharding.make_mesh(data, fsdp, tensor)
 
@@ -104,29 +102,27 @@ def _check_shapes(source: str, loaded: Mapping[str, Any], target: Mapping[str, A
 
 
 def load_init_params(path: str, abstract_params: PyTree) -> tuple[PyTree, str]:
-    """Parameters from `init_from` placed onto `abstract_params`' shardings.
+    """Parameters from `init_from` (a training run or model folder) placed onto
+    `abstract_params`' shardings.
 
     Returns (nested dict of the parameters the source holds, a description).
     """
-    if ckpt_lib.is_training_checkpoint(path):
-        ckpt_dir, step = ckpt_lib.resolve_checkpoint(path)
-        saved = ckpt_lib.saved_param_shapes(os.path.join(ckpt_dir, str(step)))
-        _check_shapes(path, saved, abstract_params)
-        target = _subset(abstract_params, saved)
-        params, _ = ckpt_lib.restore_params(path, target)
-        return params, f"training checkpoint {ckpt_dir}/{step}"
-    params_dir = os.path.join(path, "params")
-    if os.path.isdir(params_dir) and os.path.isfile(os.path.join(path, "model_config.json")):
-        saved = ckpt_lib.saved_param_shapes(params_dir, root=True)
-        _check_shapes(path, saved, abstract_params)
-        target = _subset(abstract_params, saved)
-        params = ckpt_lib.restore_param_tree(params_dir, target, root=True)
-        return params, f"model folder {path}"
-    raise ConfigError(
-        f"config.init_from={path!r}: neither a training workdir/step folder nor a model folder "
-        "(model_config.json + params/); import Hugging Face folders with "
-        "`python -m neva_jax.convert import-hf`"
-    )
+    try:
+        kind = checkpoint.checkpoint_kind(path)
+    except FileNotFoundError:
+        kind = None
+    if kind not in ("training", "model_folder"):
+        raise ConfigError(
+            f"config.init_from={path!r}: neither a training workdir/step folder nor a model "
+            "folder (model_config.json + params/); import Hugging Face folders with "
+            "`python -m neva_jax.convert import-hf`"
+        )
+    saved = checkpoint.saved_param_shapes(path)
+    _check_shapes(path, saved, abstract_params)
+    params, meta = checkpoint.restore_params(path, _subset(abstract_params, saved))
+    if kind == "training":
+        return params, f"training checkpoint {path} step {meta['step']}"
+    return params, f"model folder {path}"
 
 
 def _subset(target: Mapping[str, Any], present: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,7 +148,7 @@ def load_pretrained_parts(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh) -> PyTre
     Both folders are needed (they are imported together, as `convert import-hf --llm
     --vision` does); the imported architecture must match the config's.
     """
-    llm_dir, clip_dir = cfg.model.llm.from_pretrained, cfg.model.vision_encoder.from_pretrained
+    llm_dir, clip_dir = cfg.llm.from_pretrained, cfg.vision_encoder.from_pretrained
     if not llm_dir and not clip_dir:
         return {}
     if not (llm_dir and clip_dir):
@@ -163,7 +159,7 @@ def load_pretrained_parts(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh) -> PyTre
         )
     from neva_jax.convert import hf as convert_hf
 
-    vis = cfg.model.vision_encoder
+    vis = cfg.model.vision
     try:
         imported = convert_hf.import_llm_and_clip(
             llm_dir,
@@ -223,7 +219,7 @@ def initial_state(
     imported model folder) nothing is initialised at random.
     """
     parts = cfg.trained_parts
-    abstract_params = opt_lib.merge_dicts(abstract.params, abstract.frozen)
+    abstract_params = model_parts.merge_dicts(abstract.params, abstract.frozen)
     loaded = load_pretrained_parts(cfg, ncfg, mesh)
     if cfg.init_from:
         init, what = load_init_params(cfg.init_from, abstract_params)
@@ -233,10 +229,10 @@ def initial_state(
         full, other = _subset(loaded, abstract_params), {}
     else:
         model = sharding.create_sharded(model_constructor(ncfg, cfg.seed), mesh)
-        _, params, frozen, other = opt_lib.split_model(model, parts)
+        _, params, frozen, other = model_parts.split_model(model, parts)
         del model
-        full = _deep_update(opt_lib.merge_dicts(params, frozen), loaded)
-    params, frozen = opt_lib.split_dict(full, parts)
+        full = _deep_update(model_parts.merge_dicts(params, frozen), loaded)
+    params, frozen = model_parts.split_dict(full, parts)
     rep = replicated(mesh)
     opt_state = jax.jit(tx.init, out_shardings=shards.opt_state)(params)
 
@@ -252,18 +248,6 @@ def initial_state(
         nonfinite_count=zero(),
         nonfinite_streak=zero(),
     )
-
-
-def run_neva_config(cfg: RunConfig, image_token_id: int, vocab_in_use: int) -> NevaConfig:
-    """The NevaConfig for `cfg` with the tokenizer's `<image>` id; checks the vocab fits."""
-    if vocab_in_use > cfg.model.llm.vocab_size:
-        raise ConfigError(
-            f"config.model.llm.vocab_size={cfg.model.llm.vocab_size}: the tokenizer uses "
-            f"{vocab_in_use} ids; raise it to at least {vocab_in_use}"
-        )
-    ncfg = neva_config(cfg, image_token_id=image_token_id)
-    # Backend-dependent run-time choices are made here, once (see neva_jax.platform).
-    return with_runtime(ncfg, **platform.resolve_runtime(attention_impl=ncfg.llm.attention_impl))
 
 
 def versions() -> dict[str, str]:
@@ -287,10 +271,11 @@ def versions() -> dict[str, str]:
 
 def run_meta(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh, **extra: Any) -> dict[str, Any]:
     """The JSON `meta` item of a checkpoint."""
+    from neva_jax.config import to_dict
     from neva_jax.model.neva import config_to_dict
 
     return {
-        "config": cfg.to_dict(),
+        "config": to_dict(cfg),
         "model_config": config_to_dict(ncfg),
         "trained_parts": list(cfg.trained_parts),
         "versions": versions(),

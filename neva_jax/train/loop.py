@@ -1,7 +1,12 @@
 """The training loop and `--mode eval`: all I/O lives here, the step is pure.
 
-    train(cfg, workdir)     resume or initialise, train, checkpoint, evaluate
-    evaluate(cfg, workdir)  restore the newest checkpoint (or `eval.checkpoint`), write eval/*
+    train(cfg, workdir, hooks=Hooks())  resume or initialise, train, checkpoint, evaluate
+    evaluate(cfg, workdir)              restore the newest checkpoint (or `eval.checkpoint`),
+                                        write eval/*
+
+The loop's state is one typed object (`Loop`); a caller can add a batch transform
+or an after-step function to every step (`Hooks`), e.g. to inject a fault or send
+a signal at a chosen step.
 
 Per step the loop reads a batch, dispatches step t+1 and only then fetches step
 t's metrics (so the device never waits for Python), logs, checks the non-finite
@@ -24,65 +29,66 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
 
-from neva_jax import distributed
-from neva_jax.config import RunConfig
+from neva_jax import distributed, platform
+from neva_jax.convert import checkpoint
 from neva_jax.data import pipeline
 from neva_jax.data.conversation import get_template
 from neva_jax.data.tokenize import TextTokenizer, load_tokenizer
-from neva_jax.train import build
-from neva_jax.train import checkpoint as ckpt_lib
+from neva_jax.model import parts as model_parts
+from neva_jax.model.neva import NevaConfig, with_runtime
+from neva_jax.run_config import RunConfig, model_for_tokenizer
+from neva_jax.train import build, checkpointer
 from neva_jax.train import metrics as metrics_lib
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import state as state_lib
 from neva_jax.train import step as step_lib
 
 DATA_REPORT = "data_report.json"
+LocalBatch = dict[str, np.ndarray]  # this process's rows (docs/CONTRACTS.md "The batch")
 
 
 class NonFiniteError(RuntimeError):
     """K consecutive non-finite steps; main exits with status 3."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
-    """What train() and evaluate() share: tokenizer, model config, data config, mesh."""
+    """What train() and evaluate() share: the config, tokenizer, model config and mesh."""
 
     cfg: RunConfig
     tokenizer: TextTokenizer
-    model_config: Any
-    data_config: Any
+    model_config: NevaConfig  # cfg.model with the tokenizer's <image> id
     mesh: jax.sharding.Mesh
 
 
 def prepare(cfg: RunConfig) -> Run:
-    """Loads the tokenizer and derives the model and data configs (no compilation)."""
+    """Loads the tokenizer and sets its `<image>` id on the model config (no compilation)."""
     template = get_template(cfg.data.template)
     tok = load_tokenizer(
         cfg.data.tokenizer,
-        use_im_start_end=cfg.model.use_im_start_end,
+        use_im_start_end=cfg.data.use_im_start_end,
         control_tokens=getattr(template, "control_tokens", ()),
     )
-    ncfg = build.run_neva_config(cfg, tok.image_token_id, tok.vocab_size)
-    data_cfg = cfg.data.with_model(
-        image_size=ncfg.vision.image_size,
-        num_image_slots=ncfg.num_image_tokens,
-        use_im_start_end=cfg.model.use_im_start_end,
-    )
-    return Run(cfg, tok, ncfg, data_cfg, build.make_mesh(cfg))
+    ncfg = model_for_tokenizer(cfg, tok.image_token_id, tok.vocab_size)
+    # Backend-dependent run-time choices are made here, once (see neva_jax.platform).
+    ncfg = with_runtime(ncfg, **platform.resolve_runtime(attention_impl=ncfg.llm.attention_impl))
+    return Run(cfg, tok, ncfg, build.run_mesh(cfg))
 
 
 def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded over (data, fsdp)."""
     return {
         k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k]))
-        for k in step_lib.BATCH_KEYS
+        for k in pipeline.BATCH_KEYS
     }
 
 
@@ -96,29 +102,35 @@ def _batch_stats(local: dict[str, np.ndarray], image_token_id: int, p: int) -> d
     }
 
 
+class StopFlag:
+    """Set by SIGTERM (single process) or the preemption sync point: save and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        """The SIGTERM handler (no logging here: it may interrupt a logging call)."""
+        del signum, frame
+        self.requested = True
+
+
 @contextlib.contextmanager
-def _sigterm_flag() -> Iterator[dict[str, bool]]:
-    """Sets flag['term'] on SIGTERM while the block runs (main thread, one process).
+def _sigterm_sets(flag: StopFlag) -> Iterator[None]:
+    """Lets SIGTERM set `flag` while the block runs (main thread, one process).
 
     With several processes JAX's preemption sync manager owns SIGTERM and
     `distributed.reached_preemption_sync_point` picks the step all processes save at.
     """
-    flag = {"term": False}
     if jax.process_count() > 1:
-        yield flag
+        yield
         return
-
-    def handler(signum, frame):
-        del signum, frame
-        flag["term"] = True  # (no logging here: a handler may interrupt a logging call)
-
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, flag)
     except ValueError:  # not the main thread: no handler
-        yield flag
+        yield
         return
     try:
-        yield flag
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -147,20 +159,6 @@ def _copy_tokenizer(run: Run, workdir: str) -> None:
     os.replace(tmp, dst)
 
 
-def inject_nan(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`batch` whose first loss weight is NaN, so the step's loss and gradients are NaN."""
-    mask = np.array(batch["loss_mask"], copy=True)
-    mask.flat[0] = np.nan
-    return {**batch, "loss_mask": mask}
-
-
-class _Pending:
-    """Metrics of a dispatched step, fetched one step later."""
-
-    def __init__(self, step: int, metrics: Any, stats: dict[str, int]):
-        self.step, self.metrics, self.stats = step, metrics, stats
-
-
 def evaluate_state(
     run: Run, eval_fn: Any, state: state_lib.TrainState, shardings: dict[str, Any]
 ) -> dict[str, float]:
@@ -168,7 +166,7 @@ def evaluate_state(
     cfg = run.cfg
     bs = cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum_steps
     it = pipeline.make_eval_iterator(
-        run.data_config,
+        run.cfg.data,
         batch_size=bs,
         tokenizer=run.tokenizer,
         process_index=jax.process_index(),
@@ -180,7 +178,7 @@ def evaluate_state(
             if cfg.eval.steps and i >= cfg.eval.steps:
                 break
             batch = global_batch(local, shardings)
-            params = opt_lib.merge_dicts(state.params, state.frozen)
+            params = model_parts.merge_dicts(state.params, state.frozen)
             out = jax.device_get(eval_fn(params, state.other, batch))
             for k in sums:
                 sums[k] += float(out[k])
@@ -194,15 +192,201 @@ def evaluate_state(
     }
 
 
-def _jit_eval(graphdef, cfg: RunConfig, shards, batch_sh, rep):
+def _jit_eval(
+    graphdef: nnx.GraphDef,
+    cfg: RunConfig,
+    shards: state_lib.TrainState,
+    batch_sh: dict[str, NamedSharding],
+    rep: NamedSharding,
+) -> Callable[..., dict[str, jax.Array]]:
     return jax.jit(
         step_lib.make_eval_step(graphdef, logits_fraction=cfg.train.logits_fraction),
-        in_shardings=(opt_lib.merge_dicts(shards.params, shards.frozen), shards.other, batch_sh),
+        in_shardings=(
+            model_parts.merge_dicts(shards.params, shards.frozen),
+            shards.other,
+            batch_sh,
+        ),
         out_shardings=rep,
     )
 
 
-def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """What a caller of `train` adds to every step (nothing by default).
+
+    `before_step`: functions (step, batch) -> batch that see, and may replace, this
+    process's batch of 0-based step `step` before it is dispatched (a data transform).
+    `after_step`: functions (loop) -> None called once step `loop.step` has been
+    dispatched, reported and, when due, checkpointed and evaluated.
+    """
+
+    before_step: tuple[Callable[[int, LocalBatch], LocalBatch], ...] = ()
+    after_step: tuple[Callable[[Loop], None], ...] = ()
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A dispatched step whose metrics are fetched one step later."""
+
+    step: int
+    metrics: dict[str, jax.Array]
+    stats: dict[str, int]
+
+
+@dataclasses.dataclass
+class _Timing:
+    """Wall time between reported steps: the first (compilation) and the steady rest."""
+
+    last: float = 0.0
+    first_step_sec: float | None = None
+    steady_sec: float = 0.0
+    steady_tokens: int = 0
+
+    def lap(self, tokens: int) -> float:
+        """Seconds since the previous lap; counts them (and `tokens`) once past the first."""
+        now = time.time()
+        dt, self.last = now - self.last, now
+        if self.first_step_sec is None:
+            self.first_step_sec = dt
+        else:
+            self.steady_sec += dt
+            self.steady_tokens += tokens
+        return dt
+
+
+@dataclasses.dataclass
+class Loop:
+    """The training loop's state: what it was given, and what changes step by step."""
+
+    run: Run
+    workdir: str
+    state: state_lib.TrainState
+    step_fn: Callable[[state_lib.TrainState, dict[str, jax.Array]], tuple[Any, Any]]
+    eval_fn: Callable[..., dict[str, jax.Array]]
+    ckpt: checkpointer.Checkpointer
+    data: Any  # the train BatchIterator (data.pipeline)
+    writer: metrics_lib.MetricsWriter
+    batch_shardings: dict[str, NamedSharding]
+    meta: dict[str, Any]  # checkpoint metadata (build.run_meta)
+    hooks: Hooks
+    step: int  # steps taken (the state's step)
+    first_step: int  # the step this process started (or resumed) at
+    peak_flops: float | None  # per device, for MFU
+    progress: metrics_lib.Progress
+    stop: StopFlag = dataclasses.field(default_factory=StopFlag)
+    timing: _Timing = dataclasses.field(default_factory=_Timing)
+    window: list[dict[str, float]] = dataclasses.field(default_factory=list)  # since last line
+    pending: _Pending | None = None
+
+    def run_step(self) -> None:
+        """Reads a batch, dispatches the step, reports the previous one, saves/evaluates."""
+        cfg = self.run.cfg
+        local = next(self.data)
+        for transform in self.hooks.before_step:
+            local = transform(self.step, local)
+        p = self.run.model_config.num_image_tokens
+        stats = _batch_stats(local, self.run.tokenizer.image_token_id, p)
+        self.state, metrics = self.step_fn(self.state, global_batch(local, self.batch_shardings))
+        self.step += 1
+        self.report()
+        self.pending = _Pending(self.step, metrics, stats)
+        if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.steps:
+            self.report()  # a checkpointed step always has its metrics line
+            self.save()
+        every = cfg.eval.every_steps
+        if every and self.step % every == 0 and self.step < cfg.train.steps:
+            self.report()
+            self.writer.write(self.step, self.evaluate())
+            self.timing.last = time.time()  # evaluation time is not step time
+        for hook in self.hooks.after_step:
+            hook(self)
+
+    def report(self) -> None:
+        """Fetches the pending step's metrics, checks the non-finite streak, logs."""
+        done, self.pending = self.pending, None
+        if done is None:
+            return
+        cfg = self.run.cfg
+        m = {k: float(v) for k, v in jax.device_get(done.metrics).items()}
+        dt = self.timing.lap(done.stats["tokens"])
+        row = {**m, **done.stats, "step_time_sec": dt, "tokens_per_sec": done.stats["tokens"] / dt}
+        if self.peak_flops:
+            flops = metrics_lib.model_flops_per_step(
+                model_parts.merge_dicts(self.state.params, self.state.frozen),
+                **done.stats,
+                trained_parts=cfg.trained_parts,
+                seq_len=cfg.data.max_seq_len,
+                num_layers=cfg.model.llm.num_layers,
+                hidden_size=cfg.model.llm.hidden_size,
+            )
+            row["mfu"] = flops / dt / (self.peak_flops * jax.device_count())
+        self.window.append(row)
+        streak = int(m["nonfinite_streak"])
+        if streak >= cfg.train.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"train: {streak} consecutive non-finite steps (loss={m['loss']}) up to step "
+                f"{done.step}; the updates were skipped and parameters are unchanged since step "
+                f"{done.step - streak}. Lower train.lr, check the data (python -m "
+                "neva_jax.data validate), or raise train.max_consecutive_nonfinite."
+            )
+        if not m["finite"]:
+            logging.warning("step %d: non-finite loss/gradient, update skipped", done.step)
+        if done.step % cfg.train.log_every == 0 or done.step == cfg.train.steps:
+            self._write_line(done.step)
+
+    def _write_line(self, step: int) -> None:
+        """Writes the window's averages as the metrics line of `step`."""
+        w = self.window
+        avg = {k: float(np.mean([row[k] for row in w])) for k in w[-1]}
+        avg["tokens_per_sec"] = sum(r["tokens"] for r in w) / sum(r["step_time_sec"] for r in w)
+        avg["learning_rate"] = w[-1]["learning_rate"]
+        avg["nonfinite_count"] = int(w[-1]["nonfinite_count"])
+        drop = ("finite", "nonfinite_streak", "images", "image_tokens")
+        self.writer.write(step, {k: v for k, v in avg.items() if k not in drop})
+        self.progress.update(step, avg, first_step=self.first_step)
+        w.clear()
+
+    def save(self) -> None:
+        """Starts saving the current step (async) and rewrites data_report.json."""
+        meta = {**self.meta, "step": self.step}
+        if self.ckpt.save(self.step, self.state.checkpoint_tree(), meta, self.data):
+            logging.info("checkpoint %d started", self.step)
+        _write_data_report(self.workdir, self.data, self.step)
+
+    def evaluate(self) -> dict[str, float]:
+        """eval/* of the current state."""
+        return evaluate_state(self.run, self.eval_fn, self.state, self.batch_shardings)
+
+    def run_all(self) -> dict[str, Any]:
+        """Steps until `train.steps` or a stop request; returns the run's summary."""
+        cfg = self.run.cfg
+        with _sigterm_sets(self.stop):
+            self.timing.last = time.time()
+            while self.step < cfg.train.steps and not self.stop.requested:
+                self.run_step()
+                if distributed.reached_preemption_sync_point(self.step):
+                    self.stop.requested = True
+            self.report()
+            self.progress.close()
+            if self.stop.requested:
+                self.save()
+                self.ckpt.wait()
+                logging.warning("stopped by SIGTERM at step %d; checkpoint committed", self.step)
+                return {"step": self.step, "stopped": "SIGTERM"}
+        summary: dict[str, Any] = {"step": self.step}
+        if cfg.data.eval_files:
+            ev = self.evaluate()
+            self.writer.write(self.step, ev)
+            summary.update(ev)
+        self.ckpt.wait()
+        if self.timing.steady_sec > 0:
+            summary["tokens_per_sec"] = self.timing.steady_tokens / self.timing.steady_sec
+        summary["first_step_sec"] = self.timing.first_step_sec
+        logging.info("done: %s", summary)
+        return summary
+
+
+def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, Any]:
     """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns a summary."""
     run = prepare(cfg)
     os.makedirs(workdir, exist_ok=True)
@@ -211,15 +395,15 @@ def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
     tx = opt_lib.make_optimizer(cfg.train)
     schedule = opt_lib.learning_rate_schedule(cfg.train)
     graphdef, abstract, shards = build.abstract_train_state(ncfg, parts, tx, mesh)
-    batch_sh = build.batch_shardings(mesh, step_lib.BATCH_KEYS)
+    batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     rep = build.replicated(mesh)
     with contextlib.ExitStack() as stack, jax.set_mesh(mesh):
-        ckpt = ckpt_lib.Checkpointer(
+        ckpt = checkpointer.Checkpointer(
             workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
         stack.callback(ckpt.close)
         train_it = pipeline.make_train_iterator(
-            run.data_config,
+            cfg.data,
             tokenizer=run.tokenizer,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
@@ -250,116 +434,25 @@ def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
             batch_sh,
             rep,
         )
-        eval_fn = _jit_eval(graphdef, cfg, shards, batch_sh, rep)
-        meta = build.run_meta(cfg, ncfg, mesh)
-        return _loop(run, workdir, state, step_fn, eval_fn, ckpt, train_it, writer, batch_sh, meta)
-
-
-def _loop(run, workdir, state, step_fn, eval_fn, ckpt, train_it, writer, batch_sh, meta):
-    cfg = run.cfg
-    total, every = cfg.train.steps, cfg.checkpoint.every_steps
-    peak = cfg.train.peak_flops_per_device or metrics_lib.measured_peak_flops()
-    p = run.model_config.num_image_tokens
-    flops_args = dict(
-        trained_parts=cfg.trained_parts,
-        seq_len=run.data_config.max_seq_len,
-        num_layers=cfg.model.llm.num_layers,
-        hidden_size=cfg.model.llm.hidden_size,
-    )
-    all_params = opt_lib.merge_dicts(state.params, state.frozen)
-    step = int(state.step)
-    first = step
-    progress = metrics_lib.Progress(total)
-    window: list[dict[str, float]] = []
-    timing = {"last": None, "first_step_sec": None, "steady_sec": 0.0, "steady_tokens": 0}
-    pending: _Pending | None = None
-
-    def save(at: int) -> None:
-        if ckpt.save(at, state.checkpoint_tree(), {**meta, "step": at}, train_it):
-            logging.info("checkpoint %d started", at)
-        _write_data_report(workdir, train_it, at)
-
-    def report(done: _Pending | None) -> None:
-        if done is None:
-            return
-        m = {k: float(v) for k, v in jax.device_get(done.metrics).items()}
-        now = time.time()
-        dt = now - timing["last"]
-        timing["last"] = now
-        if timing["first_step_sec"] is None:
-            timing["first_step_sec"] = dt
-        else:
-            timing["steady_sec"] += dt
-            timing["steady_tokens"] += done.stats["tokens"]
-        row = {**m, **done.stats, "step_time_sec": dt, "tokens_per_sec": done.stats["tokens"] / dt}
-        if peak:
-            flops = metrics_lib.model_flops_per_step(all_params, **done.stats, **flops_args)
-            row["mfu"] = flops / dt / (peak * jax.device_count())
-        window.append(row)
-        if m["nonfinite_streak"] >= cfg.train.max_consecutive_nonfinite:
-            raise NonFiniteError(
-                f"train: {int(m['nonfinite_streak'])} consecutive non-finite steps "
-                f"(loss={m['loss']}) up to step {done.step}; the updates were skipped and "
-                f"parameters are unchanged since step {done.step - int(m['nonfinite_streak'])}. "
-                "Lower train.lr, check the data (python -m neva_jax.data validate), or raise "
-                "train.max_consecutive_nonfinite."
-            )
-        if not m["finite"]:
-            logging.warning("step %d: non-finite loss/gradient, update skipped", done.step)
-        if done.step % cfg.train.log_every == 0 or done.step == total:
-            avg = {k: float(np.mean([w[k] for w in window])) for k in window[-1]}
-            secs = sum(w["step_time_sec"] for w in window)
-            avg["tokens_per_sec"] = sum(w["tokens"] for w in window) / secs
-            avg["learning_rate"] = window[-1]["learning_rate"]
-            avg["nonfinite_count"] = int(window[-1]["nonfinite_count"])
-            drop = ("finite", "nonfinite_streak", "images", "image_tokens")
-            writer.write(done.step, {k: v for k, v in avg.items() if k not in drop})
-            progress.update(done.step, avg, first_step=first)
-            window.clear()
-
-    with _sigterm_flag() as flag:
-        timing["last"] = time.time()
-        while step < total and not flag["term"]:
-            local = next(train_it)
-            if step in cfg.debug.inject_nan_steps:  # test hook: a NaN loss weight -> NaN loss
-                local = inject_nan(local)
-            stats = _batch_stats(local, run.tokenizer.image_token_id, p)
-            state, metrics = step_fn(state, global_batch(local, batch_sh))
-            step += 1
-            report(pending)
-            pending = _Pending(step, metrics, stats)
-            if step % every == 0 or step == total:
-                report(pending)  # a checkpointed step always has its metrics line
-                pending = None
-                save(step)
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
-                report(pending)
-                pending = None
-                writer.write(step, evaluate_state(run, eval_fn, state, batch_sh))
-                timing["last"] = time.time()
-            if cfg.debug.signal_at_step and step == cfg.debug.signal_at_step:
-                ckpt.wait()
-                os.kill(os.getpid(), getattr(signal, cfg.debug.signal))
-            if distributed.reached_preemption_sync_point(step):
-                flag["term"] = True
-        report(pending)
-        progress.close()
-        if flag["term"]:
-            save(step)
-            ckpt.wait()
-            logging.warning("stopped by SIGTERM at step %d; checkpoint committed", step)
-            return {"step": step, "stopped": "SIGTERM"}
-    summary: dict[str, Any] = {"step": step}
-    if run.data_config.eval_files:
-        ev = evaluate_state(run, eval_fn, state, batch_sh)
-        writer.write(step, ev)
-        summary.update(ev)
-    ckpt.wait()
-    if timing["steady_sec"] > 0:
-        summary["tokens_per_sec"] = timing["steady_tokens"] / timing["steady_sec"]
-    summary["first_step_sec"] = timing["first_step_sec"]
-    logging.info("done: %s", summary)
-    return summary
+        step = int(state.step)
+        loop = Loop(
+            run=run,
+            workdir=workdir,
+            state=state,
+            step_fn=step_fn,
+            eval_fn=_jit_eval(graphdef, cfg, shards, batch_sh, rep),
+            ckpt=ckpt,
+            data=train_it,
+            writer=writer,
+            batch_shardings=batch_sh,
+            meta=build.run_meta(cfg, ncfg, mesh),
+            hooks=hooks,
+            step=step,
+            first_step=step,
+            peak_flops=cfg.train.peak_flops_per_device or metrics_lib.measured_peak_flops(),
+            progress=metrics_lib.Progress(cfg.train.steps),
+        )
+        return loop.run_all()
 
 
 def evaluate(cfg: RunConfig, workdir: str) -> dict[str, float]:
@@ -369,11 +462,11 @@ def evaluate(cfg: RunConfig, workdir: str) -> dict[str, float]:
     mesh, ncfg = run.mesh, run.model_config
     tx = opt_lib.make_optimizer(cfg.train)
     graphdef, abstract, shards = build.abstract_train_state(ncfg, cfg.trained_parts, tx, mesh)
-    batch_sh = build.batch_shardings(mesh, step_lib.BATCH_KEYS)
+    batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     with jax.set_mesh(mesh):
-        target = opt_lib.merge_dicts(abstract.params, abstract.frozen)
-        params, meta = ckpt_lib.restore_params(source, target)
-        trained, frozen = opt_lib.split_dict(params, cfg.trained_parts)
+        target = model_parts.merge_dicts(abstract.params, abstract.frozen)
+        params, meta = checkpoint.restore_params(source, target)
+        trained, frozen = model_parts.split_dict(params, cfg.trained_parts)
         state = abstract.replace(params=trained, frozen=frozen, other={}, opt_state=None)
         eval_fn = _jit_eval(graphdef, cfg, shards, batch_sh, build.replicated(mesh))
         out = evaluate_state(run, eval_fn, state, batch_sh)

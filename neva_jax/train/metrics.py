@@ -10,7 +10,7 @@ steps so far) of its last step, and `mfu` when the device's peak is known. Evalu
 lines carry `step` and `eval/loss`, `eval/accuracy`, `eval/tokens`. After a resume
 the lines past the restored step are dropped, so each step appears once.
 
-Model FLOPs follow DESIGN.md section 7: the LLM counts 6N per token when its
+Model FLOPs follow docs/REFERENCE.md "FLOP convention": the LLM counts 6N per token when its
 weights train and 4N when frozen (N = its matmul parameters, LM head included,
 input embedding excluded), plus causal attention 6*S*d*L (4*S*d*L frozen); the
 vision tower counts its forward pass only unless it trains; the projector 6x its
@@ -31,7 +31,8 @@ import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 
-# Peak dense bf16 FLOP/s per device MEASURED on these machines (DESIGN.md section 7).
+# Peak dense bf16 FLOP/s per device MEASURED on these machines (docs/REFERENCE.md
+# "Measured peaks").
 # Other devices get no MFU unless `peak_flops_per_device` is given.
 MEASURED_PEAK_FLOPS = {"H200": 790e12}
 
@@ -71,7 +72,7 @@ def model_flops_per_step(
     num_layers: int,
     hidden_size: int,
 ) -> float:
-    """Model FLOPs of one optimizer step (the DESIGN.md section 7 convention).
+    """Model FLOPs of one optimizer step (docs/REFERENCE.md "FLOP convention").
 
     `params` is the full nested parameter dict (arrays or ShapeDtypeStructs) with
     top-level `llm`, `projector`, `vision`; `tokens` the non-padding tokens of the

@@ -2,7 +2,7 @@
 
 Freezing is partitioning: the model's parameters are split once into the trained
 part and the frozen part by their top-level submodule (`vision`, `projector`,
-`llm`). Gradients are taken only with respect to the trained part and the optimizer
+`llm`; `neva_jax.model.parts`). Gradients are taken only with respect to the trained part and the optimizer
 state exists only for it, so frozen parameters cost neither gradient memory nor
 Adam moments, and stay bit-identical by construction.
 
@@ -15,65 +15,18 @@ Adam moments, and stay bit-identical by construction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-from neva_jax.config import TrainSection
+from neva_jax.run_config import TrainSection
 
 PyTree = Any
 # Path elements that mark a parameter excluded from weight decay.
 NO_DECAY_NAMES = ("bias", "scale", "norm", "ln", "layernorm", "layer_norm")
-
-
-def trainable_filter(parts: Sequence[str]) -> nnx.filterlib.Filter:
-    """An NNX filter selecting the `nnx.Param`s under the top-level submodules `parts`."""
-    parts = tuple(parts)
-
-    def under_parts(path: tuple[Any, ...], _value: Any) -> bool:
-        return bool(path) and str(path[0]) in parts
-
-    return nnx.All(nnx.Param, under_parts)
-
-
-def split_model(model: nnx.Module, parts: Sequence[str]) -> tuple[nnx.GraphDef, dict, dict, dict]:
-    """Splits a model into (graphdef, trained params, frozen params, other variables).
-
-    The three states come back as pure nested dicts (arrays at the leaves), the form
-    that the jitted step, optax and Orbax all take; `merge_model` rebuilds the model.
-    """
-    graphdef, trained, frozen, other = nnx.split(model, trainable_filter(parts), nnx.Param, ...)
-    return graphdef, *(nnx.to_pure_dict(s) for s in (trained, frozen, other))
-
-
-def merge_model(graphdef: nnx.GraphDef, *states: Mapping[str, Any]) -> nnx.Module:
-    """Rebuilds a model from its graphdef and pure-dict states (inverse of `split_model`)."""
-    return nnx.merge(graphdef, *(dict(s) for s in states))
-
-
-def merge_dicts(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep-merges two nested dicts with disjoint leaves (trained + frozen = all params)."""
-    out = dict(a)
-    for k, v in b.items():
-        if k in out and isinstance(out[k], Mapping) and isinstance(v, Mapping):
-            out[k] = merge_dicts(out[k], v)
-        elif k in out:
-            raise ValueError(f"parameter {k!r} is both trained and frozen")
-        else:
-            out[k] = v
-    return out
-
-
-def split_dict(tree: Mapping[str, Any], parts: Sequence[str]) -> tuple[dict, dict]:
-    """Splits a full nested parameter dict by top-level key into (trained, frozen)."""
-    trained = {k: v for k, v in tree.items() if k in parts}
-    frozen = {k: v for k, v in tree.items() if k not in parts}
-    return trained, frozen
 
 
 def _path_names(path: tuple[Any, ...]) -> list[str]:

@@ -60,7 +60,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from neva_jax import sharding
+from neva_jax.model import parts as model_parts
 from neva_jax.model.neva import Neva, NevaConfig
+from neva_jax.run_config import RunConfig, mesh_shape
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train.step import capacity
 
@@ -177,8 +179,8 @@ def state_bytes(
     grad_accum_steps: int = 1,
 ) -> dict[str, int]:
     """Per-device bytes of parameters, gradients and optimizer state (exact shapes)."""
-    trained, _ = opt_lib.split_dict(am.params, parts)
-    trained_specs, _ = opt_lib.split_dict(am.specs, parts)
+    trained, _ = model_parts.split_dict(am.params, parts)
+    trained_specs, _ = model_parts.split_dict(am.specs, parts)
     per_part = param_bytes_per_device(am, mesh)
     grads = sum(per_part[p] for p in trained)
     opt_state = jax.eval_shape(tx.init, trained)
@@ -250,7 +252,7 @@ def estimate(
     am = abstract_model(ncfg)
     state = state_bytes(am, parts, tx, mesh, workload.grad_accum_steps)
     detail = activation_bytes(ncfg, workload, mesh, remat)
-    trained, _ = opt_lib.split_dict(am.params, parts)
+    trained, _ = model_parts.split_dict(am.params, parts)
     return Estimate(
         mesh=mesh,
         remat=remat,
@@ -266,37 +268,33 @@ def estimate(
 # From a run config: the configured layout, and the layouts that would fit.
 
 
-def _uses_flash(cfg: Any, ncfg: NevaConfig) -> bool:
+def _uses_flash(ncfg: NevaConfig) -> bool:
     """`attention.implementation` on the target GPU: cudnn, or auto with a 16-bit dtype."""
-    impl = cfg.attention.implementation
+    impl = ncfg.llm.attention_impl
     sixteen = np.dtype(ncfg.llm.compute_dtype).itemsize == 2
     ok_head = ncfg.llm.head_size % 8 == 0 and ncfg.llm.head_size <= 128
     return impl == "cudnn" or (impl == "auto" and sixteen and ok_head)
 
 
-def run_parts(cfg: Any) -> tuple[NevaConfig, optax.GradientTransformation, Workload]:
+def run_parts(cfg: RunConfig) -> tuple[NevaConfig, optax.GradientTransformation, Workload]:
     """(model config, optimizer, workload) of a `RunConfig`."""
-    from neva_jax.config_checks import neva_config
-
-    ncfg = neva_config(cfg)
+    ncfg = cfg.model
     workload = Workload(
         batch_size=cfg.train.batch_size,
         seq_len=cfg.data.max_seq_len,
         images_per_row=cfg.data.max_images_per_row,
         grad_accum_steps=cfg.train.grad_accum_steps,
-        flash_attention=_uses_flash(cfg, ncfg),
+        flash_attention=_uses_flash(ncfg),
         logits_fraction=cfg.train.logits_fraction,
     )
     return ncfg, opt_lib.make_optimizer(cfg.train), workload
 
 
-def plan_run(cfg: Any, num_devices: int) -> Estimate:
-    """The estimate of `cfg` (a RunConfig) as configured (`mesh.*`) on `num_devices`."""
-    from neva_jax.config_checks import mesh_shape
-
+def plan_run(cfg: RunConfig, num_devices: int) -> Estimate:
+    """The estimate of `cfg` as configured (`mesh.*`) on `num_devices`."""
     ncfg, tx, workload = run_parts(cfg)
     mesh = dict(zip(sharding.MESH_AXES, mesh_shape(cfg.mesh, num_devices), strict=True))
-    return estimate(ncfg, cfg.trained_parts, tx, mesh, workload, cfg.remat.policy)
+    return estimate(ncfg, cfg.trained_parts, tx, mesh, workload, ncfg.llm.remat_policy)
 
 
 def _meshes(n: int, ncfg: NevaConfig) -> list[dict[str, int]]:
@@ -312,7 +310,7 @@ def _meshes(n: int, ncfg: NevaConfig) -> list[dict[str, int]]:
     return out
 
 
-def _candidates(cfg: Any, num_devices: int, *, shrink_batch: bool):
+def _candidates(cfg: RunConfig, num_devices: int, *, shrink_batch: bool):
     """Estimates over layouts x remat x (accumulation steps | smaller batches)."""
     ncfg, tx, base = run_parts(cfg)
     for mesh, remat in itertools.product(_meshes(num_devices, ncfg), REMAT_ORDER):
@@ -330,7 +328,7 @@ def _candidates(cfg: Any, num_devices: int, *, shrink_batch: bool):
             yield estimate(ncfg, cfg.trained_parts, tx, mesh, w, remat)
 
 
-def suggest(cfg: Any, num_devices: int, device_bytes: float, fraction: float = 0.9) -> list:
+def suggest(cfg: RunConfig, num_devices: int, device_bytes: float, fraction: float = 0.9) -> list:
     """Layouts that fit `train.batch_size`, best first: fewest accumulation steps, then
     least remat, least tensor, least fsdp (each costs speed)."""
     found = [
@@ -350,7 +348,7 @@ def suggest(cfg: Any, num_devices: int, device_bytes: float, fraction: float = 0
 
 
 def largest_batch(
-    cfg: Any, num_devices: int, device_bytes: float, fraction: float = 0.9
+    cfg: RunConfig, num_devices: int, device_bytes: float, fraction: float = 0.9
 ) -> Estimate | None:
     """The largest `train.batch_size` without accumulation that fits (ties: less remat);
     for when nothing fits at the configured batch."""
@@ -364,7 +362,9 @@ def largest_batch(
     )
 
 
-def min_devices(cfg: Any, device_bytes: float, fraction: float = 0.9, limit: int = 4096) -> int:
+def min_devices(
+    cfg: RunConfig, device_bytes: float, fraction: float = 0.9, limit: int = 4096
+) -> int:
     """The fewest devices (a power of two) on which some layout fits at all (0: none)."""
     n = 1
     while n <= limit:
@@ -393,7 +393,7 @@ def device_memory_bytes(configured_gb: float) -> float:
     return float((stats or {}).get("bytes_limit", 0))
 
 
-def report(cfg: Any, num_devices: int, device_bytes: float, fraction: float = 0.9) -> str:
+def report(cfg: RunConfig, num_devices: int, device_bytes: float, fraction: float = 0.9) -> str:
     """What `--mode plan` prints: the configured layout, then what fits if it does not."""
     lines = [format_estimate(plan_run(cfg, num_devices), device_bytes, fraction)]
     if not device_bytes:

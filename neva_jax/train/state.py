@@ -1,6 +1,6 @@
 """The training state: a pytree of pure dicts, so the step is a plain `jax.jit` function.
 
-The model is split once (`optimizer.split_model`) into a static graphdef and three
+The model is split once (`model.parts.split_model`) into a static graphdef and three
 states: trained parameters, frozen parameters and any other variables. The
 optimizer state exists for the trained parameters only. A checkpoint stores all
 parameters in one nested dict (`checkpoint_tree`), so evaluation and export read a
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from neva_jax.model import parts as model_parts
 from neva_jax.train import optimizer as opt_lib
 
 PyTree = Any
@@ -38,7 +39,7 @@ class TrainState:
     def checkpoint_tree(self) -> dict[str, Any]:
         """What a checkpoint's `state` item holds: all params in one tree, opt state, counters."""
         return {
-            "params": opt_lib.merge_dicts(self.params, self.frozen),
+            "params": model_parts.merge_dicts(self.params, self.frozen),
             "opt_state": self.opt_state,
             "step": self.step,
             "nonfinite_count": self.nonfinite_count,
@@ -50,7 +51,7 @@ class TrainState:
         cls, tree: Mapping[str, Any], parts: Sequence[str], other: PyTree
     ) -> TrainState:
         """Inverse of `checkpoint_tree` for the trained `parts`."""
-        params, frozen = opt_lib.split_dict(tree["params"], parts)
+        params, frozen = model_parts.split_dict(tree["params"], parts)
         return cls(
             step=tree["step"],
             params=params,
@@ -66,7 +67,7 @@ def create(
     model: nnx.Module, parts: Sequence[str], tx: optax.GradientTransformation
 ) -> tuple[nnx.GraphDef, TrainState]:
     """Splits `model` by `parts` and initialises the optimizer for the trained part."""
-    graphdef, params, frozen, other = opt_lib.split_model(model, parts)
+    graphdef, params, frozen, other = model_parts.split_model(model, parts)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -105,7 +106,7 @@ def shardings(
     `param_shardings` is the nested dict of all parameters' shardings (trained and
     frozen); optimizer moments follow their parameter, scalars are replicated.
     """
-    trained, frozen = opt_lib.split_dict(param_shardings, list(abstract_state.params))
+    trained, frozen = model_parts.split_dict(param_shardings, list(abstract_state.params))
     return TrainState(
         step=replicated,
         params=trained,

@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from neva_jax.data.pipeline import BATCH_KEYS  # docs/CONTRACTS.md "The batch"
+from neva_jax.model import parts as model_parts
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "images")
 
 
 def capacity(seq_len: int, fraction: float) -> int:
@@ -125,7 +126,7 @@ def make_train_step(
 
     def micro_grads(state: TrainState, batch: Batch, denom: jax.Array):
         def loss_fn(params):
-            model = opt_lib.merge_model(graphdef, params, state.frozen, state.other)
+            model = model_parts.merge_model(graphdef, params, state.frozen, state.other)
             loss_sum, n, correct = token_loss_sums(
                 model, batch, logits_fraction, stop_vision_gradient=stop_vision
             )
@@ -215,7 +216,7 @@ def make_eval_step(
 
     def eval_step(params: Any, other: Any, batch: Batch) -> Metrics:
         batch = {k: batch[k] for k in BATCH_KEYS}
-        model = opt_lib.merge_model(graphdef, params, other)
+        model = model_parts.merge_model(graphdef, params, other)
         loss_sum, n, correct = token_loss_sums(model, batch, logits_fraction)
         return {"loss_sum": loss_sum, "tokens": n, "correct": correct}
 

@@ -218,4 +218,5 @@ def test_model_trained_by_main_exports_and_reloads(tmp_path):
     want = np.asarray(
         ours(jnp.asarray(ids.numpy()), jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1))[:, None])
     )
-    assert np.abs(got - want).max() <= 1e-4  # two implementations: DESIGN.md's parity bound
+    # Two implementations: the parity bound of docs/DESIGN.md "Testing".
+    assert np.abs(got - want).max() <= 1e-4

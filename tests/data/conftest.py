@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from neva_jax.data import synth
@@ -126,3 +127,82 @@ def bad_data(tmp_path, synth_dir: str) -> tuple[str, str]:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(records))
     return str(path), str(images)
+
+
+def tokenizer_image_token(prompt: str, tokenizer, image_ids: list[int]) -> list[int]:
+    """LLaVA's mm_utils.tokenizer_image_token with `image_ids` in place of each image."""
+    chunks = [tokenizer(c).input_ids for c in prompt.split("<image>")]
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    for k, chunk in enumerate(chunks):
+        if k:
+            ids.extend(image_ids)
+        ids.extend(chunk[offset:])
+    return ids
+
+
+@pytest.fixture(scope="session")
+def llava_tokenizer_image_token():
+    """`tokenizer_image_token(prompt, hf_tokenizer, image_ids)` (LLaVA's, written out)."""
+    return tokenizer_image_token
+
+
+def round_trip(cfg: DataConfig, before: int, after: int) -> tuple[dict, list[dict]]:
+    """Takes `before` batches, saves the state (through JSON), takes `after` more; a
+    fresh iterator restored from the state must give the same batches and report.
+    Returns (state, the batches after it)."""
+    from neva_jax.data import pipeline
+
+    it = pipeline.make_train_iterator(cfg)
+    for _ in range(before):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(after)]
+    report = it.report()
+    it.close()
+    again = pipeline.make_train_iterator(cfg)
+    again.set_state(state)
+    got = [next(again) for _ in range(after)]
+    assert again.report() == report
+    again.close()
+    for a, b in zip(expected, got, strict=True):
+        for k in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(a[k], b[k])
+    return state, expected
+
+
+@pytest.fixture(scope="session")
+def state_round_trip():
+    """`round_trip(cfg, before, after)`: resume from a mid-stream state is exact."""
+    return round_trip
+
+
+def samples_of(batches: list[dict]) -> list[tuple]:
+    """Recovers per-sample (ids, targets, loss_mask, images) from (packed) batches
+    of the synthetic tokenizer (<image> = 4, 64 slots per image)."""
+    out = []
+    for b in batches:
+        for r in range(b["input_ids"].shape[0]):
+            seg, img = b["segment_ids"][r], 0
+            for s in range(1, seg.max() + 1):
+                sel = seg == s
+                ids = b["input_ids"][r][sel]
+                k = int((ids == 4).sum()) // 64
+                out.append(
+                    (
+                        tuple(ids),
+                        tuple(b["targets"][r][sel]),
+                        tuple(b["loss_mask"][r][sel]),
+                        b["images"][r, img : img + k].tobytes(),
+                    )
+                )
+                img += k
+    return out
+
+
+@pytest.fixture(scope="session")
+def batch_samples():
+    """`samples_of(batches)`: the samples of (packed) synthetic batches, as tuples."""
+    return samples_of

@@ -26,6 +26,7 @@ def _stage2_record(synth_dir: str) -> tuple[dict, str]:
 
 def test_over_long_samples_drop_whole_rounds(synth_cfg: DataConfig, synth_dir: str) -> None:
     raw, where = _stage2_record(synth_dir)
+    synth_cfg = dataclasses.replace(synth_cfg, truncation="drop_rounds")
     full = SamplePreparer(synth_cfg).prepare(raw, where)
     assert full.dropped_rounds == 0 and int(full.encoded.trained.sum()) == 8
     short = SamplePreparer(dataclasses.replace(synth_cfg, max_seq_len=len(full.encoded) - 3))

@@ -26,28 +26,6 @@ def _take(it, n: int) -> list[dict]:
     return [next(it) for _ in range(n)]
 
 
-def _samples(batches: list[dict]) -> list[tuple]:
-    """Recovers per-sample (ids, targets, loss_mask, images) from (packed) batches."""
-    out = []
-    for b in batches:
-        for r in range(b["input_ids"].shape[0]):
-            seg, img = b["segment_ids"][r], 0
-            for s in range(1, seg.max() + 1):
-                sel = seg == s
-                ids = b["input_ids"][r][sel]
-                k = int((ids == 4).sum()) // 64
-                out.append(
-                    (
-                        tuple(ids),
-                        tuple(b["targets"][r][sel]),
-                        tuple(b["loss_mask"][r][sel]),
-                        b["images"][r, img : img + k].tobytes(),
-                    )
-                )
-                img += k
-    return out
-
-
 @pytest.fixture
 def bad_cfg(bad_data: tuple[str, str], synth_cfg: DataConfig) -> DataConfig:
     path, images = bad_data
@@ -74,7 +52,9 @@ BAD_REASONS = {
 }
 
 
-def test_bad_samples_are_counted_and_good_ones_all_yielded(bad_cfg: DataConfig) -> None:
+def test_bad_samples_are_counted_and_good_ones_all_yielded(
+    bad_cfg: DataConfig, batch_samples
+) -> None:
     it = pipeline.make_eval_iterator(bad_cfg)
     batches = list(it)
     it.close()
@@ -82,7 +62,7 @@ def test_bad_samples_are_counted_and_good_ones_all_yielded(bad_cfg: DataConfig) 
     assert rep["skipped_by_reason"] == BAD_REASONS
     assert rep["samples_read"] == 14 and rep["samples_yielded"] == 4
     assert len(batches) == 2  # 4 good samples / 2 rows
-    answers = [s for s in _samples(batches)]
+    answers = [s for s in batch_samples(batches)]
     assert len(answers) == 4
     assert "bad.json record 2 (id 'missing')" in rep["first_skipped_by_reason"]["image_missing"]
     # the text-only sample has no image slot and zero pixels
@@ -90,23 +70,23 @@ def test_bad_samples_are_counted_and_good_ones_all_yielded(bad_cfg: DataConfig) 
     assert len(text_only) == 1 and not np.frombuffer(text_only[0][3], np.float32).size
 
 
-def test_eval_gives_every_process_the_same_batch_count(bad_cfg: DataConfig) -> None:
+def test_eval_gives_every_process_the_same_batch_count(bad_cfg: DataConfig, batch_samples) -> None:
     counts, samples = [], 0
     for p in range(2):
         it = pipeline.make_eval_iterator(bad_cfg, process_index=p, process_count=2)
         batches = list(it)
         it.close()
         counts.append(len(batches))
-        samples += len(_samples(batches))
+        samples += len(batch_samples(batches))
     assert counts == [7, 7] and samples == 4  # 14 records, 1 row per process per batch
 
 
-def test_training_stream_trains_through_bad_samples(bad_cfg: DataConfig) -> None:
+def test_training_stream_trains_through_bad_samples(bad_cfg: DataConfig, batch_samples) -> None:
     cfg = dataclasses.replace(bad_cfg, num_epochs=1, packing=True, max_images_per_row=2)
     it = pipeline.make_train_iterator(cfg)
     batches = list(it)
     it.close()
-    assert len(_samples(batches)) == 4
+    assert len(batch_samples(batches)) == 4
     assert sum(it.report()["skipped_by_reason"].values()) == 10
 
 
@@ -148,13 +128,13 @@ def test_batches_follow_the_contract(synth_cfg: DataConfig) -> None:
     assert len(trained) == 8 and (trained[1::2] == 2).all()
 
 
-def test_packing_keeps_samples_intact_and_fills_rows(synth_cfg: DataConfig) -> None:
+def test_packing_keeps_samples_intact_and_fills_rows(synth_cfg: DataConfig, batch_samples) -> None:
     plain_it = pipeline.make_eval_iterator(synth_cfg)
     packed_it = pipeline.make_eval_iterator(dataclasses.replace(synth_cfg, packing=True))
     plain, packed = list(plain_it), list(packed_it)
     plain_it.close()
     packed_it.close()
-    assert sorted(_samples(plain)) == sorted(_samples(packed))
+    assert sorted(batch_samples(plain)) == sorted(batch_samples(packed))
     assert len(packed) < len(plain)
     b = packed[0]
     for r in range(b["input_ids"].shape[0]):
@@ -177,7 +157,9 @@ def test_packing_keeps_samples_intact_and_fills_rows(synth_cfg: DataConfig) -> N
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_iterator_state_round_trip(synth_cfg: DataConfig, synth_dir: str, packing: bool) -> None:
+def test_iterator_state_round_trip(
+    synth_cfg: DataConfig, synth_dir: str, packing: bool, state_round_trip
+) -> None:
     cfg = dataclasses.replace(
         synth_cfg,
         train_files=(
@@ -188,23 +170,12 @@ def test_iterator_state_round_trip(synth_cfg: DataConfig, synth_dir: str, packin
         packing=packing,
         seed=7,
     )
-    it = pipeline.make_train_iterator(cfg)
-    _take(it, 3)
-    state = json.loads(json.dumps(it.get_state()))
-    expected = _take(it, 4)
-    report = it.report()
-    it.close()
-    again = pipeline.make_train_iterator(cfg)
-    again.set_state(state)
-    got = _take(again, 4)
-    assert again.report() == report
-    again.close()
-    for a, b in zip(expected, got, strict=True):
-        for k in pipeline.BATCH_KEYS:
-            np.testing.assert_array_equal(a[k], b[k])
+    state_round_trip(cfg, 3, 4)
 
 
-def test_blending_weights_and_process_shards(synth_cfg: DataConfig, synth_dir: str) -> None:
+def test_blending_weights_and_process_shards(
+    synth_cfg: DataConfig, synth_dir: str, batch_samples
+) -> None:
     cfg = dataclasses.replace(
         synth_cfg,
         train_files=(
@@ -217,7 +188,7 @@ def test_blending_weights_and_process_shards(synth_cfg: DataConfig, synth_dir: s
     shards = []
     for p in range(2):
         it = pipeline.make_train_iterator(cfg, process_index=p, process_count=2)
-        shards.append(_samples(_take(it, 8)))  # 4 rows per process
+        shards.append(batch_samples(_take(it, 8)))  # 4 rows per process
         it.close()
     captions = [s[0].count(2) == 1 for s in shards[0] + shards[1]]  # one </s>: stage 1
     assert abs(np.mean(captions) - 0.75) < 0.1

@@ -114,6 +114,22 @@ def test_cache_equals_recompute(imported_std_init, batch, per_layer):
     np.testing.assert_allclose(out.logprobs[1][3], lp, atol=1e-6)
 
 
+def test_prepared_decode_layers_equal_slicing_per_call(imported, batch, greedy):
+    """Per-layer decode weights made once (q/k/v and gate/up fused) and held across
+    calls give the same tokens as the other forms; a second call compiles nothing."""
+    prompts, pixels = batch
+    layers = gen_lib.prepare_decode_layers(imported.model)
+    assert len(layers) == imported.model.config.llm.num_layers
+    kw = dict(max_new_tokens=32, eos_ids=[EOS_ID], pad_id=PAD_ID, decode_layers=layers)
+    out = gen_lib.generate_tokens(imported.model, prompts, pixels[:, None], **kw)
+    assert out.token_ids == greedy.token_ids
+    np.testing.assert_allclose(out.logprobs, greedy.logprobs, atol=1e-5)
+    size = gen_lib._generate_jit._cache_size()
+    again = gen_lib.generate_tokens(imported.model, prompts[::-1], pixels[::-1, None], **kw)
+    assert again.token_ids == greedy.token_ids[::-1]
+    assert gen_lib._generate_jit._cache_size() == size
+
+
 def test_sampling_is_seeded_and_does_not_recompile(imported, batch, greedy):
     prompts, pixels = batch
     size = gen_lib._generate_jit._cache_size()  # greedy, 32 tokens: compiled

@@ -54,7 +54,7 @@ def _random_params(cfg: neva.NevaConfig, seed: int = 0) -> dict:
     Filling an abstract model from numpy avoids compiling dozens of random
     initialisers, the slowest part of building a model on CPU.
     """
-    _, abstract = hf.abstract_model(cfg, None)
+    _, abstract = hf.abstract_neva(cfg, None)
     rng = np.random.default_rng(seed)
     out = {}
     for path, leaf in traverse_util.flatten_dict(nnx.to_pure_dict(abstract)).items():
@@ -69,7 +69,7 @@ def _random_params(cfg: neva.NevaConfig, seed: int = 0) -> dict:
 
 def _model_from(params: dict, mesh=None) -> neva.Neva:
     """A Neva(CFG) holding `params`, placed as the logical rules say when `mesh` is given."""
-    graphdef, abstract = hf.abstract_model(CFG, mesh)
+    graphdef, abstract = hf.abstract_neva(CFG, mesh)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(abstract))
     placed = {p: jax.device_put(params[p], leaf.sharding) for p, leaf in flat.items()}
     nnx.replace_by_pure_dict(abstract, traverse_util.unflatten_dict(placed))

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from neva_jax.config import RunConfig, from_config_dict
+from neva_jax.config import from_config_dict
 from neva_jax.data import synth
+from neva_jax.run_config import RunConfig
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ import pytest
 from neva_jax import sharding
 from neva_jax.data import pipeline
 from neva_jax.data.tokenize import load_tokenizer
+from neva_jax.model import parts as model_parts
+from neva_jax.run_config import model_for_tokenizer
 from neva_jax.train import build, plan
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import step as step_lib
@@ -39,7 +41,7 @@ def _run(cfg, ncfg, tx, mesh, initial, local_batches):
     """STEPS training steps on `mesh` from a host copy of the initial state."""
     parts = cfg.trained_parts
     graphdef, _, shards = build.abstract_train_state(ncfg, parts, tx, mesh)
-    batch_sh = build.batch_shardings(mesh, step_lib.BATCH_KEYS)
+    batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     fn = step_lib.make_train_step(
         graphdef,
         tx,
@@ -52,10 +54,10 @@ def _run(cfg, ncfg, tx, mesh, initial, local_batches):
         state = jax.device_put(initial, shards)
         losses = []
         for local in local_batches:
-            batch = {k: jax.device_put(local[k], batch_sh[k]) for k in step_lib.BATCH_KEYS}
+            batch = {k: jax.device_put(local[k], batch_sh[k]) for k in pipeline.BATCH_KEYS}
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
-    params = opt_lib.merge_dicts(state.params, state.frozen)
+    params = model_parts.merge_dicts(state.params, state.frozen)
     measured = {part: per_device_bytes(tree) for part, tree in params.items()}
     measured["optimizer"] = per_device_bytes(state.opt_state)
     return losses, measured
@@ -66,7 +68,7 @@ def runs(tiny_config):
     cfg = tiny_config("stage2", **{"train.steps": 6})
     assert cfg.trained_parts == ("projector", "llm")
     tok = load_tokenizer(cfg.data.tokenizer)
-    ncfg = build.run_neva_config(cfg, tok.image_token_id, tok.vocab_size)
+    ncfg = model_for_tokenizer(cfg, tok.image_token_id, tok.vocab_size)
     data_cfg = cfg.data.with_model(
         image_size=ncfg.vision.image_size,
         num_image_slots=ncfg.num_image_tokens,

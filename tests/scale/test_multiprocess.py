@@ -4,7 +4,8 @@ losses of one process with 8 devices, each process reads its own disjoint shard 
 the data, a SIGTERM makes both stop and save at one agreed step (JAX's preemption
 sync point), and that checkpoint restores in a single process that trains on.
 
-Every run is `python -m neva_jax.main` in subprocesses with a deadline; when one fails
+Every run is `python -m neva_jax.main` in subprocesses with a deadline (the two that
+SIGTERM themselves start it through tests/signal_at_step.py); when one fails
 or hangs, all of them are killed and its log tail is shown.
 """
 
@@ -20,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from neva_jax.train import checkpoint as ckpt_lib
+from neva_jax.convert import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -49,11 +50,11 @@ def _env(devices: int, cache: str) -> dict[str, str]:
     return env
 
 
-def _main(synth_dir: str, workdir: str, *extra: str) -> list[str]:
+def _main(synth_dir: str, workdir: str, *extra: str, runner: tuple[str, ...] = ()) -> list[str]:
+    """`python -m neva_jax.main` with the common flags (`runner`: another way to start it)."""
     return [
         sys.executable,
-        "-m",
-        "neva_jax.main",
+        *(runner or ("-m", "neva_jax.main")),
         f"--config={TINY}:stage1,data_dir={synth_dir}",
         f"--workdir={workdir}",
         f"--config.train.steps={STEPS}",
@@ -122,7 +123,7 @@ def _records(log: str, batches: int | None = None) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(synth_dir, tmp_path_factory):
+def runs(synth_dir, tmp_path_factory, signal_driver):
     base = tmp_path_factory.mktemp("multiprocess")
     cache, logs = str(base / "jax_cache"), str(base)
     two, one, resumed = (str(base / n) for n in ("two", "one", "resumed"))
@@ -136,8 +137,8 @@ def runs(synth_dir, tmp_path_factory):
                 "--config.distributed.num_processes=2",
                 f"--config.distributed.process_id={i}",
                 f"--config.train.steps={MAX_STEPS}",
-                f"--config.debug.signal_at_step={STEPS}",  # each process SIGTERMs itself
                 "--config.checkpoint.every_steps=1000",
+                runner=(signal_driver[1], str(STEPS), "SIGTERM"),  # each SIGTERMs itself
             ),
             _env(4, cache),
         )
@@ -161,7 +162,7 @@ def test_two_processes_match_one_process(runs):
     np.testing.assert_allclose(
         [two[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=0, atol=1e-5
     )
-    meta = ckpt_lib.read_meta(runs["two"])
+    meta = checkpoint.read_meta(runs["two"])
     assert meta["mesh"]["processes"] == 2 and meta["mesh"]["devices"] == 8
     assert "step 3/" in runs["logs"]["p0"] and "step 3/" not in runs["logs"]["p1"]
 
@@ -169,7 +170,7 @@ def test_two_processes_match_one_process(runs):
 def test_sigterm_stops_both_processes_at_one_step_with_a_checkpoint(runs):
     stop = runs["stop"]
     assert STEPS < stop < MAX_STEPS
-    assert ckpt_lib.complete_steps(os.path.join(runs["two"], "checkpoints")) == [stop]
+    assert checkpoint.complete_steps(os.path.join(runs["two"], "checkpoints")) == [stop]
 
 
 def test_each_process_reads_a_disjoint_shard(runs):
@@ -188,4 +189,4 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
     assert all(np.isfinite(list(losses.values())))
     # The single process continues the stream where the two left it: 8 records per step.
     assert f"resharded for 1: this process resumes at record {stop * 8}" in runs["logs"]["resumed"]
-    assert ckpt_lib.complete_steps(os.path.join(runs["resumed"], "checkpoints"))[-1] == stop + 2
+    assert checkpoint.complete_steps(os.path.join(runs["resumed"], "checkpoints"))[-1] == stop + 2

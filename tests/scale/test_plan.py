@@ -83,8 +83,9 @@ def test_activation_model_matches_xla_buffer_assignment(remat):
     import jax.numpy as jnp
 
     from neva_jax import sharding
-    from neva_jax.config import TrainSection
+    from neva_jax.data import pipeline
     from neva_jax.model import clip, llama, neva
+    from neva_jax.run_config import TrainSection
     from neva_jax.train import build, plan
     from neva_jax.train import optimizer as opt_lib
     from neva_jax.train import step as step_lib
@@ -116,8 +117,8 @@ def test_activation_model_matches_xla_buffer_assignment(remat):
     tx = opt_lib.make_optimizer(train)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     graphdef, abstract, shards = build.abstract_train_state(ncfg, parts, tx, mesh)
-    batch_sh = build.batch_shardings(mesh, step_lib.BATCH_KEYS)
-    shapes = {k: ((b, t), jnp.int32) for k in step_lib.BATCH_KEYS}
+    batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
+    shapes = {k: ((b, t), jnp.int32) for k in pipeline.BATCH_KEYS}
     shapes["loss_mask"] = ((b, t), jnp.float32)
     shapes["images"] = ((b, 1, 56, 56, 3), jnp.float32)
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()}

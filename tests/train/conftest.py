@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from neva_jax.config import RunConfig, from_config_dict
+from neva_jax.config import from_config_dict
 from neva_jax.data import synth
+from neva_jax.run_config import RunConfig
 
 V, D, T, B = 32, 16, 12, 4
 
@@ -62,6 +63,19 @@ def batch(seed: int = 0, b: int = B) -> dict[str, np.ndarray]:
         "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (b, T)).copy(),
         "images": rng.normal(size=(b, 1, 4, 4, 3)).astype(np.float32),
     }
+
+
+def inject_nan(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`batch` whose first loss weight is NaN, so the step's loss and gradients are NaN."""
+    mask = np.array(batch["loss_mask"], copy=True)
+    mask.flat[0] = np.nan
+    return {**batch, "loss_mask": mask}
+
+
+@pytest.fixture
+def nan_batch():
+    """inject_nan(batch): the fault the non-finite tests feed the step."""
+    return inject_nan
 
 
 @pytest.fixture

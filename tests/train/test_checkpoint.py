@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from neva_jax.config import TrainSection
-from neva_jax.train import checkpoint as ckpt_lib
+from neva_jax.convert import checkpoint
+from neva_jax.run_config import TrainSection
+from neva_jax.train import checkpointer
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import state as state_lib
 
@@ -31,7 +32,7 @@ def _abstract(tree, sharding=None):
 
 
 def test_save_keep_n_resume_and_half_written_ignored(tmp_path, standin):
-    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    ck = checkpointer.Checkpointer(str(tmp_path), keep=2)
     for step in (1, 2, 3):
         assert ck.save(step, _state(standin, step).checkpoint_tree(), {"step": step})
     ck.wait()
@@ -42,8 +43,8 @@ def test_save_keep_n_resume_and_half_written_ignored(tmp_path, standin):
     shutil.copytree(os.path.join(d, "3", "state"), os.path.join(d, "9", "state"))
     os.makedirs(os.path.join(d, "7.orbax-checkpoint-tmp-123", "state"))
     ck.close()
-    assert ckpt_lib.complete_steps(d) == [2, 3]
-    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    assert checkpoint.complete_steps(d) == [2, 3]
+    ck = checkpointer.Checkpointer(str(tmp_path), keep=2)
     assert ck.latest_step() == 3
     assert os.path.isdir(os.path.join(d, "9.incomplete"))
     tree = _state(standin, 3).checkpoint_tree()
@@ -52,35 +53,35 @@ def test_save_keep_n_resume_and_half_written_ignored(tmp_path, standin):
     for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(a, b)
     ck.close()
-    assert ckpt_lib.resolve_checkpoint(str(tmp_path)) == (d, 3)
-    assert ckpt_lib.resolve_checkpoint(os.path.join(d, "2")) == (d, 2)
-    assert ckpt_lib.read_meta(str(tmp_path))["step"] == 3
+    assert checkpoint.resolve_checkpoint(str(tmp_path)) == (d, 3)
+    assert checkpoint.resolve_checkpoint(os.path.join(d, "2")) == (d, 2)
+    assert checkpoint.read_meta(str(tmp_path))["step"] == 3
 
 
 def test_non_finite_params_are_never_saved(tmp_path, standin):
-    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
+    ck = checkpointer.Checkpointer(str(tmp_path), keep=2, async_save=False)
     tree = _state(standin, 1).checkpoint_tree()
     tree["params"]["projector"]["bias"] = tree["params"]["projector"]["bias"].at[0].set(jnp.nan)
     assert not ck.save(1, tree, {})
     ck.close()
-    assert ckpt_lib.complete_steps(ck.directory) == []
+    assert checkpoint.complete_steps(ck.directory) == []
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        ckpt_lib.resolve_checkpoint(str(tmp_path))
+        checkpoint.resolve_checkpoint(str(tmp_path))
 
 
 def test_restore_params_onto_another_sharding(tmp_path, standin):
-    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=1, async_save=False)
+    ck = checkpointer.Checkpointer(str(tmp_path), keep=1, async_save=False)
     tree = _state(standin, 5).checkpoint_tree()
     ck.save(5, tree, {"model_config": {}})
     ck.close()
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     replicated = NamedSharding(mesh, PartitionSpec())
-    params, meta = ckpt_lib.restore_params(str(tmp_path), _abstract(tree["params"], replicated))
+    params, meta = checkpoint.restore_params(str(tmp_path), _abstract(tree["params"], replicated))
     assert meta["step"] == 5
     leaf = jax.tree.leaves(params)[0]
     assert leaf.sharding == replicated and len(leaf.sharding.device_set) == 8
     for a, b in zip(jax.tree.leaves(tree["params"]), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
     # Without a target: as saved, on one device; no optimizer state is read.
-    params, _ = ckpt_lib.restore_params(str(tmp_path))
+    params, _ = checkpoint.restore_params(str(tmp_path))
     assert set(params) == {"vision", "projector", "llm"}

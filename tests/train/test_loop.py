@@ -1,5 +1,6 @@
 """Stage 1 then stage 2 of the tiny model on the synthetic data, through `loop.train`."""
 
+import dataclasses
 import json
 import os
 
@@ -11,16 +12,17 @@ from etils import epath
 from flax import nnx
 
 from neva_jax import sharding
-from neva_jax.config_checks import neva_config
+from neva_jax.convert import checkpoint
 from neva_jax.train import build, loop
-from neva_jax.train import checkpoint as ckpt_lib
 from neva_jax.train import optimizer as opt_lib
 
 
 def _initial_params(cfg):
     """The random initialisation a run starts from (same construction, same mesh)."""
-    constructor = build.model_constructor(neva_config(cfg, image_token_id=4), cfg.seed)
-    model = sharding.create_sharded(constructor, build.make_mesh(cfg))
+    constructor = build.model_constructor(
+        dataclasses.replace(cfg.model, image_token_id=4), cfg.seed
+    )
+    model = sharding.create_sharded(constructor, build.run_mesh(cfg))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -51,7 +53,7 @@ def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of):
     # Stage 1: LLM and vision bit-identical to their initialisation; optimizer state
     # only for the projector.
     init = _initial_params(cfg1)
-    p1, meta = ckpt_lib.restore_params(w1)
+    p1, meta = checkpoint.restore_params(w1)
     assert meta["trained_parts"] == ["projector"] and meta["step"] == 6
     assert _same(p1["llm"], init["llm"]) and _same(p1["vision"], init["vision"])
     assert not _same(p1["projector"], init["projector"])
@@ -65,7 +67,7 @@ def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of):
     loop.train(cfg2, w2)
     rows2 = metrics_of(w2)
     assert _falls(rows2)
-    p2, meta2 = ckpt_lib.restore_params(w2)
+    p2, meta2 = checkpoint.restore_params(w2)
     assert meta2["trained_parts"] == ["projector", "llm"]
     assert _same(p2["vision"], p1["vision"])
     assert not _same(p2["llm"], p1["llm"]) and not _same(p2["projector"], p1["projector"])
@@ -73,24 +75,27 @@ def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of):
     # --mode eval restores the newest checkpoint and writes eval/* at its step.
     out = loop.evaluate(cfg2, w2)
     assert np.isfinite(out["eval/loss"]) and 0 <= out["eval/accuracy"] <= 1
-    model, info = ckpt_lib.restore_model_from_workdir(w2)
-    assert info["step"] == 6 and info["tokenizer"] == os.path.join(w2, "tokenizer")
+    model, info = checkpoint.load_model(w2)
+    assert info.step == 6 and str(info.tokenizer_path) == os.path.join(w2, "tokenizer")
     assert _same(nnx.to_pure_dict(nnx.state(model, nnx.Param)), p2)
 
 
-def test_nan_steps_are_skipped_then_k_in_a_row_stop(tmp_path, tiny_config, metrics_of):
+def test_nan_steps_are_skipped_then_k_in_a_row_stop(tmp_path, tiny_config, metrics_of, nan_batch):
     cfg = tiny_config(
         "stage1",
         **{
             "train.steps": 6,
             "train.log_every": 1,
             "train.max_consecutive_nonfinite": 2,
-            "debug.inject_nan_steps": (1, 3, 4),  # 0-based: steps 2, 4 and 5
             "data.eval_files": (),
         },
     )
+
+    def nan_at_some_steps(step, batch):  # 0-based: steps 2, 4 and 5
+        return nan_batch(batch) if step in (1, 3, 4) else batch
+
     with pytest.raises(loop.NonFiniteError) as e:
-        loop.train(cfg, str(tmp_path))
+        loop.train(cfg, str(tmp_path), hooks=loop.Hooks(before_step=(nan_at_some_steps,)))
     assert str(e.value).startswith("train: 2 consecutive non-finite steps (loss=nan) up to step 5")
     assert "raise train.max_consecutive_nonfinite" in str(e.value)
     rows = metrics_of(str(tmp_path))

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from neva_jax.config import TrainSection
-from neva_jax.train import loop
+from neva_jax.model import parts as model_parts
+from neva_jax.run_config import TrainSection
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import state as state_lib
 from neva_jax.train import step as step_lib
@@ -15,7 +15,7 @@ from neva_jax.train import step as step_lib
 TRAIN = TrainSection(steps=20, lr=1e-2, warmup_steps=2, min_lr=1e-3, weight_decay=0.1)
 
 
-def _run(standin, make_batch, parts, n_steps=3, nan_steps=(), **kw):
+def _run(standin, make_batch, parts, n_steps=3, nan_steps=(), nan_batch=None, **kw):
     tx = opt_lib.make_optimizer(TRAIN)
     graphdef, state = state_lib.create(standin(), parts, tx)
     init = jax.tree.map(np.asarray, state.checkpoint_tree()["params"])
@@ -24,7 +24,7 @@ def _run(standin, make_batch, parts, n_steps=3, nan_steps=(), **kw):
     losses, metrics = [], None
     for i in range(n_steps):
         batch = make_batch(i)
-        state, metrics = fn(state, loop.inject_nan(batch) if i in nan_steps else batch)
+        state, metrics = fn(state, nan_batch(batch) if i in nan_steps else batch)
         losses.append(float(metrics["loss"]))
     return init, state, losses, metrics
 
@@ -56,7 +56,7 @@ def test_stage2_trains_projector_and_llm(standin, make_batch):
 
 
 def test_decay_mask_excludes_norms_and_biases(standin, make_batch):
-    _, params, frozen, _ = opt_lib.split_model(standin(), ("projector", "llm", "vision"))
+    _, params, frozen, _ = model_parts.split_model(standin(), ("projector", "llm", "vision"))
     mask = opt_lib.decay_mask(params)
     assert mask["projector"]["kernel"] and not mask["projector"]["bias"]
     assert not mask["llm"]["final_norm"]["scale"]
@@ -72,8 +72,10 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert float(s(10)) < TRAIN.lr
 
 
-def test_nan_step_is_skipped_and_counted(standin, make_batch):
-    init, state, _, m = _run(standin, make_batch, ("projector",), n_steps=2, nan_steps=(0, 1))
+def test_nan_step_is_skipped_and_counted(standin, make_batch, nan_batch):
+    init, state, _, m = _run(
+        standin, make_batch, ("projector",), n_steps=2, nan_steps=(0, 1), nan_batch=nan_batch
+    )
     assert int(state.nonfinite_count) == 2 and int(state.nonfinite_streak) == 2
     assert not bool(m["finite"])
     assert _same(init, state.checkpoint_tree()["params"])
@@ -82,8 +84,10 @@ def test_nan_step_is_skipped_and_counted(standin, make_batch):
     assert all(int(c) == 0 for c in counts)
 
 
-def test_streak_resets_after_finite_step(standin, make_batch):
-    _, state, _, _ = _run(standin, make_batch, ("projector",), n_steps=3, nan_steps=(1,))
+def test_streak_resets_after_finite_step(standin, make_batch, nan_batch):
+    _, state, _, _ = _run(
+        standin, make_batch, ("projector",), n_steps=3, nan_steps=(1,), nan_batch=nan_batch
+    )
     assert int(state.nonfinite_count) == 1 and int(state.nonfinite_streak) == 0
 
 
@@ -103,7 +107,7 @@ def test_capacity_overflow_falls_back_to_all_positions(standin, make_batch):
 
     @jax.jit
     def sums(state, batch):
-        model = opt_lib.merge_model(graphdef, state.params, state.frozen, state.other)
+        model = model_parts.merge_model(graphdef, state.params, state.frozen, state.other)
         full = step_lib.token_loss_sums(model, batch, 1.0)
         small = step_lib.token_loss_sums(model, batch, 0.1)
         return jnp.stack(full), jnp.stack(small)

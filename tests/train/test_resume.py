@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 
-from neva_jax.train import checkpoint as ckpt_lib
+from neva_jax.convert import checkpoint
 from neva_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,24 +28,25 @@ RUN = {
 
 
 def test_sigkill_sigterm_resume_equals_uninterrupted(
-    tmp_path, synth_dir, tiny_config, metrics_of, compilation_cache
+    tmp_path, synth_dir, tiny_config, metrics_of, compilation_cache, signal_driver
 ):
+    driver, driver_path = signal_driver
     ref_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "interrupted")
     loop.train(tiny_config("stage1", **RUN), ref_dir)
     ref_rows = metrics_of(ref_dir)
     assert sorted(ref_rows) == [1, 2, 3, 4, 5, 6]
 
-    # 1. A separate process, SIGKILLed right after step 3's checkpoint committed.
+    # 1. A separate process (neva_jax.main), SIGKILLed right after step 3's checkpoint
+    # committed.
     args = [f"--config.{k}={v}" for k, v in RUN.items() if k != "data.eval_files"]
     cmd = [
         sys.executable,
-        "-m",
-        "neva_jax.main",
+        driver_path,
+        "3",
+        "SIGKILL",
         f"--config={ROOT}/configs/tiny.py:stage1,data_dir={synth_dir}",
         f"--workdir={run_dir}",
         "--config.data.eval_files=()",
-        "--config.debug.signal_at_step=3",
-        "--config.debug.signal=SIGKILL",
         *args,
     ]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
@@ -54,18 +55,18 @@ def test_sigkill_sigterm_resume_equals_uninterrupted(
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    assert ckpt_lib.complete_steps(ckpt_dir) == [3]
+    assert checkpoint.complete_steps(ckpt_dir) == [3]
 
     # 2. A half-written step folder (no commit files) must be ignored on resume.
     shutil.copytree(os.path.join(ckpt_dir, "3", "state"), os.path.join(ckpt_dir, "4", "state"))
 
     # 3. Resume; SIGTERM arrives during step 5: the run saves step 5, commits, returns.
-    cfg = tiny_config("stage1", **RUN, **{"debug.signal_at_step": 5})
-    summary = loop.train(cfg, run_dir)
+    sigterm_at_5 = loop.Hooks(after_step=(driver.signal_at(5, signal.SIGTERM),))
+    summary = loop.train(tiny_config("stage1", **RUN), run_dir, hooks=sigterm_at_5)
     assert summary == {"step": 5, "stopped": "SIGTERM"}
-    assert ckpt_lib.complete_steps(ckpt_dir) == [3, 5]
+    assert checkpoint.complete_steps(ckpt_dir) == [3, 5]
     assert os.path.isdir(os.path.join(ckpt_dir, "4.incomplete"))
-    params5, meta5 = ckpt_lib.restore_params(run_dir)
+    params5, meta5 = checkpoint.restore_params(run_dir)
     assert meta5["step"] == 5 and all(np.isfinite(x).all() for x in jax.tree.leaves(params5))
 
     # 4. Resume again and finish.
@@ -75,7 +76,7 @@ def test_sigkill_sigterm_resume_equals_uninterrupted(
     for step, ref in ref_rows.items():
         assert rows[step]["loss"] == ref["loss"], step
         assert rows[step]["grad_norm"] == ref["grad_norm"], step
-    final, _ = ckpt_lib.restore_params(run_dir)
-    expected, _ = ckpt_lib.restore_params(ref_dir)
+    final, _ = checkpoint.restore_params(run_dir)
+    expected, _ = checkpoint.restore_params(ref_dir)
     for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)

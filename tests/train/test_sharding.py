@@ -4,9 +4,9 @@ import jax
 import numpy as np
 
 from neva_jax import sharding
-from neva_jax.config_checks import neva_config
 from neva_jax.data import pipeline
 from neva_jax.data.tokenize import load_tokenizer
+from neva_jax.run_config import model_for_tokenizer
 from neva_jax.train import build, loop
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train import step as step_lib
@@ -18,7 +18,7 @@ def _losses(cfg, ncfg, mesh, local_batches, initial):
     """3 steps from `initial` (a host copy of the initial TrainState) placed on `mesh`."""
     tx = opt_lib.make_optimizer(cfg.train)
     graphdef, _, shards = build.abstract_train_state(ncfg, cfg.trained_parts, tx, mesh)
-    batch_sh = build.batch_shardings(mesh, step_lib.BATCH_KEYS)
+    batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     with jax.set_mesh(mesh):
         state = jax.device_put(initial, shards)
         fn = step_lib.make_train_step(
@@ -45,7 +45,7 @@ def test_losses_match_across_meshes(tiny_config):
     local_batches = [next(it) for _ in range(3)]
     it.close()
     # One random initialisation (on the full mesh), copied onto each mesh.
-    ncfg = neva_config(cfg, image_token_id=tok.image_token_id)
+    ncfg = model_for_tokenizer(cfg, tok.image_token_id, tok.vocab_size)
     tx = opt_lib.make_optimizer(cfg.train)
     mesh8 = sharding.make_mesh(8, 1, 1)
     _, abstract8, shards8 = build.abstract_train_state(ncfg, cfg.trained_parts, tx, mesh8)

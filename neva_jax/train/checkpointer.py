@@ -1,6 +1,7 @@
-"""Orbax checkpoints of a training run: save, find, resume, restore for evaluation.
+"""Writing and resuming a training run's Orbax checkpoints.
 
-Layout under a workdir (docs/CONTRACTS.md):
+Layout under a workdir (docs/CONTRACTS.md; the constants and every reader live in
+`neva_jax.convert.checkpoint`, the one restore path):
 
     checkpoints/STEP/state/      params (all, nested dict), opt_state, step, counters
     checkpoints/STEP/meta/       JSON: run config, model_config, versions, mesh
@@ -26,42 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
-CHECKPOINT_DIR = "checkpoints"
+from neva_jax.convert.checkpoint import CHECKPOINT_DIR, ITEMS, complete_steps, is_complete_step
+
 # Replicated arrays are written by all their replicas in parallel (Orbax's default)
 # only when each replica's slice has at least this many bytes: below it the slicing
 # costs more (one small compile per shape) than it saves.
 MIN_REPLICA_PARALLEL_BYTES = 4 << 20
-ITEMS = ("state", "meta", "data_iter")
-# Files Orbax writes last, on commit: a step folder without them never finished.
-_STEP_COMMIT_FILE = "_CHECKPOINT_METADATA"
-_ITEM_COMMIT_FILES = {"state": "_METADATA", "meta": "metadata"}
-
-
-def _is_int(name: str) -> bool:
-    return name.isdigit()
-
-
-def is_complete_step(step_dir: str) -> bool:
-    """Whether `step_dir` holds a committed checkpoint (state and meta written)."""
-    if not os.path.isfile(os.path.join(step_dir, _STEP_COMMIT_FILE)):
-        return False
-    return all(
-        os.path.isfile(os.path.join(step_dir, item, name))
-        for item, name in _ITEM_COMMIT_FILES.items()
-    )
-
-
-def complete_steps(ckpt_dir: str) -> list[int]:
-    """Sorted steps under `ckpt_dir` whose folders are complete."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(
-        int(n)
-        for n in os.listdir(ckpt_dir)
-        if _is_int(n) and is_complete_step(os.path.join(ckpt_dir, n))
-    )
 
 
 def set_aside_incomplete(ckpt_dir: str) -> list[str]:
@@ -71,7 +43,7 @@ def set_aside_incomplete(ckpt_dir: str) -> list[str]:
         return moved
     for name in sorted(os.listdir(ckpt_dir)):
         path = os.path.join(ckpt_dir, name)
-        if _is_int(name) and os.path.isdir(path) and not is_complete_step(path):
+        if name.isdigit() and os.path.isdir(path) and not is_complete_step(path):
             target, k = f"{path}.incomplete", 0
             while os.path.exists(target):
                 k += 1
@@ -80,46 +52,6 @@ def set_aside_incomplete(ckpt_dir: str) -> list[str]:
             logging.warning("checkpoint %s is incomplete; moved aside to %s", path, target)
             moved.append(target)
     return moved
-
-
-def resolve_checkpoint(path: str) -> tuple[str, int]:
-    """(checkpoints folder, step) for a workdir, a `checkpoints/` folder or a step folder.
-
-    A workdir or `checkpoints/` folder resolves to its newest complete step.
-    Raises FileNotFoundError with a one-line message when there is none.
-    """
-    path = os.path.abspath(path)
-    name = os.path.basename(path.rstrip("/"))
-    if _is_int(name) and os.path.isdir(path):
-        if not is_complete_step(path):
-            raise FileNotFoundError(f"{path}: checkpoint step folder is incomplete")
-        return os.path.dirname(path), int(name)
-    ckpt_dir = path
-    if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-        ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
-    steps = complete_steps(ckpt_dir)
-    if not steps:
-        raise FileNotFoundError(f"{path}: no complete checkpoint (expected {CHECKPOINT_DIR}/STEP/)")
-    return ckpt_dir, steps[-1]
-
-
-def is_training_checkpoint(path: str) -> bool:
-    """Whether `path` is a workdir, `checkpoints/` folder or step folder of a training run."""
-    try:
-        resolve_checkpoint(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def read_meta(path: str) -> dict[str, Any]:
-    """The JSON `meta` item (config, model_config, versions, mesh) of a checkpoint."""
-    ckpt_dir, step = resolve_checkpoint(path)
-    item_dir = os.path.join(ckpt_dir, str(step), "meta")
-    with open(os.path.join(item_dir, _ITEM_COMMIT_FILES["meta"])) as f:
-        meta = json.load(f)
-    meta.setdefault("step", step)
-    return meta
 
 
 @jax.jit
@@ -286,107 +218,3 @@ def _restore_resharded(data_dir: str, data_iter: Any) -> None:
         jax.process_count(),
         state["parent"]["next_index"],
     )
-
-
-def _abstract_tree(metadata_tree: Any) -> Any:
-    return jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
-        metadata_tree,
-        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
-    )
-
-
-def saved_param_shapes(directory: str, *, root: bool = False) -> Any:
-    """ShapeDtypeStructs of the saved parameters (no data read).
-
-    `directory` is a step folder (its `state/params`) or, with `root=True`, a params
-    folder whose whole tree is the parameters (a model folder's `params/`).
-    """
-    path = directory if root else os.path.join(directory, "state")
-    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
-    return _abstract_tree(tree if root else tree["params"])
-
-
-def restore_param_tree(directory: str, target: Any, *, root: bool = False) -> Any:
-    """Restores (a subset of) saved parameters onto `target` (ShapeDtypeStructs + shardings)."""
-    path = directory if root else os.path.join(directory, "state")
-    item = target if root else {"params": target}
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(
-            path,
-            args=ocp.args.PyTreeRestore(
-                item=item,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                partial_restore=True,
-            ),
-        )
-    return restored if root else restored["params"]
-
-
-def restore_params(path: str, abstract_params: Any = None) -> tuple[Any, dict[str, Any]]:
-    """Restores only the parameters of a training checkpoint (no optimizer state).
-
-    `path` is a workdir, `checkpoints/` folder or step folder. `abstract_params`
-    (ShapeDtypeStructs with shardings) places the arrays; None restores all of them
-    as saved onto the first device. Returns (nested param dict, meta).
-    """
-    ckpt_dir, step = resolve_checkpoint(path)
-    step_dir = os.path.join(ckpt_dir, str(step))
-    if abstract_params is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract_params = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
-            saved_param_shapes(step_dir),
-        )
-    return restore_param_tree(step_dir, abstract_params), read_meta(step_dir)
-
-
-def restore_model_from_workdir(
-    path: str, mesh: jax.sharding.Mesh | None = None, **runtime: Any
-) -> tuple[Any, dict[str, Any]]:
-    """A `Neva` with the parameters of a training checkpoint, for evaluation/generation.
-
-    `path`: a workdir (newest complete step), its `checkpoints/` folder or a step
-    folder. `mesh`: place parameters by their logical axes (None: first device).
-    `runtime`: run-time overrides on both sub-configs (`dtype`, `attention_impl`,
-    `remat_policy`, `scan_layers`, `param_dtype`). Returns (model, info) with info =
-    {"step", "model_config" (NevaConfig), "config" (run config dict), "tokenizer"
-    (the workdir's tokenizer folder, or None), "checkpoint" (the step folder)}.
-    """
-    from flax import nnx
-
-    from neva_jax import sharding
-    from neva_jax.model import neva
-
-    ckpt_dir, step = resolve_checkpoint(path)
-    step_dir = os.path.join(ckpt_dir, str(step))
-    meta = read_meta(step_dir)
-    ncfg = neva.config_from_dict(meta["model_config"])
-    if runtime:
-        ncfg = neva.with_runtime(ncfg, **runtime)
-
-    def make() -> Any:
-        return neva.Neva(ncfg, rngs=nnx.Rngs(0))
-
-    if mesh is not None:
-        graphdef, abstract = sharding.abstract_sharded(make, mesh)
-    else:
-        with nnx.use_eager_sharding(False):
-            graphdef, abstract = nnx.split(nnx.eval_shape(make))
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract
-        )
-    target = nnx.to_pure_dict(abstract)
-    params = restore_param_tree(step_dir, target)
-    nnx.replace_by_pure_dict(abstract, params)
-    model = nnx.merge(graphdef, abstract)
-    tokenizer = os.path.join(os.path.dirname(ckpt_dir), "tokenizer")
-    info = {
-        "step": step,
-        "model_config": ncfg,
-        "config": meta.get("config", {}),
-        "tokenizer": tokenizer if os.path.isdir(tokenizer) else None,
-        "checkpoint": step_dir,
-    }
-    return model, info
