@@ -27,7 +27,7 @@ from typing import Any
 
 from neva_jax.serve.images import DEFAULT_MAX_PIXELS
 
-log = logging.getLogger("neva_jax.serve")
+_log = logging.getLogger("neva_jax.serve")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -172,6 +172,7 @@ def build_state(args: argparse.Namespace, gen: Any = None) -> Any:
         max_images=args.max_images,
         buckets=args.prefill_buckets,
         decode_buckets=args.decode_buckets,
+        decode_layers=gen.decode_layers,
     )
     metrics = ServerMetrics()
     engine = Engine(runner, max_queue=args.max_queue, metrics=metrics)
@@ -211,7 +212,7 @@ def serve(args: argparse.Namespace) -> int:
     def on_signal(sig: int, frame: Any) -> None:
         state.engine.drain()  # requests arriving on open connections get 503
         stats = state.engine.stats()
-        log.info(
+        _log.info(
             "%s: draining (%d in flight, %d queued); no new requests",
             signal.Signals(sig).name,
             stats["active"],

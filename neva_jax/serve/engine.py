@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-log = logging.getLogger("neva_jax.serve")
+_log = logging.getLogger("neva_jax.serve")
 
 
 class QueueFullError(Exception):
@@ -167,7 +167,7 @@ class Engine:
         if warmup:
             t0 = time.perf_counter()
             self.runner.warmup()
-            log.info(
+            _log.info(
                 "warm-up: %d programs compiled in %.1f s",
                 self.runner.compilations(),
                 time.perf_counter() - t0,
@@ -261,7 +261,7 @@ class Engine:
                     self._step()
                 self._flush()
         except Exception as e:  # a bug or a device failure: fail every request, say why
-            log.exception("engine loop failed")
+            _log.exception("engine loop failed")
             self.error = f"{type(e).__name__}: {e}"
             with self.cond:
                 waiting = [*self.pending, *filter(None, self.slots)]

@@ -92,6 +92,7 @@ class KVSlotRunner:
         max_images: int = 1,
         buckets: Sequence[int] | None = None,
         decode_buckets: Sequence[int] | None = None,
+        decode_layers: Sequence[nnx.Module] | None = None,
     ):
         cfg = model.config
         self.slots, self.max_len, self.max_images = slots, max_len, max_images
@@ -102,9 +103,13 @@ class KVSlotRunner:
         self.image_shape = (cfg.vision.image_size, cfg.vision.image_size, 3)
         self.image_slots = cfg.num_image_tokens
         self.image_token_id = cfg.image_token_id
-        # Per-layer weights (sliced from the stack once, here) on CPU, where a decode step
-        # reading them in place is much faster; stacked elsewhere (no second weight copy).
-        layers = model.llm.unstack_layers() if platform.per_layer_decode() else None
+        # Per-layer weights (sliced from the stack once; a `Generator`'s when given) on
+        # CPU, where a step reading them in place is much faster; stacked elsewhere (no
+        # second copy of the weights).
+        layers = decode_layers
+        if layers is None and platform.per_layer_decode():
+            layers = gen_lib.prepare_decode_layers(model)
+        layers = tuple(layers) if layers is not None else None
         self.graphdef, self.state = nnx.split((model, layers))
         # Placed (committed) like the weights: the programs then see the same argument
         # placement on the first call as on every later one (no second compilation).
