@@ -69,8 +69,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--decode-buckets",
         metavar="N,N,...",
-        help="row counts a decode step runs on, one compiled step each (default: 1, 4, 16, "
-        "... up to --slots); a step computes only the first N slots that hold every request",
+        help="row counts a decode step runs on, one compiled step each (default: 1 and "
+        "--slots); a step computes only the first N slots, the fewest that hold every request",
     )
     p.add_argument(
         "--max-queue",

@@ -43,8 +43,8 @@ def generator(llava_dir: str) -> Any:
 
 # Every test server has the same cache and bucket shapes, so the programs compiled by
 # the first one serve all the others in the process (warm-up then compiles nothing).
-# One decode size (all 16 slots) keeps warm-up short; test_exactness adds the default
-# smaller steps (1 and 4 rows) and checks they answer exactly as the full one.
+# One decode size (all 16 slots) keeps warm-up short; test_exactness adds the 1- and
+# 4-row steps and checks they answer exactly as the full one.
 SHAPE_FLAGS = (
     "--slots", "16", "--max-seq-len", "96", "--prefill-buckets", "64", "--decode-buckets", "16",
 )  # fmt: skip

@@ -18,9 +18,9 @@ COLOURS = [(220, 30, 30), (30, 200, 40), (20, 40, 220), (240, 240, 20)]
 
 @pytest.fixture(scope="module")
 def server(make_server):
-    # Default decode sizes: alone, a request runs in the 1-row step; together, in the
-    # 16-row one.
-    return make_server("--max-queue", "32", "--decode-buckets", "1,4,16")
+    # Alone, a request runs in the 1-row decode step; together, in the 16-row one; the
+    # 4-row step serves the tail of the concurrent run.
+    return make_server("--max-queue", "32", "--decode-buckets", "1,4")
 
 
 @pytest.fixture(scope="module")
