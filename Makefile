@@ -18,8 +18,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps 'lmms-eval==0.7.3'
 	touch $@
 
+# The suite (its benchmarks included) runs under the caching allocator that the
+# entry points choose for themselves (neva_jax/allocator.py; NEVA_JAX_ALLOCATOR=system opts out).
 test: $(BIN)/.installed browser
 	$(BIN)/python -m ruff check neva_jax tests configs
+	allocator_env=$$($(BIN)/python -m neva_jax.allocator --env) || exit 2; \
+	eval "$$allocator_env"; \
 	$(BIN)/python -m pytest -n 2 tests
 
 # The chat page's browser test drives Debian's chromium through chromium-driver. Installed
@@ -30,6 +34,7 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	else echo "chromium/chromedriver missing and apt-get unusable: the browser test will be skipped"; fi
 
+# Prints which allocator it runs under (its first line).
 demo: $(BIN)/.installed
 	$(BIN)/python -m neva_jax.demo
 

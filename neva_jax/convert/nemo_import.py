@@ -488,7 +488,7 @@ def import_nemo(
             sources.append((v_entries, v_reader))
         check_entries(entries, own, unused, config_file)
         sources.append((entries, parts.reader))
-        model = load_into(*hf.abstract_model(cfg, mesh), sources, fresh)
+        model = load_into(*hf.abstract_neva(cfg, mesh), sources, fresh)
         pre = vision_dir / "preprocessor_config.json" if vision_dir else None
         preprocessor = json.loads(pre.read_text()) if pre is not None and pre.exists() else None
         return Imported(model, cfg, tok, preprocessor)

@@ -16,6 +16,11 @@ The API key can also come from the environment variable NEVA_API_KEY.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a caching allocator, before JAX starts (neva_jax/allocator.py)
+    from neva_jax import allocator
+
+    allocator.ensure()
+
 import argparse
 import logging
 import os

@@ -329,11 +329,11 @@ def test_remat_selective_gradients(untied, ids):
     assert diff <= 1e-6
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_weight_gradient_forms_agree(tied, ids):
-    """The CPU weight-gradient form (`row_major_weight_grads`, layers.contract) and the
-    form XLA picks (the GPU choice): same logits, same gradients, both run here."""
-    cfg, params = _convert(_hf_model(tied=tied, seed=2))
+def test_weight_gradient_forms_agree(untied, ids):
+    """The CPU weight-gradient form (`row_major_weight_grads`, layers.contract: every
+    Dense and the untied LM head) and the form XLA picks (the GPU choice): same logits,
+    same gradients, both run here."""
+    _, cfg, params, _ = untied
     forms = {}
     for row_major in (False, True):
         graphdef, state = _load(dataclasses.replace(cfg, row_major_weight_grads=row_major), params)
