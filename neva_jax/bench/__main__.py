@@ -26,11 +26,12 @@ import sys
 import time
 
 SUITES = ("train", "util", "decode", "compile", "packing")
+EXTRA = ("serve",)  # not in `all`: run on its own
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m neva_jax.bench", description=__doc__.split("\n")[0])
-    p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"))
+    p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, *EXTRA, "all"))
     p.add_argument("--shape", default="bench", choices=("bench", "tiny"))
     p.add_argument(
         "--threads",
@@ -62,6 +63,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--decode-batches", default="1,8", help="decode: comma-separated batch sizes")
     p.add_argument("--depths", default="4,32", help="compile: the two decoder depths to compare")
     p.add_argument("--skip-unrolled", action="store_true", help="compile: scan_layers only")
+    p.add_argument("--clients", default="1,4,16", help="serve: comma-separated client counts")
+    p.add_argument(
+        "--serve-tokens",
+        type=int,
+        default=64,
+        help="serve: mean tokens per answer (varied 1/4-7/4)",
+    )
     return p.parse_args(argv)
 
 
@@ -129,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         from neva_jax.bench.packing_bench import run_packing
 
         run_packing(report, shape, repeats=args.repeats, logits_fraction=args.logits_fraction)
+    if "serve" in suites:
+        from neva_jax.bench.serve_bench import run_serve
+
+        clients = tuple(int(c) for c in args.clients.split(","))
+        run_serve(report, shape, clients=clients, new_tokens=args.serve_tokens)
     report.emit("env", "done", wall_s=time.perf_counter() - t0)
     print()
     print(f"allocator (both sides, one process): {memory['name']}: {memory['detail']}")
