@@ -44,6 +44,11 @@ PYTHON=${PYTHON:-}
 if [[ -z "$PYTHON" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+# A caching allocator for every process (neva_jax/allocator.py: the mimalloc wheel, else
+# tcmalloc / jemalloc / tuned glibc; NEVA_JAX_ALLOCATOR=system opts out), exported here
+# so that each process starts under it instead of re-executing itself.
+allocator_env=$("$PYTHON" -m neva_jax.allocator --env) || exit 2
+eval "$allocator_env"
 
 FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_command_buffer="
 if ! XLA_FLAGS="$FLAGS" "$PYTHON" -c "import jax; jax.devices()" >/dev/null 2>&1; then

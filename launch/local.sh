@@ -36,6 +36,11 @@ PYTHON=${PYTHON:-}
 if [[ -z "$PYTHON" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+# A caching allocator for every process (neva_jax/allocator.py: the mimalloc wheel, else
+# tcmalloc / jemalloc / tuned glibc; NEVA_JAX_ALLOCATOR=system opts out), exported here
+# so that each process starts under it instead of re-executing itself.
+allocator_env=$("$PYTHON" -m neva_jax.allocator --env) || exit 2
+eval "$allocator_env"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(dirname "$workdir")/.jax_cache}

@@ -38,6 +38,11 @@ PYTHON=${PYTHON:-}
 if [[ -z "$PYTHON" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+# A caching allocator for every process (neva_jax/allocator.py: the mimalloc wheel, else
+# tcmalloc / jemalloc / tuned glibc; NEVA_JAX_ALLOCATOR=system opts out), exported here
+# so that each process starts under it instead of re-executing itself.
+allocator_env=$("$PYTHON" -m neva_jax.allocator --env) || exit 2
+eval "$allocator_env"
 port=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$d"

@@ -26,6 +26,11 @@ replaces OUT; `--resume` keeps it and continues where the training stopped.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a caching allocator, before JAX starts (neva_jax/allocator.py)
+    from neva_jax import allocator
+
+    allocator.ensure()
+
 import argparse
 import json
 import os

@@ -19,6 +19,11 @@ neva-jax model folder or a llava-hf folder. Errors print one line and exit 1.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a caching allocator, before JAX starts (neva_jax/allocator.py)
+    from neva_jax import allocator
+
+    allocator.ensure()
+
 import argparse
 import json
 import sys

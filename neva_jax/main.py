@@ -15,6 +15,11 @@ run stopped after `train.max_consecutive_nonfinite` non-finite steps in a row.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a caching allocator, before JAX starts (neva_jax/allocator.py)
+    from neva_jax import allocator
+
+    allocator.ensure()
+
 import logging as pylogging
 import os
 import re

@@ -61,7 +61,9 @@ def default_model() -> NevaConfig:
 class LlmSettings:
     """`model.llm` keys that are not architecture: where the weights come from, training."""
 
-    from_pretrained: str = ""  # HF LLaMA/Vicuna folder (safetensors); "" = random init
+    # HF LLaMA/Vicuna folder (safetensors) or NeMo checkpoint (.nemo, NeMo 2 folder,
+    # imported on the fly); "" = random init
+    from_pretrained: str = ""
     freeze: bool = True  # stage 1: True; stage 2: False
     model_type: str = "llama_2"  # NeMo's: selects data.template when that is unset
     hidden_dropout: float = 0.0

@@ -4,12 +4,15 @@
 process and on the same CPU threads, both our code (the project's importer, pure
 train step and KV-cache generation) and `transformers`' `LlavaForConditionalGeneration`
 from identical weights, and prints one JSON line per measurement and a final
-table with every target (`met` yes/NO). Nothing asserts a time: tests only run
-the code paths (tests/bench).
+table with every target (`met` yes/NO). Every side-by-side figure is repeated
+(`--repeats`, interleaved) and printed as median, min, max and spread; ratios and
+targets use the medians. Both sides share the process and so its allocator
+(`neva_jax.allocator`, named in the output). Nothing asserts a time: tests only
+run the code paths (tests/bench).
 
 - `train`: the stage-2 and stage-1 train step (fp32, AdamW, clip 1.0, frozen vision
   tower; stage 1 also freezes the LLM and its LM head), median after warm-up,
-  tokens/s and the ratio, compile time apart (`train_bench`).
+  tokens/s and the ratio of medians, compile time apart (`train_bench`).
 - `util`: model FLOPs per step (`flops`, docs/REFERENCE.md "FLOP convention") / step time / the
   measured fp32 matmul peak in the same process (`train_bench.run_util`).
 - `decode`: greedy, batch 1 and 8, 64 new tokens after an image prompt: decode

@@ -1,14 +1,24 @@
 """`python -m neva_jax.bench [train|decode|compile|util|packing|all] [flags]`.
 
 Prints one JSON line per measurement, then a table of the figures and targets.
-See `neva_jax/bench/__init__.py` for what each sub-command measures. Examples:
+See `neva_jax/bench/__init__.py` for what each sub-command measures. Each
+side-by-side figure is repeated (`--repeats`, interleaved ours / transformers) and
+printed as median [min..max spread]; ratios are ratios of medians. Both sides run
+in this one process, so under the same allocator (`neva_jax.allocator`; the `env`
+line and the table say which). Examples:
 
     python -m neva_jax.bench all                    # the CPU comparison, under 10 minutes
-    python -m neva_jax.bench train --steps 5        # train step only, more steps
-    python -m neva_jax.bench all --shape tiny --steps 1 --skip-unrolled   # seconds
+    python -m neva_jax.bench train --repeats 9      # train step only, more repeats
+    python -m neva_jax.bench all --shape tiny --repeats 2 --skip-unrolled   # seconds
+    NEVA_JAX_ALLOCATOR=system python -m neva_jax.bench train   # without a caching allocator
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # a caching allocator, before JAX starts (neva_jax/allocator.py)
+    from neva_jax import allocator
+
+    allocator.ensure()
 
 import argparse
 import os
@@ -16,11 +26,12 @@ import sys
 import time
 
 SUITES = ("train", "util", "decode", "compile", "packing")
+EXTRA = ("serve",)  # not in `all`: run on its own
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m neva_jax.bench", description=__doc__.split("\n")[0])
-    p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"))
+    p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, *EXTRA, "all"))
     p.add_argument("--shape", default="bench", choices=("bench", "tiny"))
     p.add_argument(
         "--threads",
@@ -30,7 +41,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "Default 1: on a shared machine a multi-threaded torch spin-waits for descheduled "
         "OpenMP threads and the ratio then measures the load, not the code",
     )
-    p.add_argument("--steps", type=int, default=3, help="timed steps (or calls) per figure")
+    p.add_argument(
+        "--repeats",
+        "--steps",
+        dest="repeats",
+        type=int,
+        default=5,
+        help="timed runs of each figure per side (train steps, decode calls), interleaved "
+        "ours / transformers; figures are medians with min, max and spread",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     p.add_argument(
         "--logits-fraction",
@@ -44,6 +63,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--decode-batches", default="1,8", help="decode: comma-separated batch sizes")
     p.add_argument("--depths", default="4,32", help="compile: the two decoder depths to compare")
     p.add_argument("--skip-unrolled", action="store_true", help="compile: scan_layers only")
+    p.add_argument("--clients", default="1,4,16", help="serve: comma-separated client counts")
+    p.add_argument(
+        "--serve-tokens",
+        type=int,
+        default=64,
+        help="serve: mean tokens per answer (varied 1/4-7/4)",
+    )
     return p.parse_args(argv)
 
 
@@ -56,13 +82,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    from neva_jax import allocator
     from neva_jax.bench import shapes
     from neva_jax.bench.report import Report
 
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats={args.repeats}: must be at least 1")
     report = Report()
+    memory = allocator.in_use()
     report.emit(
         "env",
         "setup",
+        allocator=memory["name"],
+        allocator_detail=memory["detail"],
+        repeats=args.repeats,
         jax=jax.__version__,
         backend=jax.default_backend(),
         devices=jax.device_count(),
@@ -82,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         train_result = run_train(
             report,
             shape,
-            steps=args.steps,
+            repeats=args.repeats,
             warmup=args.warmup,
             logits_fraction=args.logits_fraction,
         )
@@ -94,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         from neva_jax.bench.decode_bench import run_decode
 
         batches = tuple(int(b) for b in args.decode_batches.split(","))
-        run_decode(report, shape, batches=batches, new_tokens=args.new_tokens, repeats=args.steps)
+        run_decode(report, shape, batches=batches, new_tokens=args.new_tokens, repeats=args.repeats)
     if "compile" in suites:
         from neva_jax.bench.compile_bench import run_compile
 
@@ -103,9 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     if "packing" in suites:
         from neva_jax.bench.packing_bench import run_packing
 
-        run_packing(report, shape, steps=args.steps, logits_fraction=args.logits_fraction)
+        run_packing(report, shape, repeats=args.repeats, logits_fraction=args.logits_fraction)
+    if "serve" in suites:
+        from neva_jax.bench.serve_bench import run_serve
+
+        clients = tuple(int(c) for c in args.clients.split(","))
+        run_serve(report, shape, clients=clients, new_tokens=args.serve_tokens)
     report.emit("env", "done", wall_s=time.perf_counter() - t0)
     print()
+    print(f"allocator (both sides, one process): {memory['name']}: {memory['detail']}")
+    print(f"figures: median [min..max spread] of {args.repeats} interleaved runs per side")
     print(report.table())
     return 0
 

@@ -18,6 +18,11 @@ fit the time budget are skipped and reported as such.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a caching allocator, before JAX starts (neva_jax/allocator.py)
+    from neva_jax import allocator
+
+    allocator.ensure()
+
 import argparse
 import sys
 import time

@@ -113,12 +113,22 @@ def greedy_tokens(
     prompts: Sequence[Sequence[int]],
     images: np.ndarray,
     max_new_tokens: int,
+    decode_layers: Sequence[Any] | None = None,
 ) -> np.ndarray:
-    """Greedy generation of exactly `max_new_tokens` tokens (no reachable EOS) -> [B, N]."""
+    """Greedy generation of exactly `max_new_tokens` tokens (no reachable EOS) -> [B, N].
+
+    `decode_layers`: the per-layer decode weights made once (`prepare_decode_layers`),
+    as `Generator` and the server hold them."""
     from neva_jax.eval.generate import generate_tokens
 
     never = model.config.llm.vocab_size  # an id the model cannot produce
     out = generate_tokens(
-        model, prompts, images, max_new_tokens=max_new_tokens, eos_ids=[never], pad_id=0
+        model,
+        prompts,
+        images,
+        max_new_tokens=max_new_tokens,
+        eos_ids=[never],
+        pad_id=0,
+        decode_layers=decode_layers,
     )
     return np.asarray(out.token_ids, np.int32)

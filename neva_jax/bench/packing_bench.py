@@ -5,7 +5,8 @@ one image of P slots each) go through the real data pipeline at one static shape
 for both variants: `max_seq_len` with room for two samples. Padded rows hold one
 sample each; packed rows hold as many as fit (first-fit, up to
 `max_images_per_row` images). Batches are read before timing, so the figure is
-the step's: real (non-padding) tokens per second, median over the steps.
+the step's: real (non-padding) tokens per second, median over `repeats` steps (each
+on its own batch; min, max and spread printed too).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def run_packing(
     report: Report,
     shape: BenchShape,
     *,
-    steps: int = 3,
+    repeats: int = 3,
     logits_fraction: float = 1.0,
     seq_len: int | None = None,
 ) -> dict[str, float]:
@@ -71,7 +72,7 @@ def run_packing(
     rows = max(shape.batch_size * shape.seq_len // seq_len, 1)
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="neva_bench_synth_") as folder:
-        synth.generate(folder, seed=0, n_train=8 * rows * (steps + 1), n_eval=1)
+        synth.generate(folder, seed=0, n_train=8 * rows * (repeats + 1), n_eval=1)
         from neva_jax.data.tokenize import load_tokenizer
 
         image_id = load_tokenizer(os.path.join(folder, "tokenizer")).image_token_id
@@ -79,7 +80,7 @@ def run_packing(
         model = jax_side.random_model(cfg)
         for name, packing in (("padded", False), ("packed", True)):
             batches = read_batches(
-                folder, shape, packing=packing, seq_len=seq_len, batch=rows, n=steps + 1
+                folder, shape, packing=packing, seq_len=seq_len, batch=rows, n=repeats + 1
             )
             ours = jax_side.OursTrain(model, 2, logits_fraction=logits_fraction)
             ours.compile(batches[0])
@@ -87,14 +88,15 @@ def run_packing(
             times = [timing.timed(lambda b=b, o=ours: o.step(b))[1] for b in batches[1:]]
             real = float(np.mean([np.sum(b["segment_ids"] > 0) for b in batches[1:]]))
             samples = float(np.mean([_samples(b) for b in batches[1:]]))
-            step_s = timing.median(times)
+            wall = timing.summary("step_s", times)
+            step_s = wall["step_s"]
             out[name] = real / step_s
             report.emit(
                 "packing",
                 name,
                 seq_len=seq_len,
                 batch=rows,
-                step_s=step_s,
+                **wall,
                 real_tokens_per_step=real,
                 samples_per_step=samples,
                 non_padding_fraction=real / (rows * seq_len),

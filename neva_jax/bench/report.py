@@ -3,7 +3,8 @@
 Every measurement is a flat dict with at least `bench` (train, decode, compile,
 util, packing, target, env) and `name`; `Report.emit` prints it as one JSON line
 at once (so a run that is cut short still leaves its figures) and keeps it for
-the final table.
+the final table. A repeated figure `x` (the median) comes with `x_min`, `x_max`
+and `x_spread` ((max - min) / median); the table shows them beside it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Report:
             "tokens_per_s",
             "compile_s",
             "e2e_s",
+            "e2e_cpu_s",
             "ttft_s",
             "decode_tokens_per_s",
             "recompiles",
@@ -90,7 +92,7 @@ class Report:
         for rec in self.records:
             if rec["bench"] in ("target", "env"):
                 continue
-            figs = " ".join(f"{k}={_fmt(rec[k])}" for k in keys if k in rec)
+            figs = " ".join(_figure(rec, k) for k in keys if k in rec)
             rows.append((rec["bench"], rec["name"], figs))
         lines += _aligned(rows)
         lines.append("")
@@ -98,9 +100,21 @@ class Report:
         rows = [("target", "value", "goal", "met")]
         for rec in self.records:
             if rec["bench"] == "target":
-                rows.append((rec["name"], _fmt(rec["value"]), rec["goal"], _fmt(rec["met"])))
+                value = _fmt(rec["value"])
+                if "spread" in rec:
+                    value += f" (spread {rec['spread']:.1%})"
+                rows.append((rec["name"], value, rec["goal"], _fmt(rec["met"])))
         lines += _aligned(rows)
         return "\n".join(lines)
+
+
+def _figure(rec: dict[str, Any], key: str) -> str:
+    """`key=median`, then `[min..max spread%]` when the figure was repeated."""
+    text = f"{key}={_fmt(rec[key])}"
+    if f"{key}_min" in rec and f"{key}_max" in rec:
+        lo, hi = _fmt(rec[f"{key}_min"]), _fmt(rec[f"{key}_max"])
+        text += f" [{lo}..{hi} {rec.get(f'{key}_spread', float('nan')):.0%}]"
+    return text
 
 
 def _aligned(rows: list[tuple[str, ...]]) -> list[str]:

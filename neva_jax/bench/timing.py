@@ -83,7 +83,38 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, steps: int, warmup: int = 
 
 
 def median(xs: Sequence[float]) -> float:
+    """The median of `xs`."""
     return float(statistics.median(xs))
+
+
+def spread(xs: Sequence[float]) -> float:
+    """(max - min) / median of `xs`: the run-to-run spread as a fraction of the figure."""
+    return (max(xs) - min(xs)) / median(xs)
+
+
+def summary(name: str, xs: Sequence[float]) -> dict[str, float]:
+    """{name: median, name_min, name_max, name_spread} of the repeated figure `xs`."""
+    return {
+        name: median(xs),
+        f"{name}_min": float(min(xs)),
+        f"{name}_max": float(max(xs)),
+        f"{name}_spread": spread(xs),
+    }
+
+
+def ratio_summary(name: str, num: Sequence[float], den: Sequence[float]) -> dict[str, float]:
+    """The ratio of medians median(num) / median(den) as `name`, with the spread of the
+    per-repeat ratios num[i] / den[i] (each pair measured back to back, so under the
+    same load): `name_min`, `name_max`, `name_spread` ((max - min) / ratio of medians).
+    """
+    pairs = [n / d for n, d in zip(num, den, strict=True)]
+    ratio = median(num) / median(den)
+    return {
+        name: ratio,
+        f"{name}_min": min(pairs),
+        f"{name}_max": max(pairs),
+        f"{name}_spread": (max(pairs) - min(pairs)) / ratio,
+    }
 
 
 class CompileCounter:

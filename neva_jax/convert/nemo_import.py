@@ -1,277 +1,52 @@
 """Import NeMo checkpoints (NeMo 2 folders, NeMo 1 `.nemo` tars; LLaMA and NeVA/LLaVA)
-into a `Neva` model, born sharded: `import_nemo(src, ..., mesh=None) -> Imported`.
+into a `Neva` model, born sharded: `import_nemo(src, ..., mesh=None) -> Imported`, and
+the `import-nemo` command.
 
 Formats: NeMo 2 `context/` + `weights/` (torch_dist); NeMo 1 `.nemo` (tar, gzip tar or
 extracted folder) with `model_config.yaml` and `model_weights/` (torch_dist or zarr),
 `model_weights.ckpt`, `mp_rank_XX/model_weights.ckpt` or
-`tp_rank_XX_pp_rank_YYY/model_weights.ckpt`. Keys, layouts and tensor-parallel merging:
-convert/nemo_keys.py; configs: convert/nemo_config.py; tokenizers:
-convert/nemo_tokenizer.py. An LLM-only checkpoint imports as a Neva whose vision tower
-and projector are freshly initialised (like `import-hf --llm`); a NeVA checkpoint that
-holds no LLM (stage 1) or no vision tower (frozen) takes them from `llm` / `vision`.
+`tp_rank_XX_pp_rank_YYY/model_weights.ckpt`. The pieces: files and tars
+(convert/nemo_io.py), stored tensors (convert/nemo_dist.py), reading a checkpoint
+(convert/nemo_read.py), tensor names and the key table (convert/nemo_keys.py),
+tensor-parallel merging (convert/nemo_merge.py), configs (convert/nemo_config.py),
+tokenizers and the vocabulary (convert/nemo_tokenizer.py). An LLM-only checkpoint
+imports as a Neva whose vision tower and projector are freshly initialised (like
+`import-hf --llm`); a NeVA checkpoint that holds no LLM (stage 1) or no vision tower
+(frozen) takes them from `llm` / `vision`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
+import jax
+from flax import nnx
 from jax.sharding import Mesh
 
-from neva_jax.convert import hf, hf_clip, hf_llama, nemo_config, nemo_keys
+from neva_jax import sharding
+from neva_jax.convert import hf, hf_clip, hf_llama, nemo_keys
 from neva_jax.convert.hf import Imported
-from neva_jax.convert.nemo_io import DistCheckpoint, NemoError, Source, load_state_dict
-from neva_jax.convert.nemo_tokenizer import nemo1_tokenizer
+from neva_jax.convert.nemo_io import NemoError, Source
+from neva_jax.convert.nemo_merge import Subset, check_entries
+from neva_jax.convert.nemo_read import read_checkpoint
+from neva_jax.convert.nemo_tokenizer import vocabulary
 from neva_jax.convert.weights import Entry, SafetensorsFolder, entries_from, load_into
 from neva_jax.data.conversation import IMAGE_PLACEHOLDER
 from neva_jax.model import clip
 from neva_jax.model.clip import ClipConfig
 from neva_jax.model.neva import NevaConfig
-from neva_jax.model.projector import projector_depth
+from neva_jax.model.projector import Projector, projector_depth
 
-# NeMo 1 NeVA media tokens (patch, start, end) per mm_cfg.llm.model_type.
-MEDIA_TOKENS = {"llama_3": tuple(f"<|reserved_special_token_{i}|>" for i in (3, 4, 5))}
-DEFAULT_MEDIA = ("<extra_id_3>", "<extra_id_4>", "<extra_id_5>")
 CLIP_PRESETS = {
     "openai/clip-vit-large-patch14-336": clip.clip_l14_336,
     "openai/clip-vit-large-patch14": clip.clip_l14_224,
 }
-_RANK_DIR = re.compile(r"^(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))$")
-
-
-@dataclasses.dataclass
-class _Parts:
-    """What one checkpoint contributes."""
-
-    where: str
-    llm: nemo_config.LlmSpec | None
-    reader: Any  # DistTensors | RankTensors
-    tokenizer: Any | None
-    neva: dict[str, Any] | None  # projector, vision fields, media tokens
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-def _yaml(source: Source, rel: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(source.read_bytes(rel))
-    except yaml.YAMLError as e:
-        raise NemoError(f"{source.path}/{rel}: not YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise NemoError(f"{source.path}/{rel}: not a mapping")
-    return data
-
-
-def _weights(source: Source, cfg_llm: nemo_config.LlmSpec | None, *, allow_pickle: bool) -> Any:
-    """The canonical tensor reader of a NeMo 1 checkpoint's weights."""
-    if source.is_dir("model_weights"):
-        return nemo_keys.DistTensors(DistCheckpoint(source, "model_weights"))
-    ranks: dict[tuple[int, int], Any] = {}
-    if source.exists("model_weights.ckpt"):
-        ranks[(0, 0)] = load_state_dict(source, "model_weights.ckpt", allow_pickle=allow_pickle)
-    for name in source.list(""):
-        m = _RANK_DIR.match(name)
-        if m and source.exists(f"{name}/model_weights.ckpt"):
-            tp, pp = (int(m.group(1)), 0) if m.group(1) else (int(m.group(2)), int(m.group(3)))
-            ranks[(tp, pp)] = load_state_dict(
-                source, f"{name}/model_weights.ckpt", allow_pickle=allow_pickle
-            )
-    if not ranks:
-        raise NemoError(
-            f"{source.path}: no weights (model_weights/, model_weights.ckpt, mp_rank_XX/ or "
-            "tp_rank_XX_pp_rank_YYY/)"
-        )
-    layers = cfg_llm.config.num_layers if cfg_llm else 1
-    gated = bool(cfg_llm and cfg_llm.config.activation == "swiglu")
-    return nemo_keys.RankTensors(ranks, source.path, num_layers=layers, gated=gated)
-
-
-def _member_finder(source: Source):
-    def find(ref: str, workdir: Path) -> Path | None:
-        name = ref.removeprefix("nemo:")
-        hits = [
-            n
-            for n in _all_files(source)
-            if n == name or n.endswith("/" + name) or n.endswith("_" + name)
-        ]
-        if not hits and ref.startswith("nemo:"):
-            hits = [n for n in _all_files(source) if n.endswith(name)]
-        if hits:
-            return source.extract(hits[0], workdir / Path(hits[0]).name)
-        return Path(ref) if Path(ref).exists() else None
-
-    return find
-
-
-def _all_files(source: Source) -> list[str]:
-    from neva_jax.convert.nemo_io import iter_files
-
-    return list(iter_files(source, ""))
-
-
-def _read_nemo1(source: Source, workdir: Path, *, allow_pickle: bool) -> _Parts:
-    where = f"{source.path}:model_config.yaml"
-    cfg = _yaml(source, "model_config.yaml")
-    llm = nemo_config.llm_from_nemo1(cfg, where)
-    reader = _weights(source, llm, allow_pickle=allow_pickle)
-    tokenizer = nemo1_tokenizer(cfg.get("tokenizer") or {}, _member_finder(source), workdir, where)
-    neva = None
-    mm = cfg.get("mm_cfg")
-    if mm:
-        venc = mm.get("vision_encoder") or {}
-        if venc.get("from_hf") is False:
-            raise NemoError(
-                f"{where}: mm_cfg.vision_encoder.from_hf=False (a NeMo CLIP) is not supported"
-            )
-        feature = venc.get("vision_select_feature", "patch")
-        if feature not in ("patch", "cls_patch"):
-            raise NemoError(
-                f"{where}: mm_cfg.vision_encoder.vision_select_feature={feature!r} is not supported"
-            )
-        kind = mm.get("mm_mlp_adapter_type", "linear")
-        neva = dict(
-            projector=kind,
-            projector_bias=True,
-            projector_ffn=None,
-            vision_name=venc.get("from_pretrained"),
-            vision_hidden=venc.get("hidden_size"),
-            select_layer=int(venc.get("vision_select_layer", -2)),
-            class_token_length=0
-            if feature == "cls_patch"
-            else int(venc.get("class_token_length", 1)),
-            use_im_start_end=bool(mm.get("use_im_start_end", False)),
-            media=MEDIA_TOKENS.get((mm.get("llm") or {}).get("model_type"), DEFAULT_MEDIA),
-            llm_name=(mm.get("llm") or {}).get("from_pretrained"),
-        )
-    return _Parts(str(source.path), llm, reader, tokenizer, neva)
-
-
-def _read_nemo2(source: Source, *, allow_pickle: bool) -> _Parts:
-    del allow_pickle  # NeMo 2 weights are never pickled
-    import transformers
-
-    where = f"{source.path}/context/model.yaml"
-    if not source.exists("context/model.yaml"):
-        raise NemoError(f"{source.path}: no context/model.yaml")
-    top = _yaml(source, "context/model.yaml")
-    cfg = top.get("config") or {}
-    neva = None
-    if "language_transformer_config" in cfg:
-        llm_cfg = cfg["language_transformer_config"]
-        vis = cfg.get("vision_transformer_config") or {}
-        proj = cfg.get("vision_projection_config") or {}
-        kind = proj.get("projector_type", "mlp2x_gelu")
-        if kind == "mcore_mlp":
-            kind = "mlp2x_gelu"
-        elif kind == "mlp1x_gelu":
-            kind = "linear"
-        neva = dict(
-            projector=kind,
-            projector_bias=bool(proj.get("bias", True)),
-            projector_ffn=proj.get("ffn_hidden_size"),
-            vision_name=vis.get("pretrained_model_name_or_path"),
-            vision_hidden=vis.get("hidden_size"),
-            select_layer=int(cfg.get("vision_feature_layer", -2)),
-            class_token_length=1 if cfg.get("drop_vision_class_token", True) else 0,
-            use_im_start_end=False,
-            media=(IMAGE_PLACEHOLDER, None, None),
-            llm_name=cfg.get("language_model_from_pretrained"),
-            context=source.path / "context",
-        )
-    else:
-        llm_cfg = cfg
-    llm = nemo_config.llm_from_nemo2(llm_cfg, where)
-    reader = nemo_keys.DistTensors(DistCheckpoint(source, "weights"))
-    tokenizer = None
-    if source.is_dir("context/nemo_tokenizer"):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            str(source.path / "context/nemo_tokenizer")
-        )
-    return _Parts(str(source.path), llm, reader, tokenizer, neva)
-
-
-def read_checkpoint(source: Source, workdir: Path, *, allow_pickle: bool = False) -> _Parts:
-    """Config, weights reader and tokenizer of a NeMo checkpoint."""
-    if source.exists("model_config.yaml"):
-        return _read_nemo1(source, workdir, allow_pickle=allow_pickle)
-    if source.is_dir("context") and source.is_dir("weights"):
-        return _read_nemo2(source, allow_pickle=allow_pickle)
-    raise NemoError(
-        f"{source.path}: not a NeMo checkpoint (no model_config.yaml, nor context/ + weights/)"
-    )
-
-
-# ---------------------------------------------------------------------------- checks
-
-
-def check_entries(entries: list[Entry], reader: Any, unused: set[str], config_file: str) -> None:
-    """Every key present with the shape the config implies; every stored tensor used."""
-    have = reader.keys()
-    stored = getattr(reader, "stored", lambda k: k)
-    for e in entries:
-        for key, shape in zip(e.keys, e.hf_shapes, strict=True):
-            if key not in have:
-                raise NemoError(f"{reader.path}: missing tensor {key!r}")
-            if tuple(reader.shape(key)) != tuple(shape):
-                raise NemoError(
-                    f"{reader.path}: tensor {stored(key)!r} has shape {tuple(reader.shape(key))}, "
-                    f"{config_file} implies {tuple(shape)}"
-                )
-    expected = {k for e in entries for k in e.keys}
-    extra = sorted(have - expected - unused)
-    if extra:
-        raise NemoError(
-            f"{reader.path}: unexpected tensor {stored(extra[0])!r} ({len(extra)} in all)"
-        )
-
-
-# ---------------------------------------------------------------------------- vocabulary
-
-
-def _vocab(
-    tokenizer: Any, padded: int, neva: dict[str, Any] | None, where: str, grow: bool = False
-) -> tuple[int, list[int | None], int | None]:
-    """(model vocab size, row sources, image token id): the padded table is trimmed to the
-    tokenizer (rounded up to 64); NeVA adds `<image>` (and `<im_start>`/`<im_end>`),
-    copying the rows of NeMo's media tokens. `grow`: the LLM came separately (--llm), so
-    tokens past its table get new (mean) rows instead of being an error."""
-    from neva_jax.data.tokenize import IM_END, IM_START
-
-    base = len(tokenizer)
-    copies: dict[int, int] = {}
-    image_id = None
-    if neva is not None:
-        media = neva["media"]
-        wanted = [(IMAGE_PLACEHOLDER, media[0])]
-        if neva["use_im_start_end"]:
-            wanted += [(IM_START, media[1]), (IM_END, media[2])]
-        vocab = tokenizer.get_vocab()
-        new = [t for t, _ in wanted if t not in vocab]
-        if new:
-            tokenizer.add_special_tokens({"additional_special_tokens": new})
-        vocab = tokenizer.get_vocab()
-        for ours, theirs in wanted:
-            if theirs in vocab and theirs != ours and vocab[theirs] < padded:
-                copies[vocab[ours]] = vocab[theirs]
-        image_id = vocab[IMAGE_PLACEHOLDER]
-        if tokenizer.pad_token is None:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    n = len(tokenizer)
-    if base > padded and not grow:
-        raise NemoError(f"{where}: tokenizer has {base} tokens, the embedding only {padded} rows")
-    size = -(-n // hf.VOCAB_MULTIPLE) * hf.VOCAB_MULTIPLE
-    size = min(size, padded) if n <= padded else size
-    rows: list[int | None] = [i if i < min(base, padded) else None for i in range(size)]
-    for new_id, src in copies.items():
-        rows[new_id] = src
-    return size, rows, image_id
 
 
 def _resize_rows(entry: Entry, rows: list[int | None], axis: int) -> Entry:
@@ -331,7 +106,7 @@ def _llm_part(
     """(LLM config, (entries, reader), image token id) from a NeMo reader or an HF folder."""
     if kind == "nemo":
         padded = reader.shape("embedding.word_embeddings.weight")[0]
-        size, rows, image_id = _vocab(tok, padded, neva, where, grow)
+        size, rows, image_id = vocabulary(tok, padded, neva, where, grow)
         cfg = dataclasses.replace(spec.config, vocab_size=size, **runtime)
         entries = nemo_keys.llm_entries(cfg, reader.keys(), padded_vocab=padded, rows=rows)
         have = reader.keys()
@@ -339,17 +114,28 @@ def _llm_part(
         if cfg.share_embeddings_and_output_weights:
             unused |= {"output_layer.weight"} & have
         check_entries(
-            entries, _Only(reader, exclude=("vision_tower.", "projector.")), unused, config_file
+            entries, Subset(reader, exclude=("vision_tower.", "projector.")), unused, config_file
         )
         return cfg, (entries, reader), image_id
     hf_cfg = hf.read_hf_config(reader, ("llama", "mistral"))
     base = hf_llama.from_hf_config(hf_cfg)
-    size, rows, image_id = _vocab(tok, base.vocab_size, neva, where, grow)
+    size, rows, image_id = vocabulary(tok, base.vocab_size, neva, where, grow)
     st = SafetensorsFolder(reader)
     entries = entries_from(hf_llama.param_table(base), ("llm",))
     axes = {("llm", "embed", "embedding"): 0, ("llm", "lm_head", "kernel"): 1}
     entries = [_resize_rows(e, rows, axes[e.path]) if e.path in axes else e for e in entries]
     return dataclasses.replace(base, vocab_size=size, **runtime), (entries, st), image_id
+
+
+def is_nemo_checkpoint(path: str | Path) -> bool:
+    """Whether `import_nemo` reads `path` (rather than a Hugging Face folder): a file (a
+    `.nemo` tar), a NeMo 2 folder (`context/` + `weights/`) or an extracted `.nemo`."""
+    p = Path(path)
+    if p.is_file():
+        return True
+    return (p / "model_config.yaml").is_file() or (
+        (p / "context").is_dir() and (p / "weights").is_dir()
+    )
 
 
 def import_nemo(
@@ -379,8 +165,6 @@ def import_nemo(
       seed: seed of a fresh projector.
       runtime: RUNTIME_FIELDS (param_dtype, dtype, ...) of the imported config.
     """
-    import transformers
-
     with tempfile.TemporaryDirectory(prefix="neva_nemo_") as tmp, contextlib.ExitStack() as stack:
         source = stack.enter_context(Source(src))
         parts = read_checkpoint(source, Path(tmp), allow_pickle=allow_pickle)
@@ -388,11 +172,11 @@ def import_nemo(
         config_file = (
             "model_config.yaml" if source.exists("model_config.yaml") else "context/model.yaml"
         )
-        tok = (
-            transformers.AutoTokenizer.from_pretrained(str(tokenizer))
-            if tokenizer
-            else parts.tokenizer
-        )
+        tok = parts.tokenizer
+        if tokenizer:
+            import transformers
+
+            tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
         if tok is None:
             raise NemoError(
                 f"{where}: the checkpoint has no tokenizer artifact; pass --tokenizer DIR"
@@ -457,10 +241,10 @@ def import_nemo(
             )
         sources, fresh = [llm_source], {}
         keys = parts.reader.keys()
-        own = _Only(parts.reader, include=("vision_tower.", "projector."))
+        own = Subset(parts.reader, include=("vision_tower.", "projector."))
         entries = []
         if neva.get("fresh"):
-            fresh["projector"] = hf._fresh_projector(cfg, seed, mesh)
+            fresh["projector"] = _fresh_projector(cfg, seed, mesh)
         else:
             entries += nemo_keys.nemo_projector_entries(
                 projector_depth(cfg.projector),
@@ -495,26 +279,41 @@ def import_nemo(
         return Imported(model, cfg, tok, preprocessor)
 
 
-class _Only:
-    """A reader's view restricted to keys with (`include`) or without (`exclude`) prefixes."""
+@functools.lru_cache(maxsize=4)
+def _projector_program(
+    kind: str, widths: tuple[int, int], bias: bool, dtypes: tuple[Any, Any], seed: int
+) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, compiled initialisation) of a fresh projector, compiled once per
+    process for each shape, dtype and seed (the same program as `sharding.unsharded`)."""
 
-    def __init__(
-        self, reader: Any, *, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
-    ):
-        self._r, self._in, self._out, self.path = reader, include, exclude, reader.path
+    def make() -> Projector:
+        return Projector(
+            kind,
+            *widths,
+            use_bias=bias,
+            dtype=dtypes[0],
+            param_dtype=dtypes[1],
+            rngs=nnx.Rngs(seed),
+        )
 
-    def keys(self) -> set[str]:
-        return {
-            k
-            for k in self._r.keys()  # noqa: SIM118 (a reader, not a dict)
-            if (not self._in or k.startswith(self._in)) and not k.startswith(self._out or ("\0",))
-        }
+    with nnx.use_eager_sharding(False):
+        graphdef, _ = nnx.split(nnx.eval_shape(make))
+        lowered = jax.jit(lambda: nnx.state(make())).lower()
+    return graphdef, lowered.compile(compiler_options=sharding._init_compiler_options())
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._r.shape(key)
 
-    def stored(self, key: str) -> str:
-        return getattr(self._r, "stored", lambda k: k)(key)
+def _fresh_projector(cfg: NevaConfig, seed: int, mesh: Mesh | None) -> Projector:
+    """The freshly initialised projector of an LLM-only import."""
+    if mesh is not None:
+        return hf._fresh_projector(cfg, seed, mesh)
+    graphdef, init = _projector_program(
+        cfg.projector,
+        (cfg.vision.hidden_size, cfg.llm.hidden_size),
+        cfg.projector_bias,
+        (cfg.llm.compute_dtype, cfg.llm.weight_dtype),
+        seed,
+    )
+    return nnx.merge(graphdef, init())
 
 
 IMPORT_HELP = """\
@@ -567,11 +366,27 @@ def add_import_arguments(p: Any) -> None:
     )
 
 
+def save_imported(out: str | Path, imported: Imported) -> None:
+    """Writes an `import_nemo` result as a model folder (what `import-nemo` writes); a
+    NeMo 1 sentencepiece model is kept as `tokenizer/tokenizer.model` for a NeMo 1
+    export."""
+    from neva_jax.convert import checkpoint
+
+    out = Path(out)
+    checkpoint.save_model(
+        out,
+        imported.model,
+        tokenizer=imported.tokenizer,
+        preprocessor_config=imported.preprocessor_config,
+    )
+    sp_model = getattr(imported.tokenizer, "nemo_sentencepiece_model", None)
+    if sp_model is not None:
+        (out / checkpoint.TOKENIZER / "tokenizer.model").write_bytes(sp_model)
+
+
 def run_import(args: Any) -> None:
     """Runs `import-nemo` and prints a one-line summary."""
     import time
-
-    from neva_jax.convert import checkpoint
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -587,15 +402,7 @@ def run_import(args: Any) -> None:
         seed=args.seed,
         param_dtype=args.param_dtype,
     )
-    checkpoint.save_model(
-        out,
-        imported.model,
-        tokenizer=imported.tokenizer,
-        preprocessor_config=imported.preprocessor_config,
-    )
-    sp_model = getattr(imported.tokenizer, "nemo_sentencepiece_model", None)
-    if sp_model is not None:  # kept for export-nemo --format nemo1
-        (out / checkpoint.TOKENIZER / "tokenizer.model").write_bytes(sp_model)
+    save_imported(out, imported)
     cfg = imported.config
     print(
         f"wrote {out}: LLM {cfg.llm.num_layers} layers x {cfg.llm.hidden_size}, vocab "

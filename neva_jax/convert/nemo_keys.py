@@ -1,4 +1,4 @@
-"""NeMo tensor names, tensor-parallel merging, and the table to neva-jax parameters.
+"""NeMo tensor names and the table from them to neva-jax parameters.
 
 Every stored key is first given a canonical name (`canonical`): the checkpoint prefix
 (`module.` NeMo 2, `model.` NeMo 1, `model.module.` O2) is dropped, NeVA's
@@ -19,22 +19,17 @@ mcore Transformer-Engine names, and layers are numbered:
   vision_tower.<CLIP key>                         HF CLIPVisionModel names without `vision_model.`
   projector.{0,2,..}.{weight,bias} | projector.{weight,bias}   torch Linear layers
 
-(`.bias` next to each linear weight when `bias: true`.) Tensor-parallel ranks are merged
-by each name's split rule (`merge_rule`): column-parallel (qkv, fc1, vocab) on dim 0,
-each rank's fc1 being its own cat(gate_r, up_r); row-parallel (linear_proj, fc2) on dim
-1; everything else replicated.
+(`.bias` next to each linear weight when `bias: true`.) The readers that serve these
+names, tensor-parallel shards merged: convert/nemo_merge.py.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from neva_jax.convert.nemo_io import DistCheckpoint, NemoError, to_numpy
 from neva_jax.convert.weights import Entry
 from neva_jax.model.llama import LlamaConfig
 
@@ -60,7 +55,7 @@ _LAYER_RENAMES = (
     ("mlp.dense_h_to_4h.", "mlp.linear_fc1."),
     ("mlp.dense_4h_to_h.", "mlp.linear_fc2."),
 )
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
 def strip_prefix(keys: Iterable[str]) -> str:
@@ -79,7 +74,7 @@ def canonical(key: str) -> str:
         if key.startswith(old):
             key = new + key[len(old) :]
             break
-    m = _LAYER.match(key) or re.match(r"^decoder\.layers\.()(.*)$", key)
+    m = LAYER_KEY.match(key) or re.match(r"^decoder\.layers\.()(.*)$", key)
     if m:
         rest = m.group(2)
         for old, new in _LAYER_RENAMES:
@@ -93,152 +88,6 @@ def canonical(key: str) -> str:
 def is_extra_state(key: str) -> bool:
     """Transformer Engine's `_extra_state` entries (FP8 metadata; never weights)."""
     return "._extra_state" in key or key.endswith("_extra_state")
-
-
-def merge_rule(name: str, gated: bool) -> str:
-    """How tensor-parallel ranks of canonical `name` combine: cat0 | cat1 | glu | rep."""
-    if name.startswith(("vision_tower.", "projector.")):
-        return "rep"
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        return "cat0"
-    if (".linear_qkv." in name and "layer_norm" not in name) or ".linear_fc1_up." in name:
-        return "cat0"
-    if ".linear_fc1." in name and "layer_norm" not in name:
-        return "glu" if gated else "cat0"
-    if name.endswith((".linear_proj.weight", ".linear_fc2.weight")):
-        return "cat1"
-    return "rep"
-
-
-def merge_ranks(parts: list[np.ndarray], rule: str) -> np.ndarray:
-    """One tensor from its tensor-parallel `parts` (rank order) under `rule`."""
-    if rule == "rep" or len(parts) == 1:
-        return parts[0]
-    if rule == "cat1":
-        return np.concatenate(parts, axis=1)
-    if rule == "glu":  # each rank holds cat(gate_r, up_r)
-        halves = [np.split(p, 2, axis=0) for p in parts]
-        return np.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=0)
-    return np.concatenate(parts, axis=0)
-
-
-# ---------------------------------------------------------------------------- readers
-
-
-class DistTensors:
-    """Canonical, per-layer view of a dist checkpoint (layers stacked on a leading axis)."""
-
-    def __init__(self, dist: DistCheckpoint):
-        self.dist, self.path = dist, Path(dist.where)
-        self.prefix = strip_prefix(set(dist.tensors) | dist.objects)
-        self._where: dict[str, tuple[str, int | None]] = {}
-        for stored in dist.tensors:
-            if is_extra_state(stored):
-                continue
-            name = canonical(stored[len(self.prefix) :])
-            if name.startswith("decoder.layers.") and not _LAYER.match(name):
-                rest = name[len("decoder.layers.") :]
-                for i in range(dist.shape(stored)[0]):
-                    self._where[f"decoder.layers.{i}.{rest}"] = (stored, i)
-            else:
-                self._where[name] = (stored, None)
-
-    def keys(self) -> set[str]:
-        """Canonical per-layer names."""
-        return set(self._where)
-
-    def stored(self, key: str) -> str:
-        """The stored key behind canonical `key` (for messages)."""
-        return self._where[key][0]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        """Shape of canonical `key` (one layer's for stacked tensors)."""
-        stored, layer = self._where[key]
-        shape = self.dist.shape(stored)
-        return shape if layer is None else shape[1:]
-
-    def get(self, key: str) -> np.ndarray:
-        """Tensor of canonical `key` (one layer's for stacked tensors)."""
-        stored, layer = self._where[key]
-        return self.dist.read(stored, layer)
-
-
-class RankTensors:
-    """Canonical view of pickled state dicts, one per (tp, pp) rank, merged by rule.
-
-    Pipeline stages number their layers from 0; stage p's layer j is layer
-    p * (num_layers / pp) + j.
-    """
-
-    def __init__(
-        self,
-        ranks: Mapping[tuple[int, int], Mapping[str, Any]],
-        where: Path,
-        *,
-        num_layers: int,
-        gated: bool,
-    ):
-        self.path = where
-        self.gated = gated
-        tps = sorted({t for t, _ in ranks})
-        pps = sorted({p for _, p in ranks})
-        if len(ranks) != len(tps) * len(pps):
-            raise NemoError(f"{where}: tensor/pipeline rank folders do not form a full grid")
-        if num_layers % len(pps):
-            raise NemoError(
-                f"{where}: num_layers={num_layers} is not divisible by {len(pps)} stages"
-            )
-        per_stage = num_layers // len(pps)
-        self.tp = len(tps)
-        self._ranks = ranks
-        self._where: dict[str, tuple[int, str]] = {}  # canonical -> (pp, stored key)
-        all_keys = [k for sd in ranks.values() for k in sd]
-        self.prefix = strip_prefix(all_keys)
-        for (tp, pp), sd in ranks.items():
-            if tp != tps[0]:
-                continue
-            for stored in sd:
-                if is_extra_state(stored):
-                    continue
-                name = canonical(stored[len(self.prefix) :])
-                m = _LAYER.match(name)
-                if m:
-                    name = f"decoder.layers.{pp * per_stage + int(m.group(1))}.{m.group(2)}"
-                self._where.setdefault(name, (pp, stored))
-
-    def keys(self) -> set[str]:
-        """Canonical per-layer names."""
-        return set(self._where)
-
-    def stored(self, key: str) -> str:
-        """The stored key behind canonical `key` (for messages)."""
-        return self._where[key][1]
-
-    def _parts(self, key: str) -> list[Any]:
-        pp, stored = self._where[key]
-        parts = []
-        for tp in range(self.tp):
-            sd = self._ranks[(tp, pp)]
-            if stored not in sd:
-                raise NemoError(f"{self.path}: tensor {stored!r} missing from tp rank {tp}")
-            parts.append(sd[stored])
-        return parts
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        """Merged shape of canonical `key`."""
-        parts = self._parts(key)
-        shape = list(parts[0].shape)
-        rule = merge_rule(key, self.gated)
-        if rule in ("cat0", "glu") and len(parts) > 1:
-            shape[0] = sum(p.shape[0] for p in parts)
-        elif rule == "cat1" and len(parts) > 1:
-            shape[1] = sum(p.shape[1] for p in parts)
-        return tuple(shape)
-
-    def get(self, key: str) -> np.ndarray:
-        """The merged tensor of canonical `key`."""
-        parts = [to_numpy(p) for p in self._parts(key)]
-        return merge_ranks(parts, merge_rule(key, self.gated))
 
 
 # ---------------------------------------------------------------------------- LLM table

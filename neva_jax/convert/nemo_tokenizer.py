@@ -1,140 +1,81 @@
-"""The tokenizer artifact of a NeMo checkpoint as a `transformers` fast tokenizer.
+"""The tokenizer artifact of a NeMo checkpoint as a `transformers` fast tokenizer, and
+the vocabulary of an import (trimmed table, `<image>` and NeMo's media-token rows).
 
 NeMo 2 stores a Hugging Face tokenizer folder (`context/nemo_tokenizer/`). NeMo 1
 stores a sentencepiece model (`tokenizer.model: nemo:<hash>_name.model`) or names a
-Hugging Face tokenizer. A sentencepiece model is converted here with the
-`sentencepiece` library and `tokenizers` directly (BPE models as LLaMA's converter
-does, unigram models as `Unigram`), reading the two fields the library does not expose
-(model type, dummy-prefix flag) from the model's protobuf by hand, so no protobuf
-code generation is involved. NeMo's `additional_special_tokens` are appended, as
-NeMo's SentencePieceTokenizer appends them.
+Hugging Face tokenizer. A sentencepiece model is converted by transformers' generic
+sentencepiece conversion (`tokenizer_class: PreTrainedTokenizerFast`), which builds
+the tokenizer from the model's own spec (normalization charsmap, whitespace folding,
+dummy prefix, unknown piece, byte fallback) and encodes exactly as the `sentencepiece`
+library does; `LlamaTokenizer(Fast)` does not (it drops the normalizer spec and maps
+characters outside the vocabulary to nothing instead of `<unk>`). NeMo's
+`additional_special_tokens` are appended in order, as NeMo's SentencePieceTokenizer
+appends them, and match whole in the text (each piece of text between them gets its
+own dummy prefix, as NeMo encodes it).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from neva_jax.convert.hf import VOCAB_MULTIPLE
 from neva_jax.convert.nemo_io import NemoError
+from neva_jax.data.conversation import IMAGE_PLACEHOLDER
 
-
-def _varint(b: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = b[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, i
-
-
-def _fields(b: bytes) -> dict[int, Any]:
-    """Top-level fields of a protobuf message (last value wins; nested as bytes)."""
-    out: dict[int, Any] = {}
-    i = 0
-    while i < len(b):
-        key, i = _varint(b, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(b, i)
-        elif wire == 2:
-            n, i = _varint(b, i)
-            value, i = b[i : i + n], i + n
-        elif wire == 5:
-            value, i = b[i : i + 4], i + 4
-        elif wire == 1:
-            value, i = b[i : i + 8], i + 8
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        out[field] = value
-    return out
+# NeMo 1 NeVA media tokens (patch, start, end) per mm_cfg.llm.model_type.
+MEDIA_TOKENS = {"llama_3": tuple(f"<|reserved_special_token_{i}|>" for i in (3, 4, 5))}
+DEFAULT_MEDIA = ("<extra_id_3>", "<extra_id_4>", "<extra_id_5>")
 
 
 def sentencepiece_tokenizer(model_file: str | Path, special_tokens: list[str] = ()) -> Any:
-    """A `PreTrainedTokenizerFast` equivalent to sentencepiece model `model_file`.
+    """A fast tokenizer that encodes as sentencepiece model `model_file` does, with
+    `special_tokens` appended after its pieces.
 
     BOS is added at the start of each encoded text when the model defines one (as
-    LLaMA's tokenizer does); NeMo itself adds BOS in its data pipeline.
+    LLaMA's tokenizer does); NeMo itself adds BOS in its data pipeline. The model file
+    is kept as `nemo_sentencepiece_model` (bytes) for a NeMo 1 export.
     """
     import sentencepiece
     import transformers
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        processors,
-    )
 
     data = Path(model_file).read_bytes()
     try:
-        proto = _fields(data)
-        trainer = _fields(proto.get(2, b""))
-        normalizer = _fields(proto.get(3, b""))
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    except (ValueError, IndexError, RuntimeError, OSError) as e:
+        sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+    except (RuntimeError, OSError) as e:
         raise NemoError(f"{model_file}: not a sentencepiece model ({e})") from None
-    model_type = trainer.get(3, 1)  # 1 unigram, 2 BPE
-    byte_fallback = bool(trainer.get(35, 0))
-    dummy_prefix = bool(normalizer.get(3, 1))
-    squeeze = bool(normalizer.get(4, 1))  # remove_extra_whitespaces
-    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    unk = sp.unk_id()
-    if model_type == 2:
-        vocab = {p: i for i, (p, _) in enumerate(pieces)}
-        merges = []
-        for piece, _ in pieces:  # ids follow merge priority in sentencepiece BPE
-            local = [
-                (piece[:k], piece[k:])
-                for k in range(1, len(piece))
-                if piece[:k] in vocab and piece[k:] in vocab
-            ]
-            merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
-        model = models.BPE(
-            vocab,
-            merges,
-            unk_token=pieces[unk][0] if unk >= 0 else None,
-            fuse_unk=True,
-            byte_fallback=byte_fallback,
-        )
-    elif model_type == 1:
-        model = models.Unigram(
-            pieces, unk_id=unk if unk >= 0 else None, byte_fallback=byte_fallback
-        )
-    else:
-        raise NemoError(f"{model_file}: sentencepiece model type {model_type} is not supported")
-    tok = Tokenizer(model)
-    steps = [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")] if squeeze else []
-    steps += [normalizers.Prepend("▁")] if dummy_prefix else []
-    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        + ([decoders.Strip(" ", 1, 0)] if dummy_prefix else [])
-    )
-    names = {
-        "bos_token": sp.bos_id(),
-        "eos_token": sp.eos_id(),
-        "unk_token": unk,
-        "pad_token": sp.pad_id(),
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": sp.bos_id() >= 0,
+        "add_eos_token": False,
     }
-    special = {k: pieces[i][0] for k, i in names.items() if i >= 0}
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in special.values()]
-    )
-    if "bos_token" in special:
-        bos = special["bos_token"]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())]
+    for name, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id())):
+        if i >= 0:
+            config[f"{name}_token"] = sp.id_to_piece(i)
+    if sp.pad_id() >= 0:
+        config["pad_token"] = sp.id_to_piece(sp.pad_id())
+    with tempfile.TemporaryDirectory(prefix="neva_sp_") as tmp:
+        shutil.copy(model_file, Path(tmp) / "tokenizer.model")
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config))
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(tmp)
+        except (ImportError, TypeError, ValueError) as e:  # e.g. protobuf older than needed
+            raise NemoError(
+                f"{model_file}: transformers cannot convert this sentencepiece model "
+                f"({str(e).splitlines()[0]}); pip install 'neva-jax[nemo]' for protobuf"
+            ) from None
+    if len(tok) != sp.get_piece_size():
+        raise NemoError(
+            f"{model_file}: converted to {len(tok)} tokens, the model has {sp.get_piece_size()}"
         )
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
-    extra = [t for t in special_tokens if t not in fast.get_vocab()]
+    extra = [t for t in special_tokens if t not in tok.get_vocab()]
     if extra:
-        fast.add_special_tokens({"additional_special_tokens": extra})
-    fast.nemo_sentencepiece_model = data  # the original file, kept for a NeMo 1 export
-    return fast
+        tok.add_special_tokens({"additional_special_tokens": extra})
+    tok.nemo_sentencepiece_model = data  # the original file, kept for a NeMo 1 export
+    return tok
 
 
 def nemo1_tokenizer(tok_cfg: dict[str, Any], find_member: Any, workdir: Path, where: str) -> Any:
@@ -170,3 +111,45 @@ def nemo1_tokenizer(tok_cfg: dict[str, Any], find_member: Any, workdir: Path, wh
     raise NemoError(
         f"{where}: tokenizer.library={library!r} is not supported; pass --tokenizer DIR"
     )
+
+
+# ---------------------------------------------------------------------------- vocabulary
+
+
+def vocabulary(
+    tokenizer: Any, padded: int, neva: dict[str, Any] | None, where: str, grow: bool = False
+) -> tuple[int, list[int | None], int | None]:
+    """(model vocab size, row sources, image token id): the padded table is trimmed to the
+    tokenizer (rounded up to 64); NeVA adds `<image>` (and `<im_start>`/`<im_end>`),
+    copying the rows of NeMo's media tokens. `grow`: the LLM came separately (--llm), so
+    tokens past its table get new (mean) rows instead of being an error."""
+    from neva_jax.data.tokenize import IM_END, IM_START
+
+    base = len(tokenizer)
+    copies: dict[int, int] = {}
+    image_id = None
+    if neva is not None:
+        media = neva["media"]
+        wanted = [(IMAGE_PLACEHOLDER, media[0])]
+        if neva["use_im_start_end"]:
+            wanted += [(IM_START, media[1]), (IM_END, media[2])]
+        vocab = tokenizer.get_vocab()
+        new = [t for t, _ in wanted if t not in vocab]
+        if new:
+            tokenizer.add_special_tokens({"additional_special_tokens": new})
+        vocab = tokenizer.get_vocab()
+        for ours, theirs in wanted:
+            if theirs in vocab and theirs != ours and vocab[theirs] < padded:
+                copies[vocab[ours]] = vocab[theirs]
+        image_id = vocab[IMAGE_PLACEHOLDER]
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    n = len(tokenizer)
+    if base > padded and not grow:
+        raise NemoError(f"{where}: tokenizer has {base} tokens, the embedding only {padded} rows")
+    size = -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    size = min(size, padded) if n <= padded else size
+    rows: list[int | None] = [i if i < min(base, padded) else None for i in range(size)]
+    for new_id, src in copies.items():
+        rows[new_id] = src
+    return size, rows, image_id

@@ -221,9 +221,10 @@ def generate_tokens(
     )
 
 
-def _next_logits(model: nnx.Module, h: jax.Array) -> jax.Array:
+def next_token_logits(model: nnx.Module, h: jax.Array) -> jax.Array:
     """h [B, 1, D] -> logits [B, V] over the tokenizer's vocabulary: the padded rows
-    (ids >= `config.tokenizer_vocab_size`) masked, so they are never picked."""
+    (ids >= `config.tokenizer_vocab_size`) masked, so they are never picked (every
+    decode loop, `generate_tokens` and the server's, picks from these)."""
     vocab_in_use = getattr(model.config, "tokenizer_vocab_size", 0)
     return mask_padded_vocab(model.llm.logits(h)[:, 0], vocab_in_use)
 
@@ -277,7 +278,7 @@ def _generate_jit(
         segment_ids=segment_ids,
         layers=layers,
     )
-    logits = _next_logits(model, h[:, -1:])  # left padding: the last slot is real
+    logits = next_token_logits(model, h[:, -1:])  # left padding: the last slot is real
     V = logits.shape[-1]
     row = jnp.arange(B)
     prompt_counts = jnp.zeros((B, V), jnp.int32).at[row[:, None], input_ids].add(segment_ids != 0)
@@ -323,7 +324,7 @@ def _generate_jit(
         step, carry = state
         # Feed the previous token; positions continue each row's own sequence.
         cache, h = model.llm.decode(carry["cache"], carry["last"][:, None], layers=layers)
-        carry = dict(carry, cache=cache, logits=_next_logits(model, h))
+        carry = dict(carry, cache=cache, logits=next_token_logits(model, h))
         return step + 1, pick(step, carry)
 
     _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), carry))

@@ -2,8 +2,9 @@
 
 Initialisation order for a fresh run (no checkpoint in the workdir):
 1. every parameter is created on its shards with random values (`config.seed`);
-2. `model.llm.from_pretrained` / `model.vision_encoder.from_pretrained` (Hugging Face
-   folders) replace the decoder / vision tower;
+2. `model.llm.from_pretrained` (a Hugging Face folder, or a NeMo checkpoint imported
+   on the fly) / `model.vision_encoder.from_pretrained` (a Hugging Face CLIP folder)
+   replace the decoder / vision tower;
 3. `init_from` (a training workdir or step folder, or an imported model folder)
    replaces every parameter it holds. A stage-1 checkpoint holds the trained
    projector and the untouched pretrained LLM and vision tower, so stage 2 starts
@@ -151,10 +152,12 @@ def _deep_update(base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]
 
 
 def load_pretrained_parts(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh) -> PyTree:
-    """The LLM and vision tower from `from_pretrained` Hugging Face folders ({} if unset).
+    """The LLM and vision tower from `from_pretrained` ({} if unset).
 
-    Both folders are needed (they are imported together, as `convert import-hf --llm
-    --vision` does); the imported architecture must match the config's.
+    Both are needed (they are imported together, as `convert import-hf --llm --vision`
+    does). The LLM is a Hugging Face folder or, as NeMo's configs allow, a NeMo
+    checkpoint (`.nemo`, NeMo 2 folder) imported on the fly as `convert import-nemo
+    --vision` does; the imported architecture must match the config's.
     """
     llm_dir, clip_dir = cfg.llm.from_pretrained, cfg.vision_encoder.from_pretrained
     if not llm_dir and not clip_dir:
@@ -166,19 +169,26 @@ def load_pretrained_parts(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh) -> PyTre
             "or import them once with `python -m neva_jax.convert import-hf` and use init_from"
         )
     from neva_jax.convert import hf as convert_hf
+    from neva_jax.convert import nemo_import
+    from neva_jax.convert.nemo_io import NemoError
 
     vis = cfg.model.vision
     try:
-        imported = convert_hf.import_llm_and_clip(
-            llm_dir,
-            clip_dir,
-            projector=ncfg.projector,
-            vision_select_layer=vis.vision_select_layer,
-            class_token_length=vis.class_token_length,
-            seed=cfg.seed,
-            mesh=mesh,
-        )
-    except convert_hf.HFImportError as e:
+        if nemo_import.is_nemo_checkpoint(llm_dir):
+            imported = nemo_import.import_nemo(
+                llm_dir, vision=clip_dir, projector=ncfg.projector, seed=cfg.seed, mesh=mesh
+            )
+        else:
+            imported = convert_hf.import_llm_and_clip(
+                llm_dir,
+                clip_dir,
+                projector=ncfg.projector,
+                vision_select_layer=vis.vision_select_layer,
+                class_token_length=vis.class_token_length,
+                seed=cfg.seed,
+                mesh=mesh,
+            )
+    except (convert_hf.HFImportError, NemoError) as e:
         raise ConfigError(f"config.model.*.from_pretrained: {e}") from None
     theirs = dataclasses.replace(ncfg, llm=imported.config.llm, vision=imported.config.vision)
     check_architecture("the from_pretrained folders' config", ncfg, theirs, unset_takes_it=False)

@@ -1,8 +1,9 @@
 """Smoke test of the benchmark code paths on the tiny shape (1-2 steps each).
 
 Checks that every suite produces its figures and that they are sane (finite,
-positive, the two sides computing the same loss and greedy tokens). No timing is
-asserted: timings belong in the benchmark output, not in tests.
+positive, the two sides computing the same loss and greedy tokens), each repeated
+figure with its min / median / max and the ratios of medians with their spread.
+No timing is asserted: timings belong in the benchmark output, not in tests.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import math
 import numpy as np
 import pytest
 
-from neva_jax.bench import flops, shapes
+from neva_jax.bench import flops, shapes, timing
+from neva_jax.bench.__main__ import parse
 from neva_jax.bench.report import Report
 from neva_jax.model import clip, llama
 from neva_jax.model.neva import NevaConfig
@@ -32,6 +34,37 @@ def _lines(report: Report) -> list[dict]:
 def _positive(rec: dict, *keys: str) -> None:
     for k in keys:
         assert math.isfinite(rec[k]) and rec[k] > 0, (rec["name"], k, rec[k])
+
+
+def _repeated(rec: dict, key: str) -> None:
+    """A repeated figure: min <= median <= max, spread = (max - min) / median.
+
+    (A ratio of medians lies between its two per-pair ratios when there are 2 repeats.)
+    """
+    lo, mid, hi = rec[f"{key}_min"], rec[key], rec[f"{key}_max"]
+    assert 0 < lo <= mid <= hi, (rec["name"], key, lo, mid, hi)
+    assert rec[f"{key}_spread"] == pytest.approx((hi - lo) / mid)
+
+
+def test_summary_and_ratio_of_medians():
+    s = timing.summary("step_s", [4.0, 5.0, 6.0, 4.5])
+    assert s == {"step_s": 4.75, "step_s_min": 4.0, "step_s_max": 6.0, "step_s_spread": 2 / 4.75}
+    # Pairs measured back to back: 6/3 = 2, 6/4 = 1.5, 9/4.5 = 2; medians 6 / 4 = 1.5.
+    r = timing.ratio_summary("speedup", [6.0, 6.0, 9.0], [3.0, 4.0, 4.5])
+    assert r["speedup"] == 1.5 and (r["speedup_min"], r["speedup_max"]) == (1.5, 2.0)
+    assert r["speedup_spread"] == pytest.approx(0.5 / 1.5)
+
+
+def test_repeats_flag_and_table():
+    assert parse(["train", "--repeats", "4"]).repeats == 4
+    assert parse(["train", "--steps", "3"]).repeats == 3  # the old name still works
+    assert parse([]).repeats == 5
+    report = _report()
+    report.emit("train", "stage2_ratio", **timing.ratio_summary("speedup", [6.0, 8.0], [4.0, 5.0]))
+    report.target("t", 1.5, ">= 1.3x", True, spread=0.1)
+    table = report.table()
+    assert "speedup=1.556 [1.500..1.600 6%]" in table and "1.556 (spread" not in table
+    assert "1.500 (spread 10.0%)" in table
 
 
 def test_flops_hand_worked():
@@ -89,7 +122,7 @@ def test_train_and_util():
     from neva_jax.bench import train_bench
 
     report = _report()
-    result = train_bench.run_train(report, shapes.tiny(), steps=1, warmup=1, logits_fraction=0.5)
+    result = train_bench.run_train(report, shapes.tiny(), repeats=2, warmup=1, logits_fraction=0.5)
     train_bench.run_util(report, shapes.tiny(), result)
     lines = _lines(report)
     assert len(lines) == len(report.records)
@@ -97,6 +130,11 @@ def test_train_and_util():
         for side in ("hf", "ours"):
             rec = report.find("train", f"stage{stage}_{side}")
             _positive(rec, "step_s", "tokens_per_s", "tflops", "model_flops_per_step")
+            _repeated(rec, "step_s")
+            _repeated(rec, "cpu_s")
+            assert len(rec["steps_s"]) == 2
+        _repeated(report.find("train", f"stage{stage}_ratio"), "speedup")
+        _repeated(report.find("train", f"stage{stage}_ratio"), "speedup_cpu")
         # Same weights, same batch: the first losses agree.
         assert report.find("train", f"stage{stage}_ratio")["first_loss_abs_diff"] < 1e-4
         assert (
@@ -106,7 +144,7 @@ def test_train_and_util():
     _positive(report.find("util", "matmul_peak"), "jax_gflops", "torch_gflops", "peak_gflops")
     _positive(report.find("util", "stage2_ours"), "util")
     names = {r["name"] for r in report.records if r["bench"] == "target"}
-    assert "train stage 2 tokens/s vs transformers" in names
+    assert "train stage 2 tokens/s vs transformers (median)" in names
     assert "targets:" in report.table()
 
 
@@ -114,10 +152,16 @@ def test_decode():
     from neva_jax.bench import decode_bench
 
     report = _report()
-    decode_bench.run_decode(report, shapes.tiny(), batches=(2,), new_tokens=8, repeats=1)
+    decode_bench.run_decode(report, shapes.tiny(), batches=(2,), new_tokens=8, repeats=2)
     for side in ("hf", "ours"):
-        _positive(report.find("decode", f"b2_{side}"), "e2e_s", "ttft_s", "tokens_per_s")
-    assert report.find("decode", "b2_ratio")["greedy_token_agreement"] == 1.0
+        rec = report.find("decode", f"b2_{side}")
+        _positive(rec, "e2e_s", "ttft_s", "tokens_per_s")
+        for key in ("e2e_s", "ttft_s", "decode_tokens_per_s", "e2e_cpu_s"):
+            _repeated(rec, key)
+    ratio = report.find("decode", "b2_ratio")
+    assert ratio["greedy_token_agreement"] == 1.0
+    for key in ("decode_rate_ratio", "latency_ratio", "ttft_ratio"):
+        _repeated(ratio, key)
     rec = report.find("decode", "b2_recompiles")
     assert isinstance(rec["recompiles"], int) and rec["recompiles"] >= 0
 
@@ -135,9 +179,10 @@ def test_packing():
     from neva_jax.bench import packing_bench
 
     report = _report()
-    packing_bench.run_packing(report, shapes.tiny(), steps=1, seq_len=192)
+    packing_bench.run_packing(report, shapes.tiny(), repeats=2, seq_len=192)
     padded, packed = report.find("packing", "padded"), report.find("packing", "packed")
     for rec in (padded, packed):
         _positive(rec, "real_tokens_per_s", "real_tokens_per_step", "non_padding_fraction")
         assert rec["non_padding_fraction"] <= 1.0
+        _repeated(rec, "step_s")
     assert packed["samples_per_step"] > padded["samples_per_step"]

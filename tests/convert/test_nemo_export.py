@@ -1,25 +1,31 @@
 """NeMo export: round trips against the NeMo-written fixtures (read with plain
 torch.distributed.checkpoint), and NeVA checkpoints built from a tiny llava-hf model
-(NeMo 2 LLaVA key names, NeMo 1 with a stage-1 projector-only checkpoint)."""
+(NeMo 2 LLaVA key names and its `mcore_mlp` projector form, NeMo 1 NeVA, a stage-1
+projector-only checkpoint completed by --llm as a NeMo LLM or a Hugging Face folder)."""
 
+import io
+import json
 import pickle
+import tarfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import transformers
+import yaml
 from flax import nnx
 from torch.distributed.checkpoint import FileSystemReader
 
 from neva_jax.convert import checkpoint, hf
 from neva_jax.convert.__main__ import main
+from neva_jax.convert.nemo_dist import MetadataUnpickler
 from neva_jax.convert.nemo_import import import_nemo
-from neva_jax.convert.nemo_io import MetadataUnpickler
+from neva_jax.convert.nemo_io import NemoError
 from neva_jax.convert.nemo_tokenizer import sentencepiece_tokenizer
+from neva_jax.convert.nemo_write import WHOLE, write_dist
 
 FIXTURES = Path(__file__).parent / "nemo_fixtures"
 SP_MODEL = "tiny_sp.model"
@@ -46,43 +52,32 @@ def _dcp_read(folder: Path, reader_cls=FileSystemReader) -> dict:
     return state
 
 
-@jax.jit
-def _llm_logits(graphdef, state, x):
-    return nnx.merge(graphdef, state).llm(x)
+def _untar(path: Path, dest: Path) -> Path:
+    with tarfile.open(path) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
 
 
 @pytest.mark.parametrize(
-    "src,folder,fmt,dtype",
+    "case,src,folder,dtype",
     [
-        ("nemo2_llama_ckpt", "weights", "nemo2", None),
-        ("nemo2_llama_ckpt_bf16", "weights", "nemo2", "bfloat16"),
-        ("tiny_llama_nemo1.nemo", "model_weights", "nemo1", None),
+        ("nemo2", "nemo2_llama_ckpt", "weights", None),
+        ("nemo2_bf16", "nemo2_llama_ckpt_bf16", "weights", "bfloat16"),
+        ("nemo1", "tiny_llama_nemo1.nemo", "model_weights", None),
     ],
 )
 def test_export_round_trip_equals_the_nemo_written_fixture(
-    clip_dir, tmp_path, src, folder, fmt, dtype
+    nemo_model_dirs, nemo_imported, llm_logits, clip_dir, tmp_path, case, src, folder, dtype
 ):
-    model_dir, out = tmp_path / "model", tmp_path / ("out.nemo" if fmt == "nemo1" else "out")
+    fmt = "nemo1" if case == "nemo1" else "nemo2"
+    out = tmp_path / ("out.nemo" if fmt == "nemo1" else "out")
     if fmt == "nemo1":
-        import tarfile
-
-        extracted = tmp_path / "fixture"
-        with tarfile.open(FIXTURES / src) as tar:
-            tar.extractall(extracted, filter="data")
-        fixture_weights = extracted / folder
+        fixture_weights = _untar(FIXTURES / src, tmp_path / "fixture") / folder
     else:
         fixture_weights = FIXTURES / src / folder
-    assert (
-        main(["import-nemo", str(FIXTURES / src), str(model_dir), "--vision", str(clip_dir)]) == 0
-    )
-    args = ["export-nemo", str(model_dir), str(out), "--llm-only", "--format", fmt]
+    args = ["export-nemo", str(nemo_model_dirs[case]), str(out), "--llm-only", "--format", fmt]
     assert main(args + (["--dtype", dtype] if dtype else [])) == 0
-    if fmt == "nemo1":
-        with tarfile.open(out) as tar:
-            tar.extractall(tmp_path / "exported", filter="data")
-        exported = tmp_path / "exported" / folder
-    else:
-        exported = out / folder
+    exported = (_untar(out, tmp_path / "exported") if fmt == "nemo1" else out) / folder
     theirs = _dcp_read(fixture_weights, _NemoMetadataReader)
     ours = _dcp_read(exported)  # our .metadata is torch's own Metadata: plain reader
     assert ours.keys() == theirs.keys()
@@ -98,31 +93,28 @@ def test_export_round_trip_equals_the_nemo_written_fixture(
                 (c.offsets, c.sizes) for c in m.chunks
             ], key
     assert torch.load(exported / "common.pt", weights_only=True) is not None
-    assert (exported / "metadata.json").read_text() == (
-        fixture_weights / "metadata.json"
-    ).read_text().strip() or True
+    metadata = [json.loads((f / "metadata.json").read_text()) for f in (exported, fixture_weights)]
+    assert metadata[0] == metadata[1]
 
-    ids = np.random.default_rng(1).integers(3, 128, size=(2, 10))
-    first, _ = checkpoint.load_model(model_dir)
+    # The export imports back to the same model: identical logits (bf16 weights of a bf16
+    # checkpoint go out and come back unrounded).
+    ids = np.random.default_rng(1).integers(3, 128, size=(2, 12))
     again = import_nemo(out, vision=clip_dir).model
-    a = np.asarray(_llm_logits(*nnx.split(first), jnp.asarray(ids)))[..., :128]
-    b = np.asarray(_llm_logits(*nnx.split(again), jnp.asarray(ids)))[..., :128]
-    tol = 0 if dtype is None else 1e-4
-    assert float(np.abs(a - b).max()) <= tol
+    first = nemo_imported[case].model
+    assert float(np.abs(llm_logits(first, ids) - llm_logits(again, ids)).max()) == 0
 
 
 # ---------------------------------------------------------------------------- NeVA
 
 
 IMAGE, PATCH = 30, 6  # 25 patches
+TOKENS = 130  # the tokenizer's size: rows past it are vocabulary padding (not compared)
 
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    """A tiny random llava-hf folder with the NeMo fixture's sentencepiece tokenizer
-    (+ <image>, <pad>), its model folder, and reference logits of a batch with images."""
-    import tarfile
-
+    """A tiny random llava-hf model with the NeMo fixture's sentencepiece tokenizer
+    (+ <image>, <pad>), its model folder, a batch with an image and transformers' logits."""
     root = tmp_path_factory.mktemp("llava")
     with tarfile.open(FIXTURES / "tiny_llama_nemo1.nemo") as tar:
         name = next(n for n in tar.getnames() if n.endswith(SP_MODEL))
@@ -164,6 +156,10 @@ def llava(tmp_path_factory):
     imported = hf.import_llava(hf_dir)
     checkpoint.save_model(model_dir, imported.model, tokenizer=imported.tokenizer)
     (model_dir / "tokenizer" / "tokenizer.model").write_bytes((root / SP_MODEL).read_bytes())
+    clip = root / "clip"  # the tower alone, for imports of checkpoints that hold none
+    vision = transformers.CLIPVisionModel(config.vision_config)
+    vision.load_state_dict(model.model.vision_tower.state_dict())
+    vision.save_pretrained(clip)
     rng = np.random.default_rng(2)
     ids = rng.integers(3, 120, size=(2, 35))
     ids[0, 2:27] = 128
@@ -174,18 +170,20 @@ def llava(tmp_path_factory):
         ).logits
     images = np.zeros((2, 1, IMAGE, IMAGE, 3), np.float32)
     images[0, 0] = pixels[0].transpose(1, 2, 0)
-    return root, model, model_dir, ids, images, ref.numpy()
-
-
-TOKENS = 130  # the tokenizer's size: rows past it are vocabulary padding (not compared)
-
-
-def _neva_diff(model, ids, images, ref, n: int = TOKENS) -> float:
-    """Max |logits - transformers| over row 0 (with its image) and the tokenizer's ids."""
-    out = jax.jit(lambda g, s, x, i: nnx.merge(g, s)(x, i))(
-        *nnx.split(model), jnp.asarray(ids), jnp.asarray(images)
+    return dict(
+        model=model, model_dir=model_dir, clip=clip, ids=ids, images=images, ref=ref.numpy()
     )
-    return float(np.abs(np.asarray(out)[:1, :, :n] - ref[..., :n]).max())
+
+
+@jax.jit
+def _neva_logits(graphdef, state, ids, images):
+    return nnx.merge(graphdef, state)(ids, images)
+
+
+def _neva_diff(model, llava: dict, n: int = TOKENS) -> float:
+    """Max |logits - transformers| over row 0 (with its image) and the first n ids."""
+    out = np.asarray(_neva_logits(*nnx.split(model), llava["ids"], llava["images"]))
+    return float(np.abs(out[:1, :, :n] - llava["ref"][..., :n]).max())
 
 
 NEMO2_LLAVA_KEYS = {
@@ -226,86 +224,132 @@ NEMO2_LLAVA_KEYS = {
 }
 
 
-def test_nemo2_llava_export_has_nemo_names_and_imports_to_transformers_logits(llava, tmp_path):
-    _, _, model_dir, ids, images, ref = llava
-    out = tmp_path / "llava_nemo2"
-    assert main(["export-nemo", str(model_dir), str(out)]) == 0
-    tensors = _dcp_read(out / "weights")
+@pytest.fixture(scope="module")
+def nemo2_llava(llava, tmp_path_factory):
+    """The llava model exported as a NeMo 2 LLaVA folder, and its tensors."""
+    out = tmp_path_factory.mktemp("nemo2_llava") / "ckpt"
+    assert main(["export-nemo", str(llava["model_dir"]), str(out)]) == 0
+    return out, _dcp_read(out / "weights")
+
+
+def test_nemo2_llava_export_has_nemo_names_and_imports_to_transformers_logits(llava, nemo2_llava):
+    out, tensors = nemo2_llava
     assert set(tensors) == NEMO2_LLAVA_KEYS
     assert tensors["module.language_model.embedding.word_embeddings.weight"].shape == (256, 32)
     with open(out / "weights" / ".metadata", "rb") as f:
         pickle.load(f)  # plain torch classes: no Megatron needed
     imported = import_nemo(out)
     assert (imported.config.projector, imported.config.image_token_id) == ("mlp2x_gelu", 128)
-    diff = _neva_diff(imported.model, ids, images, ref)
+    diff = _neva_diff(imported.model, llava)
     print(f"NeMo 2 LLaVA import vs transformers LLaVA: max abs diff {diff:.2e}")
     assert diff <= 1e-4
 
 
-def test_nemo1_neva_and_stage1_projector_only_checkpoint(llava, tmp_path):
-    """A NeMo 1 NeVA .nemo imports to the same logits; with only the projector kept (a
-    stage-1 checkpoint) the LLM comes from --llm (a NeMo LLM) and the tower from --vision."""
-    import io
-    import tarfile
+def test_nemo2_llava_mcore_mlp_projector(llava, nemo2_llava, tmp_path):
+    """`projector_type: mcore_mlp` stores the projector as Megatron's MLP
+    (`vision_projection.encoder.linear_fc{1,2}`): it imports as mlp2x_gelu; another
+    activation is a one-line error."""
+    src, tensors = nemo2_llava
+    names = {
+        "module.vision_projection.0.": "module.vision_projection.encoder.linear_fc1.",
+        "module.vision_projection.2.": "module.vision_projection.encoder.linear_fc2.",
+    }
 
-    root, model, model_dir, ids, images, ref = llava
-    full = tmp_path / "neva.nemo"
-    assert main(["export-nemo", str(model_dir), str(full), "--format", "nemo1"]) == 0
-    assert (
-        _neva_diff(import_nemo(full, vision=_clip_folder(model, tmp_path)).model, ids, images, ref)
-        <= 1e-4
-    )
+    def rename(key: str) -> str:
+        for old, new in names.items():
+            if key.startswith(old):
+                return new + key[len(old) :]
+        return key
 
-    llm = tmp_path / "llm.nemo"
-    assert main(["export-nemo", str(model_dir), str(llm), "--format", "nemo1", "--llm-only"]) == 0
-    extracted = tmp_path / "x"
-    with tarfile.open(full) as tar:
-        tar.extractall(extracted, filter="data")
-    # Keep only the projector's tensors (what a stage-1 run saves).
-    reader = _dcp_read(extracted / "model_weights")
-    proj = {k: v for k, v in reader.items() if "mm_projector" in k}
-    stage1 = tmp_path / "stage1"
-    from neva_jax.convert.nemo_write import write_dist
-
+    dst = tmp_path / "mcore_mlp"
     write_dist(
-        stage1 / "model_weights",
-        ((k, v.numpy(), "whole") for k, v in proj.items()),
+        dst / "weights",
+        ((rename(k), v.numpy(), WHOLE) for k, v in tensors.items()),
         {},
         {},
         np.float32,
     )
-    for name in (extracted).iterdir():
-        if name.name != "model_weights":
-            (stage1 / name.name).write_bytes(name.read_bytes())
+    assert "module.vision_projection.encoder.linear_fc2.bias" in _dcp_read(dst / "weights")
+    context = dst / "context"
+    context.mkdir()
+    for path in (src / "context").rglob("*"):
+        if path.is_file():
+            (context / path.relative_to(src / "context")).parent.mkdir(parents=True, exist_ok=True)
+            (context / path.relative_to(src / "context")).write_bytes(path.read_bytes())
+    cfg = yaml.safe_load((context / "model.yaml").read_text())
+    cfg["config"]["vision_projection_config"]["projector_type"] = "mcore_mlp"
+    (context / "model.yaml").write_text(yaml.safe_dump(cfg))
+    imported = import_nemo(dst)
+    assert imported.config.projector == "mlp2x_gelu"
+    np.testing.assert_array_equal(
+        np.asarray(imported.model.projector.linear_2.kernel[...]),
+        tensors["module.vision_projection.2.weight"].numpy().T,
+    )
+    assert _neva_diff(imported.model, llava) <= 1e-4
+    cfg["config"]["vision_projection_config"]["activation_func"] = {
+        "_target_": "megatron.core.activations.quick_gelu",
+        "_call_": False,
+    }
+    (context / "model.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(NemoError, match="mcore_mlp projector with activation_func="):
+        import_nemo(dst)
+
+
+@pytest.fixture(scope="module")
+def nemo1_neva(llava, tmp_path_factory):
+    """NeMo 1 exports of the llava model: the NeVA .nemo, an LLM-only .nemo, and a stage-1
+    .nemo holding the projector alone (what a stage-1 run saves)."""
+    root = tmp_path_factory.mktemp("nemo1_neva")
+    model_dir = str(llava["model_dir"])
+    full, llm = root / "neva.nemo", root / "llm.nemo"
+    assert main(["export-nemo", model_dir, str(full), "--format", "nemo1"]) == 0
+    assert main(["export-nemo", model_dir, str(llm), "--format", "nemo1", "--llm-only"]) == 0
+    extracted = _untar(full, root / "x")
+    proj = {k: v for k, v in _dcp_read(extracted / "model_weights").items() if "mm_projector" in k}
+    stage1 = root / "stage1"
+    write_dist(
+        stage1 / "model_weights",
+        ((k, v.numpy(), WHOLE) for k, v in proj.items()),
+        {},
+        {},
+        np.float32,
+    )
+    for path in extracted.iterdir():
+        if path.name != "model_weights":
+            (stage1 / path.name).write_bytes(path.read_bytes())
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:") as tar:
         tar.add(stage1, arcname=".")
-    (tmp_path / "stage1.nemo").write_bytes(buf.getvalue())
-    assert (
-        main(
-            [
-                "import-nemo",
-                str(tmp_path / "stage1.nemo"),
-                str(tmp_path / "o"),
-                "--vision",
-                str(_clip_folder(model, tmp_path)),
-            ]
-        )
-        == 1
-    )
-    imported = import_nemo(tmp_path / "stage1.nemo", llm=llm, vision=_clip_folder(model, tmp_path))
+    (root / "stage1.nemo").write_bytes(buf.getvalue())
+    return dict(full=full, llm=llm, stage1=root / "stage1.nemo", root=root)
+
+
+def test_nemo1_neva_imports_to_transformers_logits(llava, nemo1_neva):
+    assert _neva_diff(import_nemo(nemo1_neva["full"], vision=llava["clip"]).model, llava) <= 1e-4
+
+
+def test_stage1_checkpoint_takes_its_llm_from_a_nemo_checkpoint(llava, nemo1_neva, capsys):
+    stage1, out = nemo1_neva["stage1"], nemo1_neva["root"] / "o"
+    assert main(["import-nemo", str(stage1), str(out), "--vision", str(llava["clip"])]) == 1
+    assert "pass --llm" in capsys.readouterr().err
+    imported = import_nemo(stage1, llm=nemo1_neva["llm"], vision=llava["clip"])
     # The LLM-only export dropped <image>/<pad> (ids 128, 129): they get new rows again.
-    assert _neva_diff(imported.model, ids, images, ref, n=128) <= 1e-4
-    del root
+    assert _neva_diff(imported.model, llava, n=128) <= 1e-4
 
 
-def _clip_folder(llava_model, tmp_path) -> Path:
-    folder = tmp_path / "clip_of_llava"
-    if not folder.exists():
-        vision = transformers.CLIPVisionModel(llava_model.config.vision_config)
-        vision.load_state_dict(llava_model.model.vision_tower.state_dict())
-        vision.save_pretrained(folder)
-    return folder
+def test_stage1_checkpoint_takes_its_llm_from_a_hugging_face_llama_folder(
+    llava, nemo1_neva, tmp_path
+):
+    """--llm as a Hugging Face LLaMA folder: its weights, the checkpoint's tokenizer and
+    projector; every row of the tokenizer (<image> and <pad> included) is the folder's."""
+    model = llava["model"]
+    llama = transformers.LlamaForCausalLM(model.config.text_config)
+    llama.model.load_state_dict(model.model.language_model.state_dict())
+    llama.lm_head.load_state_dict(model.lm_head.state_dict())
+    llama.save_pretrained(tmp_path / "llama")
+    imported = import_nemo(nemo1_neva["stage1"], llm=tmp_path / "llama", vision=llava["clip"])
+    assert imported.config.image_token_id == 128 and imported.config.llm.vocab_size == 192
+    assert _neva_diff(imported.model, llava) <= 1e-4
 
 
 def test_rope_scaling_does_not_export_to_nemo():
