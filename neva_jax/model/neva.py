@@ -110,9 +110,17 @@ def with_runtime(cfg: NevaConfig, **runtime: Any) -> NevaConfig:
 
 
 # Config fields that are not architecture: run-time choices, the initialisation of new
-# parameters, and what the tokenizer in use sets. Every other field of NevaConfig,
-# LlamaConfig and ClipConfig is, and a checkpoint's value must match the run's.
-NOT_ARCHITECTURE = (*RUNTIME_FIELDS, "init_method_std", "image_token_id", "tokenizer_vocab_size")
+# parameters, what the tokenizer in use sets, and the longest sequence a run allows
+# (`encoder_seq_length`: with RoPE only a bound; a learned position table's size is
+# checked as a parameter shape). Every other field of NevaConfig, LlamaConfig and
+# ClipConfig is, and a checkpoint's value must match the run's.
+NOT_ARCHITECTURE = (
+    *RUNTIME_FIELDS,
+    "init_method_std",
+    "image_token_id",
+    "tokenizer_vocab_size",
+    "encoder_seq_length",
+)
 # NevaConfig attribute -> its run-config key prefix ("" = NevaConfig's own fields).
 CONFIG_SECTIONS = {"llm": "model.llm.", "vision": "model.vision_encoder.", "": "model."}
 

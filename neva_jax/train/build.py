@@ -190,7 +190,14 @@ def load_pretrained_parts(cfg: RunConfig, ncfg: NevaConfig, mesh: Mesh) -> PyTre
             )
     except (convert_hf.HFImportError, NemoError) as e:
         raise ConfigError(f"config.model.*.from_pretrained: {e}") from None
-    theirs = dataclasses.replace(ncfg, llm=imported.config.llm, vision=imported.config.vision)
+    got = imported.config  # its decoder and tower against the config's
+    theirs = dataclasses.replace(
+        ncfg,
+        llm=got.llm,
+        vision=got.vision,
+        image_token_id=got.image_token_id,
+        tokenizer_vocab_size=got.tokenizer_vocab_size,
+    )
     check_architecture("the from_pretrained folders' config", ncfg, theirs, unset_takes_it=False)
     params = nnx.to_pure_dict(nnx.state(imported.model, nnx.Param))
     logging.info("llm from %s, vision from %s", llm_dir, clip_dir)

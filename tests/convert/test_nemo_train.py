@@ -82,7 +82,9 @@ def test_a_nemo_llm_that_does_not_fit_the_config_is_a_config_error(tmp_path, tin
         cfg = from_config_dict(tiny_dict(str(data), "stage1", **keys), check_environment=False)
         build.load_pretrained_parts(cfg, cfg.model, build.run_mesh(cfg))
 
-    with pytest.raises(ConfigError, match=r"config.model.llm.vocab_size=512: .* has 192"):
+    with pytest.raises(
+        ConfigError, match=r"config.model.llm.vocab_size=512: .* has vocab_size=192; set it to 192"
+    ):
         parts(NEMO2)
     cut = tmp_path / "cut.nemo"
     cut.write_bytes((NEMO2.parent / "tiny_llama_nemo1.nemo").read_bytes()[:4096])
