@@ -347,8 +347,14 @@ class Attention(nnx.Module):
         mask: jax.Array | None = None,
         kv: tuple[jax.Array, jax.Array] | None = None,
         write_at: jax.Array | None = None,
+        queries: jax.Array | None = None,
     ) -> tuple[tuple[jax.Array, jax.Array] | None, jax.Array]:
         """x [B, T, D] -> (updated (k, v) cache buffers or None, output [B, T, D]).
+
+        `queries` [B, C] (no cache): only the tokens at these indices of each row query
+        (keys and values are still every token's); the output is [B, C, D] and the
+        mask [B, 1, C, T] is required. The training step's last layer uses it: only the
+        positions whose logits are needed go through q, o and the MLP.
 
         positions [B, T]: RoPE positions (default arange(T)). mask: the complete
         boolean mask (causality included, e.g. from `make_attention_mask`); None =
@@ -364,17 +370,25 @@ class Attention(nnx.Module):
           those columns and the queries attend over the whole cache (mask [B, 1, T, S]).
         """
         B, T, _ = x.shape
-        q, k, v = self.project(x)  # [B, T, N, H], [B, T, K, H], [B, T, K, H]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        q_positions = positions
+        if queries is None:
+            q, k, v = self.project(x)  # [B, T, N, H], [B, T, K, H], [B, T, K, H]
+        else:
+            if kv is not None or mask is None:
+                raise ValueError("attention over `queries` needs a mask and no KV cache")
+            q = self.q(jnp.take_along_axis(x, queries[:, :, None], axis=1))  # [B, C, N, H]
+            k, v = self.k(x), self.v(x)
+            q_positions = jnp.take_along_axis(positions, queries, axis=1)
         if self.rope_theta is not None:
-            if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             rope = dict(
                 theta=self.rope_theta, rotary_dim=self.rotary_dim, scaling=self.rope_scaling
             )
-            q = apply_rope(q, positions, **rope)
+            q = apply_rope(q, q_positions, **rope)
             k = apply_rope(k, positions, **rope)
         if kv is None:
-            return None, self.o(self._attend(q, k, v, mask))
+            return None, self.o(self._attend(q, k, v, mask, causal=queries is None))
         if mask is None:
             raise ValueError("attention with a KV cache needs an explicit mask")
         new_kv = (write_kv(kv[0], k, write_at), write_kv(kv[1], v, write_at))
@@ -388,30 +402,38 @@ class Attention(nnx.Module):
         return self.q(x), self.k(x), self.v(x)
 
     def _attend(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        mask: jax.Array | None,
+        *,
+        causal: bool = True,
     ) -> jax.Array:
-        """Self-attention of q [B, T, N, H] over k, v [B, T, K, H] of the same tokens."""
-        T = q.shape[1]
+        """Attention of q [B, T, N, H] over k, v [B, S, K, H] of the same sequence; with
+        `causal` (and a causal layer) query t is token t (T == S) and later keys are
+        skipped, else `mask` [B, 1, T, S] says everything."""
+        causal = causal and self.causal
         impl = select_implementation(
             self.attention_impl,
             self.dtype,
             self.head_dim,
-            q_len=T,
-            kv_len=T,
+            q_len=q.shape[1],
+            kv_len=k.shape[1],
             has_mask=mask is not None,
         )
         if impl == "xla":
             # Same function as dot_product_attention's XLA path; causal key blocks are
             # skipped and the backward keeps no [T, S] residual (see dense_attention).
             return dense_attention.attention(
-                q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, causal=self.causal
+                q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, causal=causal
             )
         return jax.nn.dot_product_attention(
             q,
             k.astype(q.dtype),
             v.astype(q.dtype),
             mask=mask,
-            is_causal=self.causal and mask is None,
+            is_causal=causal and mask is None,
             implementation=impl,
         )  # [B, T, N, H]
 

@@ -284,15 +284,24 @@ class DecoderLayer(nnx.Module):
         mask: jax.Array | None,
         kv: tuple[jax.Array, jax.Array] | None = None,
         write_at: jax.Array | None = None,
+        queries: jax.Array | None = None,
     ) -> tuple[tuple[jax.Array, jax.Array] | None, jax.Array]:
         """h [B, T, D] -> (this layer's updated cache buffers or None, h).
 
-        `kv` / `write_at`: this layer's cache buffers and the kind of cached call
-        (see `Attention.__call__`).
+        `kv` / `write_at`: this layer's cache buffers and the kind of cached call;
+        `queries` [B, C]: only these positions are computed, h is then [B, C, D] (see
+        `Attention.__call__`).
         """
         kv, a = self.attn(
-            self.attn_norm(h), positions=positions, mask=mask, kv=kv, write_at=write_at
+            self.attn_norm(h),
+            positions=positions,
+            mask=mask,
+            kv=kv,
+            write_at=write_at,
+            queries=queries,
         )
+        if queries is not None:
+            h = jnp.take_along_axis(h, queries[:, :, None], axis=1)
         h = h + a
         h = h + self.mlp(self.mlp_norm(h))
         return kv, constrain(h, ("act_batch", "act_length", "act_embed"))
@@ -402,13 +411,15 @@ class Llama(nnx.Module):
         embeds: jax.Array | None = None,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        stop_before_last: bool = False,
     ) -> jax.Array:
         """Final-normed hidden states [B, T, D] of a whole sequence (no cache: training).
 
         Give exactly one of `input_ids` [B, T] or `embeds` [B, T, D]. `positions`
         [B, T] default to arange(T). `segment_ids` [B, T] (0 = padding, 1..k = packed
         samples) switch to an explicit mask; without them the attention is plainly
-        causal.
+        causal. `stop_before_last=True` returns the last layer's input instead (not
+        normed), for `last_layer`.
         """
         x = self._inputs(input_ids, embeds)
         B, T = x.shape[:2]
@@ -417,8 +428,45 @@ class Llama(nnx.Module):
         mask = None
         if segment_ids is not None:
             mask = make_attention_mask(segment_ids, positions, segment_ids, positions)
-        x = self._scan_layers(self._add_positions(x, positions), positions, mask)
-        return self.final_norm(x)
+        x = self._add_positions(x, positions)
+        if stop_before_last:
+            return self._scan_layers(x, positions, mask, self.config.num_layers - 1)
+        return self.final_norm(self._scan_layers(x, positions, mask))
+
+    def last_layer(
+        self,
+        h: jax.Array,
+        *,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        queries: jax.Array | None = None,
+    ) -> jax.Array:
+        """The last decoder layer and the final norm over `hidden_states(...,
+        stop_before_last=True)`: [B, T, D] -> final-normed [B, T, D], or with `queries`
+        [B, C] only those positions of each row, [B, C, D] (their keys and values still
+        come from every token; the same values as taking them from `hidden_states`).
+
+        The training step asks only for the positions whose logits it computes: the
+        last layer's q, o and MLP then run on C rows instead of T.
+        """
+        B, T = h.shape[:2]
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        q_seg, q_pos = segment_ids, positions
+        if queries is not None:
+            q_seg = jnp.take_along_axis(segment_ids, queries, axis=1)
+            q_pos = jnp.take_along_axis(positions, queries, axis=1)
+        mask = make_attention_mask(q_seg, q_pos, segment_ids, positions)
+        graphdef, state = nnx.split(self.layers)
+        last = jax.tree.map(lambda a: a[-1], state)
+
+        def layer_fn(h: jax.Array, layer_state: nnx.State) -> jax.Array:
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(h, positions=positions, mask=mask, queries=queries)[1]
+
+        if self.config.remat_policy != "none":
+            layer_fn = jax.checkpoint(layer_fn, policy=checkpoint_policy(self.config.remat_policy))
+        return self.final_norm(layer_fn(h, last))
 
     def prefill(
         self,
@@ -483,10 +531,20 @@ class Llama(nnx.Module):
         )
         return cache, self.final_norm(x)
 
-    def _scan_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """The stacked layers without a cache: lax.scan or an unrolled loop, remat per layer."""
+    def _scan_layers(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array | None,
+        num_layers: int | None = None,
+    ) -> jax.Array:
+        """The first `num_layers` (default all) stacked layers without a cache: lax.scan
+        or an unrolled loop, remat per layer."""
         cfg = self.config
         graphdef, state = nnx.split(self.layers)
+        n = cfg.num_layers if num_layers is None else num_layers
+        if n < cfg.num_layers:
+            state = jax.tree.map(lambda a: a[:n], state)
 
         def layer_fn(h: jax.Array, layer_state: nnx.State) -> jax.Array:
             _, h = nnx.merge(graphdef, layer_state)(h, positions=positions, mask=mask)
@@ -501,7 +559,7 @@ class Llama(nnx.Module):
         if cfg.scan_layers:
             x, _ = jax.lax.scan(lambda h, s: (layer_fn(h, s), None), x, state)
             return x
-        for i in range(cfg.num_layers):
+        for i in range(n):
             x = layer_fn(x, jax.tree.map(lambda a, i=i: a[i], state))
         return x
 

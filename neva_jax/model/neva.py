@@ -341,10 +341,17 @@ class Neva(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         stop_vision_gradient: bool = False,
+        stop_before_last: bool = False,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, D] of whole sequences (see `Llama.hidden_states`)."""
+        """Final-normed hidden states [B, T, D] of whole sequences (see `Llama.hidden_states`;
+        `stop_before_last`: the input of the LLM's last layer, for `llm.last_layer`)."""
         x = self.embed(input_ids, images, stop_vision_gradient=stop_vision_gradient)
-        return self.llm.hidden_states(embeds=x, positions=positions, segment_ids=segment_ids)
+        return self.llm.hidden_states(
+            embeds=x,
+            positions=positions,
+            segment_ids=segment_ids,
+            stop_before_last=stop_before_last,
+        )
 
     def prefill(
         self,

@@ -86,36 +86,44 @@ def token_loss_sums(
     `weights` [B, T] (default `loss_mask`) weigh each token's CE; `vocab_in_use` > 0
     masks the logits of ids >= it (`neva.mask_padded_vocab`).
     """
-    h = model.hidden_states(
-        batch["input_ids"],
-        batch["images"],
-        positions=batch["positions"],
-        segment_ids=batch["segment_ids"],
-        stop_vision_gradient=stop_vision_gradient,
-    )  # [B, T, D]
     mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
     weights = mask if weights is None else weights.astype(jnp.float32)
     targets = batch["targets"]
     n_tokens = jnp.sum(mask)
     T = mask.shape[1]
     C = capacity(T, logits_fraction)
+    # With a capacity, the LLM's last layer runs in the branches below: only at the
+    # trained positions (its q, o and MLP on C rows instead of T), or at all of them.
+    h = model.hidden_states(
+        batch["input_ids"],
+        batch["images"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        stop_vision_gradient=stop_vision_gradient,
+        stop_before_last=C < T,
+    )  # [B, T, D]
+
+    def last_layer(queries: jax.Array | None = None) -> jax.Array:
+        return model.llm.last_layer(
+            h, positions=batch["positions"], segment_ids=batch["segment_ids"], queries=queries
+        )
 
     def logits(h: jax.Array) -> jax.Array:
         return mask_padded_vocab(model.llm.logits(h), vocab_in_use)
 
-    def all_positions():
-        return _cross_entropy(logits(h), targets, weights, mask)
-
     if C >= T:
-        loss_sum, correct = all_positions()
+        loss_sum, correct = _cross_entropy(logits(h), targets, weights, mask)
         return loss_sum, n_tokens, correct
+
+    def all_positions():
+        return _cross_entropy(logits(last_layer()), targets, weights, mask)
 
     def trained_positions():
         # Per row, the indices of the first C trained positions (row-local: keeps the
         # batch sharding); slots past a row's count get weight 0.
         idx = jax.vmap(lambda m: jnp.nonzero(m > 0, size=C, fill_value=0)[0])(mask)  # [B, C]
         valid = jnp.arange(C)[None, :] < jnp.sum(mask > 0, axis=1, keepdims=True)
-        h_c = jnp.take_along_axis(h, idx[:, :, None], axis=1)  # [B, C, D]
+        h_c = last_layer(idx)  # [B, C, D]
         w = jnp.take_along_axis(weights, idx, axis=1) * valid
         counted = jnp.take_along_axis(mask, idx, axis=1) * valid
         return _cross_entropy(logits(h_c), jnp.take_along_axis(targets, idx, axis=1), w, counted)

@@ -387,6 +387,38 @@ def test_packing_equals_separate(untied):
     assert np.all(np.isfinite(packed))
 
 
+def test_last_layer_at_queries_equals_all_positions(untied):
+    """The train step's capacity path: the last layer computed only at some positions of
+    packed rows gives those positions' hidden states and the same gradients."""
+    _, _, _, (graphdef, state) = untied
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, V, (B, T)).astype(np.int32)
+    segment_ids = np.array([[1] * 5 + [2] * 7, [1] * 8 + [0] * 4], np.int32)
+    positions = np.array([list(range(5)) + list(range(7)), list(range(8)) + [0] * 4], np.int32)
+    queries = np.array([[1, 4, 5, 11], [0, 3, 7, 7]], np.int32)
+    kw = dict(positions=positions, segment_ids=segment_ids)
+
+    def via_all(state):
+        h = nnx.merge(graphdef, state).hidden_states(ids, **kw)
+        return jnp.take_along_axis(h, queries[:, :, None], axis=1)
+
+    def via_queries(state):
+        model = nnx.merge(graphdef, state)
+        pre = model.hidden_states(ids, stop_before_last=True, **kw)
+        return model.last_layer(pre, queries=queries, **kw)
+
+    want, got = (np.asarray(jax.jit(f)(state)) for f in (via_all, via_queries))
+    assert got.shape == (B, 4, 32) and np.abs(got - want).max() <= 1e-5
+    loss = lambda f: jax.jit(jax.grad(lambda s: jnp.sum(jnp.sin(f(s)))))  # noqa: E731
+    g_all, g_q = loss(via_all)(state), loss(via_queries)(state)
+    diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g_all, g_q)))
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_all))
+    print(
+        f"\nlast layer at queries: values {np.abs(got - want).max():.1e}, grads {diff:.1e} of {scale:.1e}"
+    )
+    assert diff <= 1e-6 * scale  # fp32 rounding of matmuls over 4 rows instead of 12
+
+
 def test_unrolled_remat_and_bf16(untied, ids):
     """The same stacked params run unrolled + remat, and in bf16 compute with fp32 params."""
     _, cfg, params, (graphdef, state) = untied

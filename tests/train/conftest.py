@@ -30,6 +30,11 @@ class StandInLlm(nnx.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         return self.lm_head(h).astype(jnp.float32)
 
+    def last_layer(self, h, *, positions=None, segment_ids=None, queries=None):
+        if queries is not None:  # the block is position-wise: the rows just go first
+            h = jnp.take_along_axis(h, queries[:, :, None], axis=1)
+        return self.final_norm(h + jnp.tanh(self.block(h)))
+
 
 class StandIn(nnx.Module):
     """vision -> projector -> added to every token embedding -> llm."""
@@ -40,11 +45,12 @@ class StandIn(nnx.Module):
         self.projector = nnx.Linear(8, D, rngs=rngs)
         self.llm = StandInLlm(rngs)
 
-    def hidden_states(self, input_ids, images, *, positions=None, segment_ids=None, **_):
+    def hidden_states(
+        self, input_ids, images, *, positions=None, segment_ids=None, stop_before_last=False, **_
+    ):
         feats = self.projector(self.vision(images.mean(axis=(1, 2, 3))))  # [B, D]
         x = self.llm.embed(input_ids) + feats[:, None, :]
-        x = x + jnp.tanh(self.llm.block(x))
-        return self.llm.final_norm(x)
+        return x if stop_before_last else self.llm.last_layer(x)
 
 
 def batch_of(ids: np.ndarray, mask: np.ndarray, images: np.ndarray) -> dict[str, np.ndarray]:
