@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from neva_jax import platform
 from neva_jax.bench import timing
 from neva_jax.model.neva import Neva, NevaConfig
 from neva_jax.run_config import TrainSection
@@ -32,7 +33,7 @@ def import_model(folder: str, **runtime: Any) -> Neva:
     """A `Neva` with the weights of the `transformers` folder (run-time fields set)."""
     from neva_jax.convert import hf
 
-    return hf.import_llava(folder, **runtime).model
+    return hf.import_llava(folder, **platform.resolve_runtime(**runtime)).model
 
 
 def random_model(cfg: NevaConfig, seed: int = 0) -> Neva:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from neva_jax import platform
 from neva_jax.model import clip, llama, neva
 from neva_jax.model.neva import NevaConfig
 
@@ -48,6 +49,12 @@ class BenchShape:
         return self.batch_size * self.seq_len
 
 
+def _runtime(runtime: dict[str, Any]) -> dict[str, Any]:
+    """The CPU shapes' run-time fields: fp32, XLA attention, then this backend's choices
+    (`platform.resolve_runtime`: on CPU the row-major weight gradients), as a run gets."""
+    return platform.resolve_runtime(**{"dtype": "float32", "attention_impl": "xla", **runtime})
+
+
 def bench(**runtime: Any) -> BenchShape:
     """The CPU comparison shape of issue 8 (fp32; batch 4 x (256 image + 128 text) tokens).
 
@@ -72,19 +79,19 @@ def bench(**runtime: Any) -> BenchShape:
         num_attention_heads=6,
     )
     cfg = NevaConfig(llm=llm, vision=vision, projector="mlp2x_gelu", image_token_id=31999)
-    cfg = neva.with_runtime(cfg, **{"dtype": "float32", "attention_impl": "xla", **runtime})
+    cfg = neva.with_runtime(cfg, **_runtime(runtime))
     return BenchShape("bench", cfg, batch_size=4, text_tokens=128, trained_tokens=64)
 
 
 def tiny(**runtime: Any) -> BenchShape:
     """A seconds-fast shape for the smoke test: the `tiny` presets, 2 rows of 16 + 24 tokens."""
-    cfg = neva.with_runtime(neva.tiny(), **{"dtype": "float32", "attention_impl": "xla", **runtime})
+    cfg = neva.with_runtime(neva.tiny(), **_runtime(runtime))
     return BenchShape("tiny", cfg, batch_size=2, text_tokens=24, trained_tokens=8)
 
 
 def llava_v15_7b(batch_size: int = 4, seq_len: int = 2048, **runtime: Any) -> BenchShape:
     """LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336 + mlp2x_gelu) at `seq_len` (GPU bench)."""
-    cfg = neva.with_runtime(neva.llava_v15_7b(), **runtime)
+    cfg = neva.with_runtime(neva.llava_v15_7b(), **platform.resolve_runtime(**runtime))
     text = seq_len - cfg.num_image_tokens
     return BenchShape("llava_v15_7b", cfg, batch_size, text_tokens=text, trained_tokens=text // 2)
 
