@@ -6,6 +6,7 @@ where it can); skipped, naming what is missing, where they are not installed.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -46,7 +47,11 @@ def browser(tmp_path_factory):
         f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
     ):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    # `make test` preloads the caching allocator (neva_jax/allocator.py) into the whole
+    # process tree; Chromium's own allocator does not start beside a preloaded malloc
+    # (the browser exits at once), so the driver and the browser run without it.
+    env = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    driver = webdriver.Chrome(service=Service(DRIVER, env=env), options=options)
     yield driver
     driver.quit()
 
