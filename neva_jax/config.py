@@ -14,6 +14,7 @@ NeMo's names (docs/DESIGN.md "Configuration"):
   model.llm.<name>             LlamaConfig fields made with `schema.key()`
   model.vision_encoder.<name>  ClipConfig fields made with `schema.key()`
   model.<name>                 NevaConfig fields made with `schema.key()`
+  model.peft.<name>            PeftConfig fields (LoRA adapters, model/lora.py)
   model.llm.<name>             also `LlmSettings` (from_pretrained, freeze, ...) -> RunConfig.llm
   model.vision_encoder.<name>  also `VisionSettings` -> RunConfig.vision_encoder
   RUNTIME_KEYS / model.<name>  the run-time model fields (`neva.RUNTIME_FIELDS`), both parts
@@ -43,8 +44,13 @@ from neva_jax.model.neva import NevaConfig
 from neva_jax.model.schema import FieldError, keys
 from neva_jax.run_config import ConfigError, RunConfig, check, default_model
 
-# The model's parts: ConfigDict section -> (NevaConfig field, RunConfig field of its other knobs).
-MODEL_PARTS = {"llm": ("llm", "llm"), "vision_encoder": ("vision", "vision_encoder")}
+# The model's parts: ConfigDict section -> (NevaConfig field, RunConfig field of its other
+# knobs, or None).
+MODEL_PARTS = {
+    "llm": ("llm", "llm"),
+    "vision_encoder": ("vision", "vision_encoder"),
+    "peft": ("peft", None),
+}
 # Run-time model fields (`neva.RUNTIME_FIELDS`) whose key is not `model.<field>`.
 RUNTIME_KEYS = {
     "dtype": "precision.compute_dtype",
@@ -82,13 +88,14 @@ def _keys() -> dict[str, _Slot]:
     for section, (part, settings) in MODEL_PARTS.items():
         part_cls = type(getattr(model, part))
         add_fields(f"model.{section}.", part_cls, ("model", part), keys(part_cls))
-        add_fields(f"model.{section}.", run_hints[settings], (settings,))
+        if settings is not None:
+            add_fields(f"model.{section}.", run_hints[settings], (settings,))
     add_fields("model.", NevaConfig, ("model",), keys(NevaConfig))
     llm_hints = typing.get_type_hints(type(model.llm))
     for name in neva.RUNTIME_FIELDS:
         if name in neva.PLATFORM_FIELDS:
             continue
-        paths = tuple(("model", part, name) for part, _ in MODEL_PARTS.values())
+        paths = tuple(("model", part, name) for part in ("llm", "vision"))
         out[RUNTIME_KEYS.get(name, f"model.{name}")] = _Slot(paths, llm_hints[name])
     for section in _SECTIONS:
         add_fields(f"{section}.", run_hints[section], (section,))

@@ -74,11 +74,16 @@ def param_shardings(ncfg: NevaConfig, mesh: Mesh) -> tuple[PyTree, PyTree]:
 
 
 def abstract_train_state(
-    ncfg: NevaConfig, parts: tuple[str, ...], tx: optax.GradientTransformation, mesh: Mesh
+    ncfg: NevaConfig,
+    parts: tuple[str, ...],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    frozen_dtype: str = "",
 ) -> tuple[nnx.GraphDef, state_lib.TrainState, state_lib.TrainState]:
-    """(graphdef, abstract TrainState with shardings, TrainState of shardings)."""
+    """(graphdef, abstract TrainState with shardings, TrainState of shardings); the
+    frozen parameters in `frozen_dtype` (`train.frozen_param_dtype`, "" = as built)."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
-        graphdef, shapes = state_lib.abstract(model_constructor(ncfg, 0), parts, tx)
+        graphdef, shapes = state_lib.abstract(model_constructor(ncfg, 0), parts, tx, frozen_dtype)
     _, param_sh = param_shardings(ncfg, mesh)
     shards = state_lib.shardings(shapes, param_sh, tx, replicated(mesh))
     return graphdef, state_lib.with_shardings(shapes, shards), shards
@@ -233,6 +238,7 @@ def initial_state(
         del model
         full = _deep_update(model_parts.merge_dicts(params, frozen), loaded)
     params, frozen = model_parts.split_dict(full, parts)
+    frozen = state_lib.cast_frozen(frozen, cfg.train.frozen_param_dtype)
     rep = replicated(mesh)
     opt_state = jax.jit(tx.init, out_shardings=shards.opt_state)(params)
 

@@ -394,7 +394,9 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
     parts, mesh, ncfg = cfg.trained_parts, run.mesh, run.model_config
     tx = opt_lib.make_optimizer(cfg.train)
     schedule = opt_lib.learning_rate_schedule(cfg.train)
-    graphdef, abstract, shards = build.abstract_train_state(ncfg, parts, tx, mesh)
+    graphdef, abstract, shards = build.abstract_train_state(
+        ncfg, parts, tx, mesh, cfg.train.frozen_param_dtype
+    )
     batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     rep = build.replicated(mesh)
     with contextlib.ExitStack() as stack, jax.set_mesh(mesh):
@@ -429,6 +431,7 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
                 trained_parts=parts,
                 grad_accum_steps=cfg.train.grad_accum_steps,
                 logits_fraction=cfg.train.logits_fraction,
+                dropout_seed=cfg.seed,
             ),
             shards,
             batch_sh,

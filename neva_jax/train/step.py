@@ -13,6 +13,9 @@ a batch with more trained tokens in some row than that falls back to all positio
 
 A non-finite loss or gradient norm leaves params and optimizer state untouched and
 counts the step in `nonfinite_count` / `nonfinite_streak`.
+
+LoRA dropout (`model.peft.dropout`) draws its masks from `dropout_seed`, the step and
+the micro-batch (`lora.set_dropout_keys`), so a resumed run draws the same masks.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import optax
 from flax import nnx
 
 from neva_jax.data.pipeline import BATCH_KEYS  # docs/CONTRACTS.md "The batch"
+from neva_jax.model import lora
 from neva_jax.model import parts as model_parts
 from neva_jax.train import optimizer as opt_lib
 from neva_jax.train.state import TrainState
@@ -120,13 +124,16 @@ def make_train_step(
     trained_parts: Sequence[str] = ("projector",),
     grad_accum_steps: int = 1,
     logits_fraction: float = 1.0,
+    dropout_seed: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The pure step for `graphdef` split with `trained_parts` trained."""
     stop_vision = "vision" not in trained_parts
 
-    def micro_grads(state: TrainState, batch: Batch, denom: jax.Array):
+    def micro_grads(state: TrainState, batch: Batch, denom: jax.Array, micro: jax.Array):
         def loss_fn(params):
             model = model_parts.merge_model(graphdef, params, state.frozen, state.other)
+            key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+            lora.set_dropout_keys(model, jax.random.fold_in(key, micro))
             loss_sum, n, correct = token_loss_sums(
                 model, batch, logits_fraction, stop_vision_gradient=stop_vision
             )
@@ -141,11 +148,12 @@ def make_train_step(
         batch = {k: batch[k] for k in BATCH_KEYS}
         denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         if grad_accum_steps == 1:
-            grads, loss_sum, n, correct = micro_grads(state, batch, denom)
+            grads, loss_sum, n, correct = micro_grads(state, batch, denom, jnp.int32(0))
         else:
 
-            def body(carry, micro):
-                g, ls, n, c = micro_grads(state, micro, denom)
+            def body(carry, xs):
+                micro, index = xs
+                g, ls, n, c = micro_grads(state, micro, denom, index)
                 acc = jax.tree.map(jnp.add, carry, (g, ls, n, c))
                 return acc, None
 
@@ -154,7 +162,9 @@ def make_train_step(
                 *(jnp.zeros((), jnp.float32) for _ in range(3)),
             )
             (grads, loss_sum, n, correct), _ = jax.lax.scan(
-                body, zeros, _micro_batches(batch, grad_accum_steps)
+                body,
+                zeros,
+                (_micro_batches(batch, grad_accum_steps), jnp.arange(grad_accum_steps)),
             )
         loss = loss_sum / denom
         grad_norm = opt_lib.global_norm(grads)
