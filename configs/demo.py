@@ -21,8 +21,15 @@ the last type learnt, colour, shape and count are near 1.0 by step 600. Stage 1 
 only the projector into a random frozen decoder, so its caption loss moves little
 (6.07 -> 5.65); it is there to run the real two-stage path.
 
-Arguments (after the colon, comma-separated): 'stage1' | 'stage2', `data_dir=DIR`
-(where `synth` wrote the data; default data/synthetic).
+LoRA stage 2 (`python -m neva_jax.demo --lora`): the decoder stays frozen at its
+random initialisation and learns through rank-32 adapters on all of its linear layers
+(alpha 64, lr 5e-3) while the projector trains at 2e-3 (docs/LORA.md):
+
+    python -m neva_jax.main --config=configs/demo.py:lora,data_dir=runs/demo/data \
+        --workdir=runs/demo/stage2 --config.init_from=runs/demo/stage1
+
+Arguments (after the colon, comma-separated): 'stage1' | 'stage2' | 'lora',
+`data_dir=DIR` (where `synth` wrote the data; default data/synthetic).
 """
 
 import os
@@ -33,7 +40,7 @@ from neva_jax.config import default_config, parse_arg
 def get_config(arg: str | None = None):
     """The demo config for `arg` (see the module docstring)."""
     a = parse_arg(arg, variant="stage1", data_dir="data/synthetic")
-    stage2 = a["variant"] == "stage2"
+    stage2 = a["variant"] in ("stage2", "lora")
     c = default_config()
 
     llm = c.model.llm
@@ -77,4 +84,10 @@ def get_config(arg: str | None = None):
     c.checkpoint.every_steps = 200
     c.checkpoint.keep = 1
     c.eval.every_steps = 100 if stage2 else 50
+    if a["variant"] == "lora":
+        peft = c.model.peft
+        peft.scheme, peft.rank, peft.alpha = "lora", 32, 64.0
+        peft.target_modules = ("all_linear",)
+        t.lr, t.projector_lr = 5e-3, 2e-3
+        t.min_lr = t.lr / 10
     return c

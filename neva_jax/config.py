@@ -310,6 +310,32 @@ def llava_recipe(cd: ml_collections.ConfigDict, *, stage2: bool, data_dir: str, 
     cd.checkpoint.keep = 2
 
 
+LORA_RECIPES = {
+    # LLaVA-1.5 scripts/v1_5/finetune_lora.sh: r 128, alpha 256, dropout 0.05, every
+    # linear of the LLM but lm_head, PEFT's init; lr 2e-4, mm_projector_lr 2e-5.
+    "llava": dict(
+        rank=128, alpha=256.0, dropout=0.05, target_modules=("all_linear",), a_init="kaiming"
+    ),
+    # NeMo 1.x NeVA PEFT (peft_scheme lora): adapter_dim 32, alpha = dim, no dropout,
+    # attention_qkv, xavier column init; lr 2e-4, the projector at 0.1x.
+    "nemo": dict(
+        rank=32, alpha=32.0, dropout=0.0, target_modules=("attention_qkv",), a_init="xavier"
+    ),
+}
+
+
+def lora_recipe(cd: ml_collections.ConfigDict, style: str) -> None:
+    """Turns a stage-2 config into LoRA stage 2 (in place): the LLM frozen in bf16 with
+    adapters (LORA_RECIPES[style]: `llava` or `nemo`) and the projector training, lr 2e-4,
+    projector lr 2e-5 (docs/LORA.md)."""
+    for name, value in LORA_RECIPES[style].items():
+        cd.model.peft[name] = value
+    cd.model.peft.scheme = "lora"
+    cd.model.llm.freeze = False  # the LLM learns, through its adapters alone
+    cd.train.lr, cd.train.projector_lr = 2e-4, 2e-5
+    cd.train.frozen_param_dtype = "bfloat16"
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
     """`get_config` arguments: 'stage1,data_dir=/x' -> {'variant': 'stage1', 'data_dir': '/x'}.
 

@@ -5,6 +5,7 @@ See `neva_jax/bench/__init__.py` for what each sub-command measures. Examples:
 
     python -m neva_jax.bench all                    # the CPU comparison, under 10 minutes
     python -m neva_jax.bench train --steps 5        # train step only, more steps
+    python -m neva_jax.bench train --lora           # LoRA stage 2: ours vs our full vs peft
     python -m neva_jax.bench all --shape tiny --steps 1 --skip-unrolled   # seconds
 """
 
@@ -40,6 +41,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "this fraction of each row (the bench rows train 64 of 384 tokens, 0.167); a row "
         "with more falls back to all positions, so it changes speed, never the result",
     )
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="train: LoRA stage 2 (ours) vs our full stage 2 vs transformers + peft "
+        "(neva_jax/bench/lora_bench.py) instead of stages 1 and 2",
+    )
+    p.add_argument("--lora-rank", type=int, default=16, help="train --lora: adapter rank")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: new tokens per call")
     p.add_argument("--decode-batches", default="1,8", help="decode: comma-separated batch sizes")
     p.add_argument("--depths", default="4,32", help="compile: the two decoder depths to compare")
@@ -76,7 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     suites = SUITES if args.suite == "all" else (args.suite,)
     t0 = time.perf_counter()
     train_result = None
-    if "train" in suites:
+    if "train" in suites and args.lora:
+        from neva_jax.bench.lora_bench import run_lora
+
+        run_lora(
+            report,
+            shape,
+            rank=args.lora_rank,
+            steps=args.steps,
+            warmup=args.warmup,
+            logits_fraction=args.logits_fraction,
+        )
+    elif "train" in suites:
         from neva_jax.bench.train_bench import run_train
 
         train_result = run_train(

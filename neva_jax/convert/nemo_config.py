@@ -92,7 +92,10 @@ def llm_from_nemo1(cfg: dict[str, Any], where: str) -> LlmSpec:
     norm = str(cfg.get("normalization", "layernorm")).lower()
     if norm not in NEMO_NORMALIZATIONS:
         _fail(
-            where, "normalization", norm, f"is not supported (supported: {sorted(NEMO_NORMALIZATIONS)})"
+            where,
+            "normalization",
+            norm,
+            f"is not supported (supported: {sorted(NEMO_NORMALIZATIONS)})",
         )
     position = cfg.get("position_embedding_type", "learned_absolute")
     if position not in ("rope", "learned_absolute"):

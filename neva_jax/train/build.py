@@ -85,7 +85,7 @@ def abstract_train_state(
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
         graphdef, shapes = state_lib.abstract(model_constructor(ncfg, 0), parts, tx, frozen_dtype)
     _, param_sh = param_shardings(ncfg, mesh)
-    shards = state_lib.shardings(shapes, param_sh, tx, replicated(mesh))
+    shards = state_lib.shardings(shapes, param_sh, parts, replicated(mesh))
     return graphdef, state_lib.with_shardings(shapes, shards), shards
 
 

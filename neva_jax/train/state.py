@@ -113,15 +113,15 @@ def abstract(
 def shardings(
     abstract_state: TrainState,
     param_shardings: PyTree,
-    tx: optax.GradientTransformation,
+    parts: Sequence[str],
     replicated: jax.sharding.Sharding,
 ) -> TrainState:
-    """The sharding of every leaf of a TrainState.
+    """The sharding of every leaf of a TrainState split with `parts` trained.
 
     `param_shardings` is the nested dict of all parameters' shardings (trained and
     frozen); optimizer moments follow their parameter, scalars are replicated.
     """
-    trained, frozen = model_parts.split_dict(param_shardings, list(abstract_state.params))
+    trained, frozen = model_parts.split_dict(param_shardings, parts)
     return TrainState(
         step=replicated,
         params=trained,
