@@ -23,13 +23,19 @@ only the projector into a random frozen decoder, so its caption loss moves littl
 
 LoRA stage 2 (`python -m neva_jax.demo --lora`): the decoder stays frozen at its
 random initialisation and learns through rank-32 adapters on all of its linear layers
-(alpha 64, lr 5e-3) while the projector trains at 2e-3 (docs/LORA.md):
+(alpha 64, lr 5e-3) while the projector trains at 2e-3. A frozen decoder must be able
+to make confident predictions, which a pretrained LLM can; a random one's LM head
+caps every logit near D * std (2.6 at LLaMA's init std 0.02, and LoRA then stalls at
+a loss of 4.3), so the LoRA demo draws the decoder at `init_std=0.1` (docs/LORA.md):
 
-    python -m neva_jax.main --config=configs/demo.py:lora,data_dir=runs/demo/data \
+    python -m neva_jax.main --config=configs/demo.py:stage1,data_dir=runs/demo/data,init_std=0.1 \
+        --workdir=runs/demo/stage1
+    python -m neva_jax.main --config=configs/demo.py:lora,data_dir=runs/demo/data,init_std=0.1 \
         --workdir=runs/demo/stage2 --config.init_from=runs/demo/stage1
 
 Arguments (after the colon, comma-separated): 'stage1' | 'stage2' | 'lora',
-`data_dir=DIR` (where `synth` wrote the data; default data/synthetic).
+`data_dir=DIR` (where `synth` wrote the data; default data/synthetic), `init_std=X`
+(the decoder's init std, `model.llm.init_method_std`; default 0.02).
 """
 
 import os
@@ -39,7 +45,7 @@ from neva_jax.config import default_config, parse_arg
 
 def get_config(arg: str | None = None):
     """The demo config for `arg` (see the module docstring)."""
-    a = parse_arg(arg, variant="stage1", data_dir="data/synthetic")
+    a = parse_arg(arg, variant="stage1", data_dir="data/synthetic", init_std=0.02)
     stage2 = a["variant"] in ("stage2", "lora")
     c = default_config()
 
@@ -51,6 +57,7 @@ def get_config(arg: str | None = None):
     llm.hidden_size = 128
     llm.ffn_hidden_size = 256
     llm.num_attention_heads = 4
+    llm.init_method_std = a["init_std"]
     vis = c.model.vision_encoder
     vis.image_size = 64
     vis.patch_dim = 8

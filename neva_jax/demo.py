@@ -12,7 +12,8 @@ Runs the user-facing commands one after the other, as a new user would:
    feature alignment, only the projector learns.
 3. `python -m neva_jax.main --config configs/demo.py:stage2 --workdir OUT/stage2
    --config.init_from=OUT/stage1`: projector + decoder learn the conversations
-   (`--lora`: `configs/demo.py:lora`, the decoder frozen with LoRA adapters).
+   (`--lora`: `configs/demo.py:lora`, the decoder frozen with LoRA adapters, both
+   stages with `init_std=0.1`: see configs/demo.py).
 4. Greedy answers to every held-out question, scored per question type (exact match),
    three times with the same model: with the right image; with the image blanked
    (all-zero pixels, so only the text is left); and with another image's picture.
@@ -42,6 +43,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.py"
 EXAMPLE_QUESTION = "How many shapes are there?"
+LORA_INIT_STD = 0.1  # --lora: a decoder whose frozen LM head can give confident logits
 # absl's line prefix ("I1128 14:41:05.182282 1398... loop.py:230] "): dropped when echoed.
 _ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] ")
 
@@ -145,11 +147,13 @@ def train_stage(
     steps: int | None,
     init_from: Path | None,
     variant: str | None = None,
+    config_args: str = "",
 ) -> dict[str, Any]:
-    """Trains one stage (config variant `variant`, default the stage's name) through
-    `python -m neva_jax.main` into OUT/<stage>; returns its figures."""
+    """Trains one stage (config variant `variant`, default the stage's name, plus the
+    config file's `config_args`) through `python -m neva_jax.main` into OUT/<stage>;
+    returns its figures."""
     workdir = out / stage
-    arg = f"{variant or stage},data_dir={data}"
+    arg = f"{variant or stage},data_dir={data}{config_args}"
     cmd = [sys.executable, "-m", "neva_jax.main", f"--config={config}:{arg}"]
     cmd += [f"--workdir={workdir}"]
     if init_from is not None:
@@ -320,6 +324,10 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{name:<10}{st['steps']:>7}{st['seconds']:>8.0f}s{_fmt(st['final_loss'], '.4f'):>13}"
             f"{_fmt(st['heldout_loss'], '.4f'):>16}"
         )
+    if s.get("lora"):
+        out.append(
+            "stage2: LoRA (configs/demo.py:lora), the decoder frozen, adapters + projector trained"
+        )
     n = s["heldout"]["image"]["count"]
     images = n // len(s["categories"])
     out += [
@@ -367,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         data, meta, data_seconds = make_data(out, args)
-        stage1 = train_stage("stage1", out, data, args.config, args.stage1_steps, None)
+        extra = f",init_std={LORA_INIT_STD}" if args.lora else ""
+        stage1 = train_stage("stage1", out, data, args.config, args.stage1_steps, None, None, extra)
         stage2 = train_stage(
             "stage2",
             out,
@@ -376,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.stage2_steps,
             out / "stage1",
             "lora" if args.lora else None,
+            extra,
         )
         print("answering the held-out questions: right image, blanked, other image", flush=True)
         t0 = time.time()
@@ -387,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     plot = plot_losses(out / "stage1", out / "stage2", out / "loss_curves.png")
     summary = {
+        "lora": args.lora,
         "data_seconds": data_seconds,
         "stage1": stage1,
         "stage2": stage2,

@@ -48,6 +48,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "(neva_jax/bench/lora_bench.py) instead of stages 1 and 2",
     )
     p.add_argument("--lora-rank", type=int, default=16, help="train --lora: adapter rank")
+    p.add_argument(
+        "--lora-dropout", type=float, default=0.05, help="train --lora: adapter dropout (LLaVA's)"
+    )
     p.add_argument("--new-tokens", type=int, default=64, help="decode: new tokens per call")
     p.add_argument("--decode-batches", default="1,8", help="decode: comma-separated batch sizes")
     p.add_argument("--depths", default="4,32", help="compile: the two decoder depths to compare")
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             report,
             shape,
             rank=args.lora_rank,
+            dropout=args.lora_dropout,
             steps=args.steps,
             warmup=args.warmup,
             logits_fraction=args.logits_fraction,

@@ -2,7 +2,8 @@
 
 Three train steps on the same weights and batch, interleaved step by step:
 - `ours_lora`: our step with LoRA adapters on every linear of the decoder (LLaVA's
-  finetune_lora targets, rank `rank`, alpha 2 * rank, dropout 0.05), the projector
+  finetune_lora targets, rank `rank`, alpha 2 * rank, dropout 0.05 unless `dropout`
+  says otherwise), the projector
   trained fully and the rest frozen (`trained_parts` = projector + adapters);
 - `ours_full`: our stage-2 step (projector + the whole LLM);
 - `peft`: `transformers` + Hugging Face `peft` (`get_peft_model` with the same
@@ -17,6 +18,7 @@ import copy
 import tempfile
 from typing import Any
 
+from neva_jax import platform
 from neva_jax.bench import jax_side, shapes, timing
 from neva_jax.bench.hf_side import GRAD_CLIP, LR, HFSide
 from neva_jax.bench.report import Report
@@ -29,7 +31,7 @@ LORA_FASTER_GOAL = 1.0  # LoRA step faster than our full stage 2
 PEFT_SPEEDUP_GOAL = 1.0  # ours ahead of transformers + peft
 
 
-def _peft_model(hf: HFSide, rank: int) -> Any:
+def _peft_model(hf: HFSide, rank: int, dropout: float) -> Any:
     """`hf.model` wrapped by `peft.get_peft_model` (LLaVA's targets) with its AdamW."""
     import peft
     import torch
@@ -38,7 +40,7 @@ def _peft_model(hf: HFSide, rank: int) -> Any:
     config = peft.LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
-        lora_dropout=DROPOUT,
+        lora_dropout=dropout,
         target_modules=rf".*language_model.*\.({names})",
         modules_to_save=["multi_modal_projector"],
     )
@@ -65,6 +67,7 @@ def run_lora(
     shape: BenchShape,
     *,
     rank: int = 16,
+    dropout: float = DROPOUT,
     steps: int = 3,
     warmup: int = 1,
     logits_fraction: float = 1.0,
@@ -72,10 +75,13 @@ def run_lora(
     """Measures the three steps; prints figures and the two ratios; returns step seconds."""
     from neva_jax.bench.train_bench import _runtime
 
+    # This backend's choices, as the trainer makes them (`loop.prepare`): on CPU the
+    # row-major weight gradients of `layers.contract`, for the kernels and the adapters.
+    runtime = platform.resolve_runtime(**_runtime(shape))
     hf = HFSide(shape)
     hf.set_stage(2)
     initial = copy.deepcopy(hf.model.state_dict())
-    peft_model, peft_opt = _peft_model(hf, rank)
+    peft_model, peft_opt = _peft_model(hf, rank, dropout)
     batch = shapes.make_batch(shape)
     hf_batch = hf.tensors(shapes.hf_inputs(batch))
     with tempfile.TemporaryDirectory(prefix="neva_bench_lora_") as folder:
@@ -85,8 +91,8 @@ def run_lora(
         plain.model.load_state_dict(initial)
         plain.save(base)
         del plain
-        lora_model = jax_side.import_model(base, adapter=adapter, **_runtime(shape))
-        full_model = jax_side.import_model(base, **_runtime(shape))
+        lora_model = jax_side.import_model(base, adapter=adapter, **runtime)
+        full_model = jax_side.import_model(base, **runtime)
     ours = {
         "ours_lora": jax_side.OursTrain(
             lora_model, 2, logits_fraction=logits_fraction, parts=("projector", ADAPTERS)
@@ -116,6 +122,7 @@ def run_lora(
             name,
             shape=shape.name,
             rank=rank,
+            dropout=dropout,
             step_s=step_s[name],
             cpu_s=timing.median(times.cpu[name]),
             steps_s=times.wall[name],

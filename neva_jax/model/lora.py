@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neva_jax.model.layers import Dense
+from neva_jax.model.layers import Dense, contract
 from neva_jax.model.schema import FieldError, check_choice, key
 
 SCHEMES = ("none", "lora")
@@ -141,13 +141,21 @@ class DropoutKey(nnx.Variable):
 
 
 class Adapter(nnx.LoRA):
-    """`nnx.LoRA` on a `Dense`'s flattened input and output dims, scaled by alpha / r."""
+    """`nnx.LoRA` on a `Dense`'s flattened input and output dims, scaled by alpha / r.
+
+    Where its Dense computes weight gradients row-major (`row_major_weight_grads`, the
+    XLA:CPU choice of `neva_jax.platform`), the two products x @ A and (x A) @ B run
+    through `layers.contract` like the Dense's own: XLA:CPU otherwise gives A's and
+    B's gradients its slow transposed-operand form, which made a LoRA step slower than
+    a full fine-tuning step (docs/LORA.md "Speed"). Elsewhere `nnx.LoRA`'s forward runs.
+    """
 
     def __init__(self, dense: Dense, cfg: PeftConfig, *, rngs: nnx.Rngs):
         axes = dense.kernel.get_metadata().get("out_sharding") or (None,) * dense.kernel.ndim
         n_in = len(dense.in_shape)
         self.in_shape, self.out_shape = dense.in_shape, dense.out_shape
         self.scale = cfg.scale
+        self.row_major_weight_grads = dense.row_major_weight_grads
         super().__init__(
             math.prod(dense.in_shape),
             cfg.rank,
@@ -169,7 +177,12 @@ class Adapter(nnx.LoRA):
         x = x.reshape(*lead, -1)
         if self.dropout is not None and self.dropout_key is not None:
             x = self.dropout(x, rngs=self.dropout_key[...])
-        y = super().__call__(x) * jnp.asarray(self.scale, x.dtype)
+        if self.row_major_weight_grads:
+            x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+            y = contract(contract(x, a, 1), b, 1)
+        else:
+            y = super().__call__(x)
+        y = y * jnp.asarray(self.scale, y.dtype)
         return y.reshape(*lead, *self.out_shape)
 
     def delta(self) -> jax.Array:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from neva_jax import platform
 from neva_jax.convert import __main__ as convert_cli
 from neva_jax.convert import checkpoint, hf, hf_export, hf_peft
 from neva_jax.eval import generate as gen_lib
@@ -116,7 +117,10 @@ def test_one_adamw_step_matches_peft(adapter, llava_std_dir):
     import peft
     from transformers import LlavaForConditionalGeneration
 
-    _, _, folder, imported = adapter
+    _, _, folder, _ = adapter
+    # As the trainer builds it on this backend (CPU: row-major weight gradients).
+    imported = hf.import_llava(llava_std_dir, adapter=folder, **platform.resolve_runtime())
+    assert imported.config.llm.row_major_weight_grads
     ids, pixels = _inputs()
     labels = ids.copy()
     labels[:, : 1 + P] = -100  # the text after the image trains
