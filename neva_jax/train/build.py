@@ -124,10 +124,30 @@ def load_init_params(path: str, abstract_params: PyTree) -> tuple[PyTree, str]:
         )
     saved = checkpoint.saved_param_shapes(path)
     _check_shapes(path, saved, abstract_params)
+    dropped, _ = model_parts.split_dict(_without(saved, abstract_params), (model_parts.ADAPTERS,))
+    if jax.tree.leaves(dropped):
+        raise ConfigError(
+            f"config.init_from={path!r}: the checkpoint holds LoRA adapters that this config "
+            "would drop; set model.peft.* as the run that wrote it did, or export it merged "
+            "(`convert export-hf`) and import that"
+        )
     params, meta = checkpoint.restore_params(path, _subset(abstract_params, saved))
     if kind == "training":
         return params, f"training checkpoint {path} step {meta['step']}"
     return params, f"model folder {path}"
+
+
+def _without(tree: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of `tree` whose keys are not in `target` (nested)."""
+    out = {}
+    for k, v in tree.items():
+        if k not in target:
+            out[k] = v
+        elif isinstance(v, Mapping) and isinstance(target[k], Mapping):
+            rest = _without(v, target[k])
+            if rest:
+                out[k] = rest
+    return out
 
 
 def _subset(target: Mapping[str, Any], present: Mapping[str, Any]) -> dict[str, Any]:

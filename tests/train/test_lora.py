@@ -12,11 +12,14 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from etils import epath
+from flax import nnx
 
 from neva_jax.convert import checkpoint
 from neva_jax.model import parts as model_parts
-from neva_jax.train import loop
+from neva_jax.run_config import ConfigError
+from neva_jax.train import build, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LORA = {
@@ -74,6 +77,18 @@ def test_lora_trains_adapters_and_projector_only_and_resumes_after_sigkill(
     assert moments == sorted(2 * [tuple(x.shape) for x in jax.tree.leaves(trained)])
     n_adapters = len(jax.tree.leaves(trained["llm"]))
     assert n_adapters == 2 * 7 and len(jax.tree.leaves(trained)) == n_adapters + 4
+    # The one restore path rebuilds the adapters (generate, eval, export, serving) and
+    # reads the bf16 base back as the model's fp32 exactly.
+    model, info = checkpoint.load_model(ref_dir)
+    assert info.config.peft == cfg.model.peft
+    loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b, np.float32))
+    # A config without adapters would drop them: init_from refuses.
+    plain = tiny_config("stage2")
+    abstract, _ = build.param_shardings(plain.model, build.run_mesh(plain))
+    with pytest.raises(ConfigError, match="holds LoRA adapters"):
+        build.load_init_params(ref_dir, abstract)
 
     # kill -9 right after step 2's checkpoint (a separate process), then resume.
     flags = [f"--config.{k}={_flag(v)}" for k, v in {**LORA, **RUN}.items()]
