@@ -21,10 +21,25 @@ Stage 2:
         --config configs/llava_v15.py:stage2,data_dir=/data/llava,init=/runs/llava_v15_7b_stage1 \\
         --workdir /runs/llava_v15_7b_stage2 --config.mesh.fsdp=8
 
-Arguments: 'stage1' | 'stage2', `size=7b|13b`, `data_dir=DIR`, `init=PATH`.
+LoRA stage 2 instead (LLaVA's finetune_lora.sh: rank 128, alpha 256, dropout 0.05 on
+every linear of the LLM but lm_head, lr 2e-4, projector at 2e-5; the LLM frozen and
+held in bf16; docs/LORA.md):
+
+    python -m neva_jax.main \\
+        --config configs/llava_v15.py:lora,data_dir=/data/llava,init=/runs/llava_v15_7b_stage1 \\
+        --workdir /runs/llava_v15_7b_lora
+
+Arguments: 'stage1' | 'stage2' | 'lora', `size=7b|13b`, `data_dir=DIR`, `init=PATH`.
 """
 
-from neva_jax.config import ConfigError, default_config, llava_recipe, model_preset, parse_arg
+from neva_jax.config import (
+    ConfigError,
+    default_config,
+    llava_recipe,
+    lora_recipe,
+    model_preset,
+    parse_arg,
+)
 
 
 def get_config(arg: str | None = None):
@@ -34,7 +49,10 @@ def get_config(arg: str | None = None):
         raise ConfigError(f"configs/llava_v15.py: size={a['size']!r}; use 7b or 13b")
     c = default_config()
     model_preset(c, f"llava_v15_{a['size']}")
-    llava_recipe(c, stage2=a["variant"] == "stage2", data_dir=a["data_dir"], init=a["init"])
-    if a["variant"] == "stage2":
+    stage2 = a["variant"] in ("stage2", "lora")
+    llava_recipe(c, stage2=stage2, data_dir=a["data_dir"], init=a["init"])
+    if stage2:
         c.data.template = "vicuna_v1"
+    if a["variant"] == "lora":
+        lora_recipe(c, "llava")
     return c

@@ -23,17 +23,27 @@ image folders coco/ gqa/ ocr_vqa/ textvqa/ vg/ under /data/llava):
         --config configs/neva_llama2_7b.py:stage2,data_dir=/data/llava,init=/runs/neva_llama2_7b_stage1 \\
         --workdir /runs/neva_llama2_7b_stage2 --config.mesh.fsdp=8
 
+LoRA stage 2 instead (NeMo NeVA's PEFT: adapters of rank 32 on attention_qkv, alpha 32,
+lr 2e-4, projector at 2e-5; the LLM frozen and held in bf16; docs/LORA.md):
+
+    python -m neva_jax.main \\
+        --config configs/neva_llama2_7b.py:lora,data_dir=/data/llava,init=/runs/neva_llama2_7b_stage1 \\
+        --workdir /runs/neva_llama2_7b_lora
+
 Evaluate the newest checkpoint: the same command with `--mode eval`.
 """
 
-from neva_jax.config import default_config, llava_recipe, model_preset, parse_arg
+from neva_jax.config import default_config, llava_recipe, lora_recipe, model_preset, parse_arg
 
 
 def get_config(arg: str | None = None):
-    """`arg`: 'stage1' | 'stage2', plus `data_dir=DIR` and `init=PATH` (init_from)."""
+    """`arg`: 'stage1' | 'stage2' | 'lora', plus `data_dir=DIR` and `init=PATH` (init_from)."""
     a = parse_arg(arg, variant="stage1", data_dir="/data/llava", init="")
     c = default_config()
     model_preset(c, "llama2_7b_chat")
-    llava_recipe(c, stage2=a["variant"] == "stage2", data_dir=a["data_dir"], init=a["init"])
-    c.data.template = "llava_llama_2" if a["variant"] == "stage2" else "plain"
+    stage2 = a["variant"] in ("stage2", "lora")
+    llava_recipe(c, stage2=stage2, data_dir=a["data_dir"], init=a["init"])
+    c.data.template = "llava_llama_2" if stage2 else "plain"
+    if a["variant"] == "lora":
+        lora_recipe(c, "nemo")
     return c

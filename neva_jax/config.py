@@ -14,6 +14,7 @@ NeMo's names (docs/DESIGN.md "Configuration"):
   model.llm.<name>             LlamaConfig fields made with `schema.key()`
   model.vision_encoder.<name>  ClipConfig fields made with `schema.key()`
   model.<name>                 NevaConfig fields made with `schema.key()`
+  model.peft.<name>            PeftConfig fields (LoRA adapters, model/lora.py)
   model.llm.<name>             also `LlmSettings` (from_pretrained, freeze, ...) -> RunConfig.llm
   model.vision_encoder.<name>  also `VisionSettings` -> RunConfig.vision_encoder
   RUNTIME_KEYS / model.<name>  the run-time model fields (`neva.RUNTIME_FIELDS`), both parts
@@ -59,8 +60,13 @@ from neva_jax.run_config import (
     default_model,
 )
 
-# The model's parts: ConfigDict section -> (NevaConfig field, RunConfig field of its other knobs).
-MODEL_PARTS = {"llm": ("llm", "llm"), "vision_encoder": ("vision", "vision_encoder")}
+# The model's parts: ConfigDict section -> (NevaConfig field, RunConfig field of its other
+# knobs, or None).
+MODEL_PARTS = {
+    "llm": ("llm", "llm"),
+    "vision_encoder": ("vision", "vision_encoder"),
+    "peft": ("peft", None),
+}
 # Run-time model fields (`neva.RUNTIME_FIELDS`) whose key is not `model.<field>`.
 RUNTIME_KEYS = {
     "dtype": "precision.compute_dtype",
@@ -98,13 +104,14 @@ def _keys() -> dict[str, _Slot]:
     for section, (part, settings) in MODEL_PARTS.items():
         part_cls = type(getattr(model, part))
         add_fields(f"model.{section}.", part_cls, ("model", part), keys(part_cls))
-        add_fields(f"model.{section}.", run_hints[settings], (settings,))
+        if settings is not None:
+            add_fields(f"model.{section}.", run_hints[settings], (settings,))
     add_fields("model.", NevaConfig, ("model",), keys(NevaConfig))
     llm_hints = typing.get_type_hints(type(model.llm))
     for name in neva.RUNTIME_FIELDS:
         if name in neva.PLATFORM_FIELDS:
             continue
-        paths = tuple(("model", part, name) for part, _ in MODEL_PARTS.values())
+        paths = tuple(("model", part, name) for part in ("llm", "vision"))
         out[RUNTIME_KEYS.get(name, f"model.{name}")] = _Slot(paths, llm_hints[name])
     for section in _SECTIONS:
         add_fields(f"{section}.", run_hints[section], (section,))
@@ -120,7 +127,9 @@ def _unset_keys() -> frozenset[str]:
     arch = {
         k
         for k, slot in _keys().items()
-        if slot.paths[0][0] == "model" and slot.paths[0][-1] not in neva.RUNTIME_FIELDS
+        if slot.paths[0][0] == "model"
+        and slot.paths[0][-1] not in neva.RUNTIME_FIELDS
+        and slot.paths[0][1] != "peft"  # adapters are the run's choice, not init_from's
     }
     return frozenset(arch | {"data.template"})
 
@@ -304,7 +313,7 @@ def set_model(cd: ml_collections.ConfigDict, model: NevaConfig) -> None:
     fields are left as they are)."""
     for key, slot in _keys().items():
         path = slot.paths[0]
-        if path[0] == "model" and path[-1] not in neva.RUNTIME_FIELDS:
+        if key in _unset_keys() and key != "data.template":
             _set_path(cd, key.split("."), _get(model, path[1:]))
 
 
@@ -365,6 +374,32 @@ def llava_recipe(cd: ml_collections.ConfigDict, *, stage2: bool, data_dir: str, 
     cd.remat.policy = "full" if stage2 else "selective"
     cd.checkpoint.every_steps = 500
     cd.checkpoint.keep = 2
+
+
+LORA_RECIPES = {
+    # LLaVA-1.5 scripts/v1_5/finetune_lora.sh: r 128, alpha 256, dropout 0.05, every
+    # linear of the LLM but lm_head, PEFT's init; lr 2e-4, mm_projector_lr 2e-5.
+    "llava": dict(
+        rank=128, alpha=256.0, dropout=0.05, target_modules=("all_linear",), a_init="kaiming"
+    ),
+    # NeMo 1.x NeVA PEFT (peft_scheme lora): adapter_dim 32, alpha = dim, no dropout,
+    # attention_qkv, xavier column init; lr 2e-4, the projector at 0.1x.
+    "nemo": dict(
+        rank=32, alpha=32.0, dropout=0.0, target_modules=("attention_qkv",), a_init="xavier"
+    ),
+}
+
+
+def lora_recipe(cd: ml_collections.ConfigDict, style: str) -> None:
+    """Turns a stage-2 config into LoRA stage 2 (in place): the LLM frozen in bf16 with
+    adapters (LORA_RECIPES[style]: `llava` or `nemo`) and the projector training, lr 2e-4,
+    projector lr 2e-5 (docs/LORA.md)."""
+    for name, value in LORA_RECIPES[style].items():
+        cd.model.peft[name] = value
+    cd.model.peft.scheme = "lora"
+    cd.model.llm.freeze = False  # the LLM learns, through its adapters alone
+    cd.train.lr, cd.train.projector_lr = 2e-4, 2e-5
+    cd.train.frozen_param_dtype = "bfloat16"
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:

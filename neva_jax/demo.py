@@ -1,7 +1,7 @@
 """`make demo`: a tiny NeVA learns to answer questions about images, end to end, on a CPU.
 
     python -m neva_jax.demo [--out runs/demo] [--n-train 8000] [--n-eval 200]
-        [--stage1-steps N] [--stage2-steps N] [--resume]
+        [--stage1-steps N] [--stage2-steps N] [--lora] [--resume]
 
 Runs the user-facing commands one after the other, as a new user would:
 
@@ -11,7 +11,9 @@ Runs the user-facing commands one after the other, as a new user would:
 2. `python -m neva_jax.main --config configs/demo.py:stage1 --workdir OUT/stage1`:
    feature alignment, only the projector learns.
 3. `python -m neva_jax.main --config configs/demo.py:stage2 --workdir OUT/stage2
-   --config.init_from=OUT/stage1`: projector + decoder learn the conversations.
+   --config.init_from=OUT/stage1`: projector + decoder learn the conversations
+   (`--lora`: `configs/demo.py:lora`, the decoder frozen with LoRA adapters, both
+   stages with `init_std=0.1`: see configs/demo.py).
 4. Greedy answers to every held-out question, scored per question type (exact match),
    three times with the same model: with the right image; with the image blanked
    (all-zero pixels, so only the text is left); and with another image's picture.
@@ -46,6 +48,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.py"
 EXAMPLE_QUESTION = "How many shapes are there?"
+LORA_INIT_STD = 0.1  # --lora: a decoder whose frozen LM head can give confident logits
 # absl's line prefix ("I1128 14:41:05.182282 1398... loop.py:230] "): dropped when echoed.
 _ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] ")
 
@@ -74,6 +77,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
     p.add_argument("--stage1-steps", type=int, help="override train.steps of stage 1")
     p.add_argument("--stage2-steps", type=int, help="override train.steps of stage 2")
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="stage 2 with LoRA adapters on the frozen decoder (configs/demo.py:lora)",
+    )
     p.add_argument("--resume", action="store_true", help="keep OUT and continue, do not restart")
     return p.parse_args(argv)
 
@@ -137,11 +145,21 @@ def make_data(out: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]
 
 
 def train_stage(
-    stage: str, out: Path, data: Path, config: str, steps: int | None, init_from: Path | None
+    stage: str,
+    out: Path,
+    data: Path,
+    config: str,
+    steps: int | None,
+    init_from: Path | None,
+    variant: str | None = None,
+    config_args: str = "",
 ) -> dict[str, Any]:
-    """Trains one stage through `python -m neva_jax.main`; returns its figures."""
+    """Trains one stage (config variant `variant`, default the stage's name, plus the
+    config file's `config_args`) through `python -m neva_jax.main` into OUT/<stage>;
+    returns its figures."""
     workdir = out / stage
-    cmd = [sys.executable, "-m", "neva_jax.main", f"--config={config}:{stage},data_dir={data}"]
+    arg = f"{variant or stage},data_dir={data}{config_args}"
+    cmd = [sys.executable, "-m", "neva_jax.main", f"--config={config}:{arg}"]
     cmd += [f"--workdir={workdir}"]
     if init_from is not None:
         cmd.append(f"--config.init_from={init_from}")
@@ -311,6 +329,10 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{name:<10}{st['steps']:>7}{st['seconds']:>8.0f}s{_fmt(st['final_loss'], '.4f'):>13}"
             f"{_fmt(st['heldout_loss'], '.4f'):>16}"
         )
+    if s.get("lora"):
+        out.append(
+            "stage2: LoRA (configs/demo.py:lora), the decoder frozen, adapters + projector trained"
+        )
     n = s["heldout"]["image"]["count"]
     images = n // len(s["categories"])
     out += [
@@ -358,8 +380,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         data, meta, data_seconds = make_data(out, args)
-        stage1 = train_stage("stage1", out, data, args.config, args.stage1_steps, None)
-        stage2 = train_stage("stage2", out, data, args.config, args.stage2_steps, out / "stage1")
+        extra = f",init_std={LORA_INIT_STD}" if args.lora else ""
+        stage1 = train_stage("stage1", out, data, args.config, args.stage1_steps, None, None, extra)
+        stage2 = train_stage(
+            "stage2",
+            out,
+            data,
+            args.config,
+            args.stage2_steps,
+            out / "stage1",
+            "lora" if args.lora else None,
+            extra,
+        )
         print("answering the held-out questions: right image, blanked, other image", flush=True)
         t0 = time.time()
         heldout = evaluate_heldout(out / "stage2", data, out / "eval")
@@ -370,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     plot = plot_losses(out / "stage1", out / "stage2", out / "loss_curves.png")
     summary = {
+        "lora": args.lora,
         "data_seconds": data_seconds,
         "stage1": stage1,
         "stage2": stage2,

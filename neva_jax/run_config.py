@@ -22,6 +22,8 @@ import jax
 from neva_jax.data.config import DataConfig
 from neva_jax.model import neva
 from neva_jax.model.neva import NevaConfig
+from neva_jax.model.parts import ADAPTERS
+from neva_jax.model.schema import DTYPES
 
 # NeMo's `mm_cfg.llm.model_type` -> the conversation template NeMo selects with it
 # (its NeVA configs: `conv_template: ${model.mm_cfg.llm.model_type}`): here the
@@ -123,6 +125,7 @@ class TrainSection:
     batch_size: int = 8  # global, across all devices and accumulation steps
     grad_accum_steps: int = 1
     lr: float = 1e-3
+    projector_lr: float = 0.0  # the projector's peak lr (LLaVA mm_projector_lr); 0 = train.lr
     min_lr: float = 0.0
     warmup_steps: int = -1  # -1 = ceil(steps * warmup_ratio), as transformers
     warmup_ratio: float = 0.03
@@ -138,6 +141,7 @@ class TrainSection:
     log_every: int = 10
     max_consecutive_nonfinite: int = 5  # K: this many non-finite steps in a row stop the run
     peak_flops_per_device: float = 0.0  # measured peak for MFU; 0 = the built-in table or none
+    frozen_param_dtype: str = ""  # frozen parameters held in this dtype; "" = precision.param_dtype
 
     @property
     def warmup(self) -> int:
@@ -156,6 +160,15 @@ class TrainSection:
             f"train.batch_size={self.batch_size}",
         )
         _check(self.lr > 0, f"config.train.lr={self.lr}: must be > 0")
+        _check(
+            self.projector_lr >= 0,
+            f"config.train.projector_lr={self.projector_lr}: must be >= 0 (0 = train.lr)",
+        )
+        _check(
+            self.frozen_param_dtype in ("", *DTYPES),
+            f"config.train.frozen_param_dtype={self.frozen_param_dtype!r}: expected '' (= "
+            f"precision.param_dtype) or one of {', '.join(DTYPES)}",
+        )
         _check(
             0 <= self.min_lr <= self.lr,
             f"config.train.min_lr={self.min_lr}: must be in [0, train.lr]",
@@ -284,10 +297,12 @@ class RunConfig:
 
     @property
     def trained_parts(self) -> tuple[str, ...]:
-        """Top-level submodules that train: projector always; llm/vision unless frozen."""
+        """What trains (`model.parts`): the projector always; the LLM unless frozen, through
+        its LoRA adapters alone (`ADAPTERS`) with `model.peft.scheme=lora`; the vision
+        tower unless frozen."""
         parts = ["projector"]
         if not self.llm.freeze:
-            parts.append("llm")
+            parts.append(ADAPTERS if self.model.peft.enabled else "llm")
         if not self.vision_encoder.freeze:
             parts.append("vision")
         return tuple(parts)
@@ -377,6 +392,11 @@ def check(cfg: RunConfig, num_devices: int, check_environment: bool = True) -> N
             not check_environment or not path or os.path.exists(path),
             f"config.{key}={path!r}: no such file or folder; fix the path or set ''",
         )
+    _check(
+        not (cfg.model.peft.enabled and cfg.llm.freeze),
+        "config.model.peft.scheme='lora': with model.llm.freeze=True no adapter trains; set "
+        "model.llm.freeze=False (stage 2) or model.peft.scheme=none",
+    )
     _check_mesh(cfg, num_devices)
     try:
         cfg.data.validate(check_files=check_environment)

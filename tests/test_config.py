@@ -60,13 +60,19 @@ def test_tiny_stages(data_dir):
     assert from_config_dict(load("tiny", f"stage1,data_dir={data_dir}")) == s1
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("variant", ["stage1", "stage2"])
+LORA_CONFIGS = ("demo", "neva_llama2_7b", "neva_llama2_13b", "llava_v15")
+
+
+@pytest.mark.parametrize(
+    ("name", "variant"),
+    [(n, v) for n in CONFIGS for v in ("stage1", "stage2")] + [(n, "lora") for n in LORA_CONFIGS],
+)
 def test_every_config_file_builds(name, variant):
     cd = load(name, variant)
     assert cd.model.llm.freeze is (variant == "stage1")
     recipe = name in ("neva_llama2_7b", "neva_llama2_13b", "llava_v15")  # LLaVA / NeMo's
     assert cd.train.loss_normalization == ("micro_batch" if recipe else "global_tokens")
+    assert (cd.model.peft.scheme == "lora") is (variant == "lora")
     with open(os.path.join(ROOT, "configs", f"{name}.py")) as f:
         docstring = f.read().split('"""')[1]
     assert "python -m neva_jax.main" in docstring  # the exact commands
@@ -98,6 +104,40 @@ def test_every_config_file_builds(name, variant):
 )
 def test_bad_values_fail_with_one_line_naming_the_key(data_dir, changes, expected):
     assert expected in error(data_dir, **changes)
+
+
+def test_lora_recipes_and_peft_keys(data_dir):
+    """LLaVA's finetune_lora.sh and NeMo's NeVA PEFT numbers; `model.peft.*` keys."""
+    llava = from_config_dict(load("llava_v15", "lora"), check_environment=False)
+    peft, t = llava.model.peft, llava.train
+    assert (peft.rank, peft.scale, peft.dropout, peft.a_init) == (128, 2.0, 0.05, "kaiming")
+    assert len(peft.projections) == 7 and (t.lr, t.projector_lr) == (2e-4, 2e-5)
+    assert t.frozen_param_dtype == "bfloat16" and llava.trained_parts == ("projector", "lora")
+    nemo = from_config_dict(load("neva_llama2_13b", "lora"), check_environment=False).model.peft
+    assert (nemo.rank, nemo.scale, nemo.projections, nemo.a_init) == (
+        32,
+        1.0,
+        ("q", "k", "v"),
+        "xavier",
+    )
+    cfg = from_config_dict(
+        tiny(data_dir, "stage2", **{"model.peft.scheme": "lora", "model.peft.alpha": 4})
+    )
+    assert (
+        cfg.model.peft.scale == 4 / 32 and config_lib.to_dict(cfg)["model"]["peft"]["alpha"] == 4.0
+    )
+    assert error(data_dir, **{"model.peft.scheme": "lora"}).startswith(
+        "config.model.peft.scheme='lora': with model.llm.freeze=True no adapter trains"
+    )
+    assert error(data_dir, **{"model.peft.target_modules": ("lm_head",)}).startswith(
+        "config.model.peft.target_modules=('lm_head',): expected names from attention_qkv"
+    )
+    assert error(data_dir, **{"model.peft.dropout": 1.0}) == (
+        "config.model.peft.dropout=1.0: must be in [0, 1)"
+    )
+    assert "config.train.frozen_param_dtype='fp8'" in error(
+        data_dir, **{"train.frozen_param_dtype": "fp8"}
+    )
 
 
 def test_mesh_shape_fills_minus_one():

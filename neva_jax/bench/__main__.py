@@ -9,6 +9,7 @@ line and the table say which). Examples:
 
     python -m neva_jax.bench all                    # the CPU comparison, under 10 minutes
     python -m neva_jax.bench train --repeats 9      # train step only, more repeats
+    python -m neva_jax.bench train --lora           # LoRA stage 2: ours vs our full vs peft
     python -m neva_jax.bench all --shape tiny --repeats 2 --skip-unrolled   # seconds
     NEVA_JAX_ALLOCATOR=system python -m neva_jax.bench train   # without a caching allocator
 """
@@ -58,6 +59,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="train.logits_fraction of our step: LM head only at trained positions, up to "
         "this fraction of each row (the bench rows train 64 of 384 tokens, 0.167); a row "
         "with more falls back to all positions, so it changes speed, never the result",
+    )
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="train: LoRA stage 2 (ours) vs our full stage 2 vs transformers + peft "
+        "(neva_jax/bench/lora_bench.py) instead of stages 1 and 2",
+    )
+    p.add_argument("--lora-rank", type=int, default=16, help="train --lora: adapter rank")
+    p.add_argument(
+        "--lora-dropout", type=float, default=0.05, help="train --lora: adapter dropout (LLaVA's)"
     )
     p.add_argument("--new-tokens", type=int, default=64, help="decode: new tokens per call")
     p.add_argument("--decode-batches", default="1,8", help="decode: comma-separated batch sizes")
@@ -109,7 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     suites = SUITES if args.suite == "all" else (args.suite,)
     t0 = time.perf_counter()
     train_result = None
-    if "train" in suites:
+    if "train" in suites and args.lora:
+        from neva_jax.bench.lora_bench import run_lora
+
+        run_lora(
+            report,
+            shape,
+            rank=args.lora_rank,
+            dropout=args.lora_dropout,
+            steps=args.steps,
+            warmup=args.warmup,
+            logits_fraction=args.logits_fraction,
+        )
+    elif "train" in suites:
         from neva_jax.bench.train_bench import run_train
 
         train_result = run_train(

@@ -29,11 +29,12 @@ GRAD_CLIP = 1.0
 STAGE_PARTS = {1: ("projector",), 2: ("projector", "llm")}
 
 
-def import_model(folder: str, **runtime: Any) -> Neva:
-    """A `Neva` with the weights of the `transformers` folder (run-time fields set)."""
+def import_model(folder: str, adapter: str | None = None, **runtime: Any) -> Neva:
+    """A `Neva` with the weights of the `transformers` folder (run-time fields set),
+    plus a PEFT LoRA `adapter` folder's adapters when given."""
     from neva_jax.convert import hf
 
-    return hf.import_llava(folder, **platform.resolve_runtime(**runtime)).model
+    return hf.import_llava(folder, adapter=adapter, **platform.resolve_runtime(**runtime)).model
 
 
 def random_model(cfg: NevaConfig, seed: int = 0) -> Neva:
@@ -55,12 +56,20 @@ class OursTrain:
     """The jitted, donated train step of one stage, with its state.
 
     `compile(batch)` lowers and compiles it (seconds in `lower_s`/`compile_s`);
-    `step()` runs one step on the batch given to `compile` and blocks.
+    `step()` runs one step on the batch given to `compile` and blocks. `parts`
+    overrides the stage's trained parts (e.g. projector + LoRA adapters).
     """
 
-    def __init__(self, model: Neva, stage: int, *, logits_fraction: float = 1.0):
+    def __init__(
+        self,
+        model: Neva,
+        stage: int,
+        *,
+        logits_fraction: float = 1.0,
+        parts: tuple[str, ...] | None = None,
+    ):
         self.stage = stage
-        self.parts = STAGE_PARTS[stage]
+        self.parts = parts or STAGE_PARTS[stage]
         tx, schedule = optimizer()
         self.graphdef, state = state_lib.create(model, self.parts, tx)
         # The step donates its state: own copies, so `model` stays usable afterwards.

@@ -18,10 +18,13 @@ IMPORT_HELP = """\
 Import Hugging Face weights (safetensors only) into a neva-jax model folder.
 
 Two forms:
-  import-hf SRC OUT
+  import-hf SRC OUT [--adapter PEFT_DIR]
       SRC is a llava-hf LlavaForConditionalGeneration folder (e.g. llava-1.5-7b-hf):
       config.json, *.safetensors (sharded with model.safetensors.index.json too),
-      tokenizer and preprocessor files.
+      tokenizer and preprocessor files. --adapter adds a PEFT LoRA adapter folder
+      trained on SRC (adapter_config.json + adapter_model.safetensors; its
+      multi_modal_projector too when saved): the model keeps the adapters unmerged
+      (model.peft.scheme=lora) and trains or generates with them.
   import-hf --llm LLAMA_DIR --vision CLIP_DIR [--projector linear|mlp2x_gelu] OUT
       A LLaMA/Vicuna folder plus a CLIP folder (e.g. clip-vit-large-patch14-336);
       the projector starts freshly initialised (the stage-1 starting point) and
@@ -58,6 +61,11 @@ def _add_import_arguments(p: argparse.ArgumentParser) -> None:
         choices=(0, 1),
         help="1 drops the CLIP class token (default), 0 keeps it",
     )
+    p.add_argument(
+        "--adapter",
+        metavar="PEFT_DIR",
+        help="a Hugging Face PEFT LoRA folder trained on SRC (llava-hf form only)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh projector")
     p.add_argument(
         "--param-dtype",
@@ -74,6 +82,10 @@ def _run_import(args: argparse.Namespace) -> None:
     if two_folders:
         if args.llm is None or args.vision is None or len(args.paths) != 1:
             raise ValueError("import-hf with --llm needs --vision too and exactly one OUT folder")
+        if args.adapter is not None:
+            raise ValueError(
+                "import-hf --adapter needs a llava-hf SRC (import-hf SRC OUT --adapter DIR)"
+            )
     elif len(args.paths) != 2:
         raise ValueError("import-hf needs SRC OUT (or --llm LLAMA_DIR --vision CLIP_DIR OUT)")
     out = Path(args.paths[-1])
@@ -91,7 +103,9 @@ def _run_import(args: argparse.Namespace) -> None:
             param_dtype=args.param_dtype,
         )
     else:
-        imported = hf.import_llava(args.paths[0], param_dtype=args.param_dtype)
+        imported = hf.import_llava(
+            args.paths[0], adapter=args.adapter, param_dtype=args.param_dtype
+        )
     checkpoint.save_model(
         out,
         imported.model,
@@ -102,7 +116,13 @@ def _run_import(args: argparse.Namespace) -> None:
     print(
         f"wrote {out}: LLM {cfg.llm.num_layers} layers x {cfg.llm.hidden_size}, vocab "
         f"{cfg.llm.vocab_size}, <image> = {cfg.image_token_id}; vision {cfg.vision.image_size}px "
-        f"({cfg.num_image_tokens} image tokens); projector {cfg.projector} ({time.time() - start:.1f}s)"
+        f"({cfg.num_image_tokens} image tokens); projector {cfg.projector}"
+        + (
+            f"; LoRA r={cfg.peft.rank} on {', '.join(cfg.peft.target_modules)}"
+            if cfg.peft.enabled
+            else ""
+        )
+        + f" ({time.time() - start:.1f}s)"
     )
 
 

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from neva_jax import sharding
-from neva_jax.convert import hf_clip, hf_llama
+from neva_jax.convert import hf_clip, hf_llama, hf_peft
 from neva_jax.convert.weights import (
     Entry,
     HFImportError,
@@ -147,14 +147,23 @@ def _preprocessor(path: Path) -> dict[str, Any] | None:
     return json.loads(file.read_text()) if file.exists() else None
 
 
-def import_llava(src: str | Path, *, mesh: Mesh | None = None, **runtime: Any) -> Imported:
-    """Imports a llava-hf `LlavaForConditionalGeneration` folder."""
+def import_llava(
+    src: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    mesh: Mesh | None = None,
+    **runtime: Any,
+) -> Imported:
+    """Imports a llava-hf `LlavaForConditionalGeneration` folder; `adapter`, a PEFT LoRA
+    folder trained on it, adds its adapters (and projector, if saved) unmerged."""
     src = Path(src)
     hf_cfg = read_hf_config(src, ("llava",))
     try:
         cfg = neva.from_hf_config(hf_cfg, **runtime)
     except ValueError as e:
         raise HFImportError(f"{src / 'config.json'}: {e}") from None
+    if adapter is not None:
+        cfg = dataclasses.replace(cfg, peft=hf_peft.peft_config_of(adapter, cfg))
     reader = SafetensorsFolder(src)
     keys = reader.keys()
     llm_prefix, head_key, proj_prefix, candidates = _llava_layout(keys)
@@ -182,7 +191,16 @@ def import_llava(src: str | Path, *, mesh: Mesh | None = None, **runtime: Any) -
         )
     if tokenizer is not None:  # the rows past it are llava-hf's padding (32002 -> 32064)
         cfg = dataclasses.replace(cfg, tokenizer_vocab_size=min(len(tokenizer), cfg.llm.vocab_size))
-    model = load_into(*abstract_neva(cfg, mesh), [(entries, reader)])
+    sources = [(entries, reader)]
+    if adapter is not None:
+        lora_entries, lora_reader, projector = hf_peft.adapter_entries(cfg, adapter)
+        if projector is not None:  # the adapter's projector replaces the base's
+            lora_entries += projector_entries(cfg, projector)
+            replaced = {e.path for e in lora_entries}
+            sources = [([e for e in entries if e.path not in replaced], reader)]
+        check_keys(lora_entries, lora_reader, set())
+        sources.append((lora_entries, lora_reader))
+    model = load_into(*abstract_neva(cfg, mesh), sources)
     return Imported(model, cfg, tokenizer, _preprocessor(src))
 
 

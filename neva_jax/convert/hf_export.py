@@ -12,6 +12,13 @@
     tokenizer files, preprocessor_config.json, processor_config.json, chat_template.jinja
                                 a LlavaProcessor: `AutoProcessor.from_pretrained(OUT)`
 
+With LoRA adapters (`model.peft.scheme=lora`) the export folds them into the
+kernels (W + alpha/r * A @ B), so the folder is a plain llava-hf model;
+`--adapter-only` (`export_adapter`) instead writes the PEFT layout
+(`adapter_config.json` + `adapter_model.safetensors`, convert/hf_peft.py) that
+`peft.PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(BASE), OUT)`
+loads on the llava-hf export of the base the adapters were trained on.
+
 The weight layouts come from the key tables of `convert/hf_llama.py` and
 `convert/hf_clip.py`. Two llava-hf parts that neva-jax does not store are
 written as identities: CLIP's post-LayerNorm (never applied to LLaVA features)
@@ -32,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from neva_jax.convert import hf_clip, hf_llama
+from neva_jax.convert import hf_clip, hf_llama, hf_peft
 from neva_jax.data.conversation import IMAGE_PLACEHOLDER, Template, get_template
 from neva_jax.data.image import CLIP_MEAN, CLIP_STD
+from neva_jax.model import lora
 from neva_jax.model.clip import ClipConfig
 from neva_jax.model.neva import NevaConfig
 
@@ -131,7 +139,8 @@ def hf_tensors(params: Mapping[str, Any], cfg: NevaConfig) -> Iterator[tuple[str
 def _projector_tensors(
     proj: Mapping[str, Any], cfg: NevaConfig
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """multi_modal_projector.linear_{1,2}: torch Linear weights are our kernels transposed."""
+    """(key, array) of multi_modal_projector.linear_{1,2}: torch Linear weights are our
+    kernels transposed."""
     D, E = cfg.llm.hidden_size, cfg.vision.hidden_size
     layers: list[tuple[np.ndarray, np.ndarray | None]] = []
     for i in (1, 2):
@@ -378,11 +387,10 @@ def export_hf(
     if np_dtype.name not in _ST_DTYPES:
         raise ValueError(f"--dtype {np_dtype.name}: use one of {', '.join(_ST_DTYPES)}")
 
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = _partial(out)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if cfg.peft.enabled:  # fold the adapters in: a plain llava-hf model
+        params = lora.merge_params(params, cfg.peft)
     write_weights(tmp, hf_tensors(params, cfg), np_dtype, max_shard_bytes)
     ids = dict(pad_id=hf_tok.pad_token_id, bos_id=hf_tok.bos_token_id, eos_id=hf_tok.eos_token_id)
     hf_config = transformers.LlavaConfig(**llava_hf_config(cfg, **ids))
@@ -414,6 +422,64 @@ def export_hf(
     return out
 
 
+def _partial(out: Path) -> Path:
+    """A fresh temporary folder next to `out`, renamed to `out` when complete."""
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def export_adapter(
+    ckpt_path: str | Path, out_dir: str | Path, *, dtype: str | None = None, base: str = ""
+) -> Path:
+    """Writes the LoRA adapters (and the projector, as `modules_to_save`) of the model at
+    `ckpt_path` in Hugging Face PEFT's layout at `out_dir`; `base` is recorded as
+    `base_model_name_or_path`.
+
+    The adapters apply to the llava-hf export of the model they were trained on: the
+    same LLM and vision tower (frozen under LoRA), whatever its projector was.
+    """
+    from flax import nnx
+
+    from neva_jax.convert import checkpoint
+
+    out = Path(out_dir).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: already exists and is not empty; choose a new output folder")
+    if checkpoint.checkpoint_kind(ckpt_path) == "training":
+        meta = checkpoint.read_meta(str(ckpt_path))
+        if "vision" in meta.get("trained_parts", ()):
+            raise ValueError(
+                f"{ckpt_path}: the vision tower trained too and has no place in a PEFT adapter "
+                "folder; export the merged model (export-hf without --adapter-only)"
+            )
+    model, info = checkpoint.load_model(ckpt_path)
+    cfg: NevaConfig = info.config
+    if not cfg.peft.enabled:
+        raise ValueError(
+            f"{ckpt_path}: the model has no LoRA adapters (model.peft.scheme={cfg.peft.scheme!r}); "
+            "export it without --adapter-only"
+        )
+    np_dtype = np.dtype(dtype or cfg.llm.param_dtype)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tensors = dict(hf_peft.adapter_tensors(params, cfg))
+    for key, value in _projector_tensors(params.get("projector", {}), cfg):
+        tensors[hf_peft.projector_key(key)] = value
+    tmp = _partial(out)
+    write_safetensors(
+        tmp / hf_peft.ADAPTER_WEIGHTS,
+        {k: np.asarray(v).astype(np_dtype) for k, v in tensors.items()},
+    )
+    config = hf_peft.adapter_config(cfg, base)
+    (tmp / hf_peft.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
 EXPORT_HELP = """\
 Export a neva-jax checkpoint to a transformers LlavaForConditionalGeneration folder.
 
@@ -423,7 +489,12 @@ Export a neva-jax checkpoint to a transformers LlavaForConditionalGeneration fol
       generation_config.json, safetensors weights, the tokenizer, the image
       processor and a chat template; load it offline with
       LlavaForConditionalGeneration.from_pretrained(OUT) and
-      AutoProcessor.from_pretrained(OUT).
+      AutoProcessor.from_pretrained(OUT). LoRA adapters are merged into the weights.
+  export-hf CKPT OUT --adapter-only [--base BASE]
+      The LoRA adapters alone in Hugging Face PEFT's layout (adapter_config.json +
+      adapter_model.safetensors, the projector as modules_to_save), for
+      PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(BASE), OUT)
+      where BASE is the llava-hf form of the model the adapters were trained on.
 """
 
 
@@ -445,10 +516,28 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer", metavar="DIR", help="tokenizer folder, if the checkpoint has none"
     )
+    p.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="write the LoRA adapters in PEFT's layout instead of the merged model",
+    )
+    p.add_argument(
+        "--base",
+        default="",
+        metavar="BASE",
+        help="with --adapter-only: recorded as base_model_name_or_path (the llava-hf base)",
+    )
 
 
 def run_export(args: argparse.Namespace) -> None:
     """Runs `export-hf` from parsed arguments and prints a one-line summary."""
+    if args.adapter_only:
+        out = export_adapter(args.ckpt, args.out, dtype=args.dtype, base=args.base)
+        size = (out / hf_peft.ADAPTER_WEIGHTS).stat().st_size
+        print(f"wrote {out}: PEFT LoRA adapter, {size / 2**20:.1f} MiB")
+        return
+    if args.base:
+        raise ValueError("--base goes with --adapter-only")
     out = export_hf(
         args.ckpt, args.out, template=args.template, dtype=args.dtype, tokenizer=args.tokenizer
     )

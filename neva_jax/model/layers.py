@@ -88,6 +88,9 @@ class Dense(nnx.Module):
     False leaves the gradient to XLA, which GPU matmul libraries serve best (they take
     transposed operands as they are). The forward pass is the same either way; the
     caller chooses per backend (`neva_jax.platform`), the layer never asks.
+
+    `lora`: an optional low-rank adapter (`model/lora.py: Adapter`, set by
+    `lora.attach`) whose output is added to the layer's; None without one.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class Dense(nnx.Module):
         self.bias = (
             param(rngs, bias_init, self.out_shape, out_axes, param_dtype) if use_bias else None
         )
+        self.lora: nnx.Module | None = nnx.data(None)
 
     @classmethod
     def of(
@@ -152,6 +156,8 @@ class Dense(nnx.Module):
             y = jnp.tensordot(x.astype(self.dtype), kernel, axes=n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x).astype(self.dtype)
         return y
 
 

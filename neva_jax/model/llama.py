@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neva_jax.model import rope
+from neva_jax.model import lora, rope
 from neva_jax.model.attention import Attention, FusedAttention, KVCache, make_attention_mask
 from neva_jax.model.layers import (
     ACTIVATIONS,
@@ -242,9 +242,12 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: h + attn(norm(h)), then h + mlp(norm(h))."""
+    """Pre-norm block: h + attn(norm(h)), then h + mlp(norm(h)).
 
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    `peft` (scheme `lora`) gives the projections it targets an adapter (`model/lora.py`).
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, peft: lora.PeftConfig | None = None):
         dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
         init = nnx.initializers.normal(cfg.init_method_std)
         norm = dict(eps=cfg.layernorm_epsilon, use_bias=True, rngs=rngs, **dt)
@@ -275,6 +278,8 @@ class DecoderLayer(nnx.Module):
             rngs=rngs,
             **dt,
         )
+        if peft is not None and peft.enabled:
+            lora.attach(self, peft, rngs=rngs)
 
     def __call__(
         self,
@@ -312,11 +317,13 @@ class Llama(nnx.Module):
 
     `llm.embed(input_ids)` gives token embeddings [B, T, D] in the compute dtype (the
     `Embed` submodule); `hidden_states(...)` the final-normed states; `logits(h)` the
-    float32 LM head; `__call__` both.
+    float32 LM head; `__call__` both. `peft`: LoRA adapters on the layers' projections
+    (`model/lora.py`); None or scheme `none` builds none.
     """
 
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, peft: lora.PeftConfig | None = None):
         self.config = cfg
+        self.peft = peft if peft is not None and peft.enabled else None
         dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
         init = nnx.initializers.normal(cfg.init_method_std)
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs, **dt)
@@ -336,7 +343,7 @@ class Llama(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, rngs=rngs)
+            return DecoderLayer(cfg, rngs=rngs, peft=self.peft)
 
         self.layers = make_layers(rngs)
         self.final_norm = make_norm(
@@ -377,7 +384,9 @@ class Llama(nnx.Module):
         slicing (copying, on XLA:CPU) them out of the stacked [L, ...] arrays per step.
         `fused=True` (inference) also concatenates each layer's q/k/v kernels and its
         gate/up kernels, so that a step runs one matmul for each group instead of
-        three and two (`FusedAttention`, `FusedMlp`); the values are the same.
+        three and two (`FusedAttention`, `FusedMlp`); the values are the same. LoRA
+        adapters are folded into their kernels first (`lora.merge_adapters`);
+        `fused=False` keeps them as they are.
         """
         graphdef, state = nnx.split(self.layers)
         layers = []
@@ -385,6 +394,7 @@ class Llama(nnx.Module):
             layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
             if fused:
                 with nnx.use_eager_sharding(False):  # plain arrays, placed like their inputs
+                    lora.merge_adapters(layer)
                     layer.attn = FusedAttention(layer.attn)
                     if layer.mlp.gate is not None:
                         layer.mlp = FusedMlp(layer.mlp)
@@ -573,9 +583,10 @@ class Llama(nnx.Module):
         layers: Sequence[DecoderLayer] | None,
     ) -> tuple[jax.Array, KVCache]:
         """The layers unrolled over the cache: layer i updates its own k/v buffers (in
-        place inside a decode loop). `write_at=None` is a prefill (see `Attention`)."""
+        place inside a decode loop). `write_at=None` is a prefill (see `Attention`).
+        Without `layers` the weights are sliced here; LoRA adapters then run unmerged."""
         if layers is None:
-            layers = self.unstack_layers()
+            layers = self.unstack_layers(fused=self.peft is None)
         if len(layers) != len(cache.k):
             raise ValueError(f"{len(layers)} layers for a cache of {len(cache.k)} layers")
         ks, vs = [], []

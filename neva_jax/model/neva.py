@@ -4,7 +4,8 @@ Axis letters: B batch, T length, M images per row, P image tokens per image,
 E vision width, D model width, V vocab, H/W pixels.
 
 Parameter tree: `vision/...` (model/clip.py), `projector/linear_{i}/...`
-(model/projector.py), `llm/...` (model/llama.py).
+(model/projector.py), `llm/...` (model/llama.py; with `peft.scheme='lora'` the
+targeted projections hold `lora/lora_a`, `lora/lora_b` next to their kernels).
 
 Image scatter rule (docs/CONTRACTS.md): in row b, the j-th token whose id is
 `image_token_id` receives row b's projected feature j, the features of the row's M
@@ -26,6 +27,7 @@ from neva_jax.model import clip, llama
 from neva_jax.model.attention import KVCache
 from neva_jax.model.clip import ClipConfig, ClipVisionTower
 from neva_jax.model.llama import DecoderLayer, Llama, LlamaConfig
+from neva_jax.model.lora import PeftConfig
 from neva_jax.model.projector import Projector, projector_depth
 from neva_jax.model.schema import FieldError, key
 
@@ -47,11 +49,13 @@ PLATFORM_FIELDS = ("row_major_weight_grads",)
 class NevaConfig:
     """The whole model: decoder, vision tower, projector and the image token id.
 
-    Fields made with `key()` are run-config keys `model.<name>` (model/schema.py).
+    Fields made with `key()` are run-config keys `model.<name>` (model/schema.py);
+    `peft`'s are `model.peft.<name>` (LoRA adapters on the decoder, model/lora.py).
     """
 
     llm: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
     vision: ClipConfig = dataclasses.field(default_factory=ClipConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     projector: str = key("mlp2x_gelu")  # linear | mlpNx_gelu | identity
     projector_bias: bool = True
     image_token_id: int = 32000
@@ -112,7 +116,8 @@ def with_runtime(cfg: NevaConfig, **runtime: Any) -> NevaConfig:
 # Config fields that are not architecture: run-time choices, the initialisation of new
 # parameters, what the tokenizer in use sets, and the longest sequence a run allows
 # (`encoder_seq_length`: with RoPE only a bound; a learned position table's size is
-# checked as a parameter shape). Every other field of NevaConfig, LlamaConfig and
+# checked as a parameter shape), and `peft` (the run's adapters: a checkpoint's are
+# checked where it is loaded, train/build.py). Every other field of NevaConfig, LlamaConfig and
 # ClipConfig is, and a checkpoint's value must match the run's.
 NOT_ARCHITECTURE = (
     *RUNTIME_FIELDS,
@@ -120,6 +125,7 @@ NOT_ARCHITECTURE = (
     "image_token_id",
     "tokenizer_vocab_size",
     "encoder_seq_length",
+    "peft",
 )
 # NevaConfig attribute -> its run-config key prefix ("" = NevaConfig's own fields).
 CONFIG_SECTIONS = {"llm": "model.llm.", "vision": "model.vision_encoder.", "": "model."}
@@ -206,7 +212,7 @@ PRESETS = {
 
 
 def config_to_dict(cfg: NevaConfig) -> dict[str, Any]:
-    """A JSON-ready dict of `cfg` (nested `llm` and `vision` dicts)."""
+    """A JSON-ready dict of `cfg` (nested `llm`, `vision` and `peft` dicts)."""
     return dataclasses.asdict(cfg)
 
 
@@ -219,11 +225,13 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
 
 
 def config_from_dict(d: dict[str, Any]) -> NevaConfig:
-    """The inverse of `config_to_dict`; an unknown key is an error naming it."""
+    """The inverse of `config_to_dict`; an unknown key is an error naming it. A dict
+    without `peft` (written before adapters existed) has none."""
     d = dict(d)
     llm = _build(LlamaConfig, dict(d.pop("llm", {})), "llm.")
     vision = _build(ClipConfig, dict(d.pop("vision", {})), "vision.")
-    return _build(NevaConfig, {**d, "llm": llm, "vision": vision}, "")
+    peft = _build(PeftConfig, dict(d.pop("peft", {})), "peft.")
+    return _build(NevaConfig, {**d, "llm": llm, "vision": vision, "peft": peft}, "")
 
 
 def from_hf_config(hf: dict[str, Any], **runtime: Any) -> NevaConfig:
@@ -304,7 +312,7 @@ class Neva(nnx.Module):
             row_major_weight_grads=cfg.llm.row_major_weight_grads,
             rngs=rngs,
         )
-        self.llm = Llama(cfg.llm, rngs=rngs)
+        self.llm = Llama(cfg.llm, rngs=rngs, peft=cfg.peft)
 
     def encode_images(self, images: jax.Array, *, stop_gradient: bool = False) -> jax.Array:
         """images [B, M, H, W, 3] (channels-last) -> projected features [B, M*P, D].

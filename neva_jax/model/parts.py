@@ -5,6 +5,9 @@ train and those that stay frozen (plus any other variables), as nested dicts of
 arrays, the form that `jax.jit`, optax and Orbax all take; `merge_model` rebuilds the
 module inside a jitted function. `merge_dicts`/`split_dict` do the same to plain
 parameter dicts (a checkpoint holds all parameters in one tree).
+
+A part is a top-level submodule, or `ADAPTERS` (`lora`): the LoRA adapters wherever
+they are (model/lora.py), whose base weights stay frozen.
 """
 
 from __future__ import annotations
@@ -14,15 +17,23 @@ from typing import Any
 
 from flax import nnx
 
+ADAPTERS = "lora"  # the part made of every LoRA adapter (the path element `lora`)
+
+
+def is_trained(path: Sequence[Any], parts: Sequence[str]) -> bool:
+    """Whether the parameter at `path` belongs to one of `parts` (see the module doc)."""
+    names = [str(p) for p in path]
+    return bool(names) and (names[0] in parts or (ADAPTERS in parts and ADAPTERS in names))
+
 
 def trainable_filter(parts: Sequence[str]) -> nnx.filterlib.Filter:
-    """An NNX filter selecting the `nnx.Param`s under the top-level submodules `parts`."""
+    """An NNX filter selecting the `nnx.Param`s of `parts`."""
     parts = tuple(parts)
 
-    def under_parts(path: tuple[Any, ...], _value: Any) -> bool:
-        return bool(path) and str(path[0]) in parts
+    def in_parts(path: tuple[Any, ...], _value: Any) -> bool:
+        return is_trained(path, parts)
 
-    return nnx.All(nnx.Param, under_parts)
+    return nnx.All(nnx.Param, in_parts)
 
 
 def split_model(model: nnx.Module, parts: Sequence[str]) -> tuple[nnx.GraphDef, dict, dict, dict]:
@@ -53,8 +64,21 @@ def merge_dicts(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def split_dict(tree: Mapping[str, Any], parts: Sequence[str]) -> tuple[dict, dict]:
-    """Splits a full nested parameter dict by top-level key into (trained, frozen)."""
-    trained = {k: v for k, v in tree.items() if k in parts}
-    frozen = {k: v for k, v in tree.items() if k not in parts}
+def split_dict(
+    tree: Mapping[str, Any], parts: Sequence[str], _path: tuple[str, ...] = ()
+) -> tuple[dict, dict]:
+    """Splits a full nested parameter dict into (trained, frozen) by `parts`."""
+    trained, frozen = {}, {}
+    for k, v in tree.items():
+        path = (*_path, k)
+        if is_trained(path, parts):
+            trained[k] = v
+        elif isinstance(v, Mapping) and ADAPTERS in parts:
+            t, f = split_dict(v, parts, path)
+            if t:
+                trained[k] = t
+            if f:
+                frozen[k] = f
+        else:
+            frozen[k] = v
     return trained, frozen

@@ -78,13 +78,18 @@ def param_shardings(ncfg: NevaConfig, mesh: Mesh) -> tuple[PyTree, PyTree]:
 
 
 def abstract_train_state(
-    ncfg: NevaConfig, parts: tuple[str, ...], tx: optax.GradientTransformation, mesh: Mesh
+    ncfg: NevaConfig,
+    parts: tuple[str, ...],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    frozen_dtype: str = "",
 ) -> tuple[nnx.GraphDef, state_lib.TrainState, state_lib.TrainState]:
-    """(graphdef, abstract TrainState with shardings, TrainState of shardings)."""
+    """(graphdef, abstract TrainState with shardings, TrainState of shardings); the
+    frozen parameters in `frozen_dtype` (`train.frozen_param_dtype`, "" = as built)."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
-        graphdef, shapes = state_lib.abstract(model_constructor(ncfg, 0), parts, tx)
+        graphdef, shapes = state_lib.abstract(model_constructor(ncfg, 0), parts, tx, frozen_dtype)
     _, param_sh = param_shardings(ncfg, mesh)
-    shards = state_lib.shardings(shapes, param_sh, tx, replicated(mesh))
+    shards = state_lib.shardings(shapes, param_sh, parts, replicated(mesh))
     return graphdef, state_lib.with_shardings(shapes, shards), shards
 
 
@@ -128,10 +133,30 @@ def load_init_params(
         check_architecture(f"init_from {path!r}", model_config, checkpoint.read_config(path))
     saved = checkpoint.saved_param_shapes(path)
     _check_shapes(path, saved, abstract_params)
+    dropped, _ = model_parts.split_dict(_without(saved, abstract_params), (model_parts.ADAPTERS,))
+    if jax.tree.leaves(dropped):
+        raise ConfigError(
+            f"config.init_from={path!r}: the checkpoint holds LoRA adapters that this config "
+            "would drop; set model.peft.* as the run that wrote it did, or export it merged "
+            "(`convert export-hf`) and import that"
+        )
     params, meta = checkpoint.restore_params(path, _subset(abstract_params, saved))
     if kind == "training":
         return params, f"training checkpoint {path} step {meta['step']}"
     return params, f"model folder {path}"
+
+
+def _without(tree: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of `tree` whose keys are not in `target` (nested)."""
+    out = {}
+    for k, v in tree.items():
+        if k not in target:
+            out[k] = v
+        elif isinstance(v, Mapping) and isinstance(target[k], Mapping):
+            rest = _without(v, target[k])
+            if rest:
+                out[k] = rest
+    return out
 
 
 def _subset(target: Mapping[str, Any], present: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,6 +267,7 @@ def initial_state(
         del model
         full = _deep_update(model_parts.merge_dicts(params, frozen), loaded)
     params, frozen = model_parts.split_dict(full, parts)
+    frozen = state_lib.cast_frozen(frozen, cfg.train.frozen_param_dtype)
     rep = replicated(mesh)
     opt_state = jax.jit(tx.init, out_shardings=shards.opt_state)(params)
 

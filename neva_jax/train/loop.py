@@ -404,7 +404,9 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
     parts, mesh, ncfg = cfg.trained_parts, run.mesh, run.model_config
     tx = opt_lib.make_optimizer(cfg.train)
     schedule = opt_lib.learning_rate_schedule(cfg.train)
-    graphdef, abstract, shards = build.abstract_train_state(ncfg, parts, tx, mesh)
+    graphdef, abstract, shards = build.abstract_train_state(
+        ncfg, parts, tx, mesh, cfg.train.frozen_param_dtype
+    )
     batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     rep = build.replicated(mesh)
     with contextlib.ExitStack() as stack, jax.set_mesh(mesh):
@@ -448,6 +450,7 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
                 loss_normalization=cfg.train.loss_normalization,
                 batch_shards=mesh.shape["data"] * mesh.shape["fsdp"],
                 vocab_in_use=ncfg.tokenizer_vocab_size,
+                dropout_seed=cfg.seed,
             ),
             shards,
             batch_sh,

@@ -12,7 +12,8 @@ the lines past the restored step are dropped, so each step appears once.
 
 Model FLOPs follow docs/REFERENCE.md "FLOP convention": the LLM counts 6N per token when its
 weights train and 4N when frozen (N = its matmul parameters, LM head included,
-input embedding excluded), plus causal attention 6*S*d*L (4*S*d*L frozen); the
+input embedding excluded; LoRA adapters count 6x theirs when they train), plus
+causal attention 6*S*d*L (4*S*d*L frozen); the
 vision tower counts its forward pass only unless it trains; the projector 6x its
 parameters per image token. MFU is reported only against a measured peak.
 """
@@ -28,6 +29,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from neva_jax.model.parts import ADAPTERS
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -78,9 +81,13 @@ def model_flops_per_step(
     top-level `llm`, `projector`, `vision`; `tokens` the non-padding tokens of the
     global batch; `images` the real images; `image_tokens` the image slots filled.
     """
-    llm_n = _matmul_params(params.get("llm", {}), skip=("embed", "pos_embed"))
+    llm_n = _matmul_params(params.get("llm", {}), skip=("embed", "pos_embed", ADAPTERS))
+    adapters_n = _matmul_params(params.get("llm", {})) - _matmul_params(
+        params.get("llm", {}), skip=(ADAPTERS,)
+    )
     llm_trains = "llm" in trained_parts
     per_token = (6 if llm_trains else 4) * llm_n
+    per_token += (6 if llm_trains or ADAPTERS in trained_parts else 4) * adapters_n
     per_token += (6 if llm_trains else 4) * seq_len * hidden_size * num_layers
     flops = float(per_token) * tokens
     vis_n = _matmul_params(params.get("vision", {}))

@@ -11,9 +11,11 @@ logical axes, exactly as the trainer places it (tests/scale checks this against 
 arrays). Units: GB = 1e9 bytes.
 
 State (exact, from the abstract model and optimizer):
-- parameters: every parameter in `precision.param_dtype` (frozen ones too);
-- gradients: the trained parameters only (stage 1: projector; stage 2: + LLM), in
-  their dtype; twice that with `train.grad_accum_steps > 1` (accumulator + micro);
+- parameters: every parameter in `precision.param_dtype`, the frozen ones in
+  `train.frozen_param_dtype` when it is set (e.g. a bf16 LLM base under LoRA);
+- gradients: the trained parameters only (stage 1: projector; stage 2: + LLM, or
+  + the LLM's LoRA adapters with `model.peft.scheme=lora`), in their dtype; twice
+  that with `train.grad_accum_steps > 1` (accumulator + micro);
 - optimizer state: AdamW's moments of the trained parameters (`tx.init` shapes),
   sharded like their parameters.
 
@@ -24,7 +26,9 @@ D/F/N/K/H the decoder's widths and heads, /t = divided by mesh.tensor):
   (2N+3K)H/t + 5F/t (residuals, norm outputs and statistics, q/k/v, rotated q/k,
   attention output, gate/up/activation/product), plus N/t*T*(2c+4) bytes of attention
   scores per token without flash attention; `selective` (matmul outputs saved)
-  3D + (N+2K)H/t + 2F/t; `full` D (each layer's input only);
+  3D + (N+2K)H/t + 2F/t; `full` D (each layer's input only); LoRA adds each
+  adapter's x @ A (its rank) to `none` and `selective`, and with dropout each
+  adapter's dropped input (its input width) to `none`;
 - peak of the backward pass, the larger of: the logits (2 float32 copies of
   b*T*V/t: logits and their gradient; with `train.logits_fraction` < 1 the step
   compiles both the capacity branch and the all-positions fallback: 3 copies at T
@@ -34,7 +38,7 @@ D/F/N/K/H the decoder's widths and heads, /t = divided by mesh.tensor):
   gradient; the batch arrays (images in float32);
 - weight buffers: two decoder layers' weights in the compute dtype (all-gathered
   over fsdp: the current and the prefetched layer) and one layer's float32 weight
-  gradient before its reduce-scatter.
+  gradient before its reduce-scatter (under LoRA: its adapters').
 Checked against XLA's own buffer assignment of the real step (`compiled.memory_analysis()`,
 float32 on CPU, XLA attention): within 2-7 % for all three remat policies
 (tests/scale/test_plan.py holds it to 10 %); the bf16 and flash-attention terms are
@@ -177,22 +181,31 @@ def state_bytes(
     tx: optax.GradientTransformation,
     mesh: Mapping[str, int],
     grad_accum_steps: int = 1,
+    frozen_dtype: str = "",
 ) -> dict[str, int]:
-    """Per-device bytes of parameters, gradients and optimizer state (exact shapes)."""
-    trained, _ = model_parts.split_dict(am.params, parts)
-    trained_specs, _ = model_parts.split_dict(am.specs, parts)
-    per_part = param_bytes_per_device(am, mesh)
-    grads = sum(per_part[p] for p in trained)
-    opt_state = jax.eval_shape(tx.init, trained)
-    opt_bytes = optax.tree_map_params(
-        tx,
+    """Per-device bytes of parameters, gradients and optimizer state (exact shapes).
+
+    `frozen_dtype` (`train.frozen_param_dtype`): the frozen parameters' dtype, "" = as built.
+    """
+    trained, frozen = model_parts.split_dict(am.params, parts)
+    trained_specs, frozen_specs = model_parts.split_dict(am.specs, parts)
+    if frozen_dtype:
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, frozen_dtype), frozen)
+
+    def total(tree: PyTree, specs: PyTree) -> int:
+        return int(
+            sum(jax.tree.leaves(jax.tree.map(lambda x, s: _leaf_bytes(x, s, mesh), tree, specs)))
+        )
+
+    grads = total(trained, trained_specs)
+    opt_bytes = opt_lib.map_param_leaves(
         lambda x, s: _leaf_bytes(x, s, mesh),
-        opt_state,
+        jax.eval_shape(tx.init, trained),
         trained_specs,
-        transform_non_params=lambda x: _leaf_bytes(x, PartitionSpec(), mesh),
+        lambda x: _leaf_bytes(x, PartitionSpec(), mesh),
     )
     return {
-        "parameters": int(sum(per_part.values())),
+        "parameters": grads + total(frozen, frozen_specs),
         "gradients": int(grads * (2 if grad_accum_steps > 1 else 1)),
         "optimizer": int(sum(jax.tree.leaves(opt_bytes))),
     }
@@ -212,9 +225,11 @@ def activation_bytes(
     none = (6 * D + (2 * N + 3 * K) * H / t + 5 * F / t) * c
     if not workload.flash_attention:
         none += N / t * T * (2 * c + 4)
+    lora_r, lora_in = _adapter_widths(ncfg)
+    none += (lora_r + lora_in) * c
     kept = {
         "none": none,
-        "selective": (3 * D + (N + 2 * K) * H / t + 2 * F / t) * c,
+        "selective": (3 * D + (N + 2 * K) * H / t + 2 * F / t + lora_r) * c,
         "full": D * c,
     }[remat]
     tokens = b * T
@@ -228,14 +243,29 @@ def activation_bytes(
         vis_layer += vis.num_attention_heads / t * S * S * (2 * vis_c + 4)
     am = abstract_model(ncfg)
     layer_params = _count(am.params["llm"]["layers"]) / L / t
+    # One layer's float32 weight gradient: under LoRA only the adapters have one.
+    layer_grads = layer_params
+    if ncfg.peft.enabled:
+        adapters, _ = model_parts.split_dict(am.params["llm"], (model_parts.ADAPTERS,))
+        layer_grads = _count(adapters) / L
     pixels = vis.image_size**2 * 3 * 4
     return {
         "layers": int(L * tokens * kept),
         "backward_peak": int(max(logits, tokens * none if remat != "none" else 0)),
         "vision_projector": int(b * M * (vis_layer + P * (E + 2 * D) * c)),
         "batch": int(rows * (T * 5 * 4 + M * pixels)),
-        "weight_buffers": int(layer_params * (2 * c + 4)),
+        "weight_buffers": int(layer_params * 2 * c + layer_grads * 4),
     }
+
+
+def _adapter_widths(ncfg: NevaConfig) -> tuple[int, int]:
+    """Per token and layer, the LoRA adapters' kept widths: (sum of ranks: x @ A, the
+    inputs that dropout copies: 0 without dropout)."""
+    peft, llm = ncfg.peft, ncfg.llm
+    widths = {"o": llm.num_attention_heads * llm.head_size, "down": llm.ffn_hidden_size}
+    names = [p for p in peft.projections if p != "gate" or llm.activation == "swiglu"]
+    dropped = sum(widths.get(p, llm.hidden_size) for p in names) if peft.dropout > 0 else 0
+    return peft.rank * len(names), dropped
 
 
 def estimate(
@@ -245,12 +275,14 @@ def estimate(
     mesh: Mapping[str, int],
     workload: Workload,
     remat: str | None = None,
+    frozen_dtype: str = "",
 ) -> Estimate:
-    """Per-device bytes of training `ncfg` (trained `parts`) on `mesh` (axis sizes)."""
+    """Per-device bytes of training `ncfg` (trained `parts`) on `mesh` (axis sizes);
+    `frozen_dtype` as in `state_bytes`."""
     mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
     remat = remat or ncfg.llm.remat_policy
     am = abstract_model(ncfg)
-    state = state_bytes(am, parts, tx, mesh, workload.grad_accum_steps)
+    state = state_bytes(am, parts, tx, mesh, workload.grad_accum_steps, frozen_dtype)
     detail = activation_bytes(ncfg, workload, mesh, remat)
     trained, _ = model_parts.split_dict(am.params, parts)
     return Estimate(
@@ -294,7 +326,15 @@ def plan_run(cfg: RunConfig, num_devices: int) -> Estimate:
     """The estimate of `cfg` as configured (`mesh.*`) on `num_devices`."""
     ncfg, tx, workload = run_parts(cfg)
     mesh = dict(zip(sharding.MESH_AXES, mesh_shape(cfg.mesh, num_devices), strict=True))
-    return estimate(ncfg, cfg.trained_parts, tx, mesh, workload, ncfg.llm.remat_policy)
+    return estimate(
+        ncfg,
+        cfg.trained_parts,
+        tx,
+        mesh,
+        workload,
+        ncfg.llm.remat_policy,
+        cfg.train.frozen_param_dtype,
+    )
 
 
 def _meshes(n: int, ncfg: NevaConfig) -> list[dict[str, int]]:
@@ -325,7 +365,9 @@ def _candidates(cfg: RunConfig, num_devices: int, *, shrink_batch: bool):
             ]
         for batch, accum in sizes:
             w = dataclasses.replace(base, batch_size=batch, grad_accum_steps=accum)
-            yield estimate(ncfg, cfg.trained_parts, tx, mesh, w, remat)
+            yield estimate(
+                ncfg, cfg.trained_parts, tx, mesh, w, remat, cfg.train.frozen_param_dtype
+            )
 
 
 def suggest(cfg: RunConfig, num_devices: int, device_bytes: float, fraction: float = 0.9) -> list:

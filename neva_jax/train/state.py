@@ -63,11 +63,23 @@ class TrainState:
         )
 
 
+def cast_frozen(frozen: PyTree, dtype: str) -> PyTree:
+    """The frozen parameters held in `dtype` (`train.frozen_param_dtype`; "" = unchanged)."""
+    if not dtype:
+        return frozen
+    return jax.tree.map(lambda x: x.astype(dtype), frozen)
+
+
 def create(
-    model: nnx.Module, parts: Sequence[str], tx: optax.GradientTransformation
+    model: nnx.Module,
+    parts: Sequence[str],
+    tx: optax.GradientTransformation,
+    frozen_dtype: str = "",
 ) -> tuple[nnx.GraphDef, TrainState]:
-    """Splits `model` by `parts` and initialises the optimizer for the trained part."""
+    """Splits `model` by `parts` and initialises the optimizer for the trained part;
+    the frozen parameters are cast to `frozen_dtype` (see `cast_frozen`)."""
     graphdef, params, frozen, other = model_parts.split_model(model, parts)
+    frozen = cast_frozen(frozen, frozen_dtype)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -81,13 +93,16 @@ def create(
 
 
 def abstract(
-    make_model: Callable[[], nnx.Module], parts: Sequence[str], tx: optax.GradientTransformation
+    make_model: Callable[[], nnx.Module],
+    parts: Sequence[str],
+    tx: optax.GradientTransformation,
+    frozen_dtype: str = "",
 ) -> tuple[nnx.GraphDef, TrainState]:
     """(graphdef, TrainState of ShapeDtypeStructs) without allocating anything."""
     out = {}
 
     def build() -> TrainState:
-        graphdef, state = create(make_model(), parts, tx)
+        graphdef, state = create(make_model(), parts, tx, frozen_dtype)
         out["graphdef"] = graphdef
         return state
 
@@ -98,21 +113,21 @@ def abstract(
 def shardings(
     abstract_state: TrainState,
     param_shardings: PyTree,
-    tx: optax.GradientTransformation,
+    parts: Sequence[str],
     replicated: jax.sharding.Sharding,
 ) -> TrainState:
-    """The sharding of every leaf of a TrainState.
+    """The sharding of every leaf of a TrainState split with `parts` trained.
 
     `param_shardings` is the nested dict of all parameters' shardings (trained and
     frozen); optimizer moments follow their parameter, scalars are replicated.
     """
-    trained, frozen = model_parts.split_dict(param_shardings, list(abstract_state.params))
+    trained, frozen = model_parts.split_dict(param_shardings, parts)
     return TrainState(
         step=replicated,
         params=trained,
         frozen=frozen,
         other=jax.tree.map(lambda _: replicated, abstract_state.other),
-        opt_state=opt_lib.opt_state_shardings(tx, abstract_state.opt_state, trained, replicated),
+        opt_state=opt_lib.opt_state_shardings(abstract_state.opt_state, trained, replicated),
         nonfinite_count=replicated,
         nonfinite_streak=replicated,
     )

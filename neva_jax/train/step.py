@@ -27,6 +27,9 @@ the tokenizer's vocabulary.
 
 A non-finite loss or gradient norm leaves params and optimizer state untouched and
 counts the step in `nonfinite_count` / `nonfinite_streak`.
+
+LoRA dropout (`model.peft.dropout`) draws its masks from `dropout_seed`, the step and
+the micro-batch (`lora.set_dropout_keys`), so a resumed run draws the same masks.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import optax
 from flax import nnx
 
 from neva_jax.data.pipeline import BATCH_KEYS  # docs/CONTRACTS.md "The batch"
+from neva_jax.model import lora
 from neva_jax.model import parts as model_parts
 from neva_jax.model.neva import mask_padded_vocab
 from neva_jax.run_config import LOSS_NORMALIZATIONS
@@ -180,6 +184,7 @@ def make_train_step(
     loss_normalization: str = "global_tokens",
     batch_shards: int = 1,
     vocab_in_use: int = 0,
+    dropout_seed: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The pure step for `graphdef` split with `trained_parts` trained.
 
@@ -192,11 +197,13 @@ def make_train_step(
         )
     stop_vision = "vision" not in trained_parts
 
-    def micro_grads(state: TrainState, batch: Batch):
+    def micro_grads(state: TrainState, batch: Batch, micro: jax.Array):
         weights = batch["loss_weights"]
 
         def loss_fn(params):
             model = model_parts.merge_model(graphdef, params, state.frozen, state.other)
+            key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+            lora.set_dropout_keys(model, jax.random.fold_in(key, micro))
             loss, n, correct = token_loss_sums(
                 model,
                 batch,
@@ -216,11 +223,12 @@ def make_train_step(
             batch["loss_mask"], loss_normalization, grad_accum_steps, batch_shards
         )
         if grad_accum_steps == 1:
-            grads, loss, n, correct = micro_grads(state, batch)
+            grads, loss, n, correct = micro_grads(state, batch, jnp.int32(0))
         else:
 
-            def body(carry, micro):
-                acc = jax.tree.map(jnp.add, carry, micro_grads(state, micro))
+            def body(carry, xs):
+                micro, index = xs
+                acc = jax.tree.map(jnp.add, carry, micro_grads(state, micro, index))
                 return acc, None
 
             zeros = (
@@ -228,7 +236,9 @@ def make_train_step(
                 *(jnp.zeros((), jnp.float32) for _ in range(3)),
             )
             (grads, loss, n, correct), _ = jax.lax.scan(
-                body, zeros, _micro_batches(batch, grad_accum_steps)
+                body,
+                zeros,
+                (_micro_batches(batch, grad_accum_steps), jnp.arange(grad_accum_steps)),
             )
         grad_norm = opt_lib.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

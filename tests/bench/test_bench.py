@@ -148,6 +148,22 @@ def test_train_and_util():
     assert "targets:" in report.table()
 
 
+def test_train_lora():
+    """`bench train --lora`: ours with adapters, our full stage 2, transformers + peft."""
+    from neva_jax.bench import lora_bench
+
+    report = _report()
+    lora_bench.run_lora(report, shapes.tiny(), rank=4, steps=1, warmup=1, logits_fraction=0.5)
+    for name in ("ours_lora", "ours_full", "peft"):
+        _positive(report.find("train_lora", name), "step_s", "tokens_per_s")
+    ratios = report.find("train_lora", "ratios")
+    _positive(ratios, "full_over_lora", "peft_over_ours")
+    assert ratios["first_loss_abs_diff"] < 1e-4  # same weights, B = 0: the same loss
+    ours, peft = report.find("train_lora", "ours_lora"), report.find("train_lora", "peft")
+    assert ours["trainable_params"] == peft["trainable_params"]
+    assert ours["trainable_params"] < report.find("train_lora", "ours_full")["trainable_params"]
+
+
 def test_decode():
     from neva_jax.bench import decode_bench
 

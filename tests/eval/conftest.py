@@ -76,10 +76,16 @@ def imported(llava_dir: str):
 
 
 @pytest.fixture(scope="session")
-def imported_std_init(tmp_path_factory: pytest.TempPathFactory):
-    """The same tiny model at transformers' default init (std 0.02), imported."""
-    from neva_jax.convert import hf
-
+def llava_std_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The same tiny model at transformers' default init (std 0.02)."""
     out = str(tmp_path_factory.mktemp("llava_hf_std"))
     build_llava_hf(out, init_std=0.02)
-    return hf.import_llava(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def imported_std_init(llava_std_dir: str):
+    """`llava_std_dir`, imported."""
+    from neva_jax.convert import hf
+
+    return hf.import_llava(llava_std_dir)

@@ -37,12 +37,12 @@ def test_tiny_plan_on_this_machine(capsys, monkeypatch, tmp_path, synth_dir):
     assert "set --config.plan.device_memory_gb" in out  # CPU: no memory limit to compare
 
 
-def _llava_13b_stage2(**plan_keys):
-    """configs/llava_v15.py:stage2,size=13b as a ConfigDict (its data need not exist)."""
+def _llava_13b_stage2(arg: str = "stage2,size=13b", **plan_keys):
+    """configs/llava_v15.py:`arg` as a ConfigDict (its data need not exist)."""
     spec = importlib.util.spec_from_file_location("llava_v15", LLAVA)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cd = module.get_config("stage2,size=13b,data_dir=/nonexistent")
+    cd = module.get_config(f"{arg},data_dir=/nonexistent")
     cd.plan.device_memory_gb = 141.0
     for key, value in plan_keys.items():
         section, name = key.split("__")
@@ -58,6 +58,56 @@ def test_llava_13b_stage2_needs_more_than_one_h200(capsys):
     eight = capsys.readouterr().out
     assert "mesh data=1 fsdp=8 tensor=1 (8 devices), remat=full" in eight
     assert "\nfits: " in eight and "fastest layout that fits" in eight
+
+
+def test_llava_lora_on_one_h200(capsys):
+    """LoRA stage 2 (bf16 base, fp32 adapters): 7B fits one H200 at the recipe's batch,
+    13B with two accumulation steps (cuDNN attention, as in the README table)."""
+    one = dict(plan__num_devices=1, mesh__data=1, attention__implementation="cudnn")
+    main_lib._plan(_llava_13b_stage2("lora,size=7b", **one))
+    seven = capsys.readouterr().out
+    assert "parameters 7.383 B, trained 0.341 B" in seven and "\nfits: " in seven
+    main_lib._plan(_llava_13b_stage2("lora,size=13b", **one))
+    thirteen = capsys.readouterr().out
+    assert "does NOT fit" in thirteen
+    assert "--config.train.batch_size=48 --config.train.grad_accum_steps=2" in thirteen
+
+
+def test_lora_state_bytes_are_exact():
+    """Per-device bytes of parameters (frozen ones in bf16), gradients and Adam moments
+    (adapters + projector, two lr groups) equal those of the real abstract state."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from neva_jax import sharding
+    from neva_jax.model import lora, neva
+    from neva_jax.run_config import TrainSection
+    from neva_jax.train import build
+    from neva_jax.train import optimizer as opt_lib
+    from neva_jax.train import plan as plan_lib
+
+    peft = lora.PeftConfig(scheme="lora", rank=4, target_modules=("all",))
+    ncfg = dataclasses.replace(neva.tiny(), peft=peft)
+    tx = opt_lib.make_optimizer(TrainSection(lr=1e-3, projector_lr=1e-4))
+    parts, sizes = ("projector", "lora"), {"data": 2, "fsdp": 2, "tensor": 2}
+    _, abstract, _ = build.abstract_train_state(
+        ncfg, parts, tx, sharding.make_mesh(2, 2, 2), "bfloat16"
+    )
+
+    def per_device(tree) -> int:
+        return sum(
+            int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+            for x in jax.tree.leaves(tree)
+        )
+
+    got = plan_lib.state_bytes(plan_lib.abstract_model(ncfg), parts, tx, sizes, 1, "bfloat16")
+    assert got["parameters"] == per_device(abstract.params) + per_device(abstract.frozen)
+    assert got["gradients"] == per_device(abstract.params)
+    assert got["optimizer"] == per_device(abstract.opt_state)
+    assert {x.dtype.name for x in jax.tree.leaves(abstract.frozen)} == {"bfloat16"}
+    assert {x.dtype.name for x in jax.tree.leaves(abstract.params)} == {"float32"}
 
 
 def test_bad_plan_value_is_a_one_line_error(capsys, monkeypatch, tmp_path, synth_dir):

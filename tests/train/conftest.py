@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from neva_jax import sharding
 from neva_jax.config import from_config_dict
 from neva_jax.data import synth
 from neva_jax.run_config import RunConfig
+from neva_jax.train import build
 
 V, D, T, B = 32, 16, 12, 4
 
@@ -153,3 +155,32 @@ def read_metrics(workdir: str) -> dict[int, dict[str, Any]]:
 @pytest.fixture
 def metrics_of():
     return read_metrics
+
+
+def initial_params(cfg: RunConfig) -> dict[str, Any]:
+    """The random initialisation a run of `cfg` starts from (same construction, same mesh)."""
+    import dataclasses
+
+    constructor = build.model_constructor(
+        dataclasses.replace(cfg.model, image_token_id=4), cfg.seed
+    )
+    model = sharding.create_sharded(constructor, build.run_mesh(cfg))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def same(a: Any, b: Any) -> bool:
+    """Whether two pytrees hold bit-identical leaves."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
+
+
+@pytest.fixture
+def init_params():
+    """initial_params(cfg): the parameters a run of `cfg` is initialised with."""
+    return initial_params
+
+
+@pytest.fixture
+def bit_identical():
+    """same(a, b): two pytrees with bit-identical leaves."""
+    return same

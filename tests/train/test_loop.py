@@ -11,24 +11,9 @@ import pytest
 from etils import epath
 from flax import nnx
 
-from neva_jax import sharding
 from neva_jax.convert import checkpoint
-from neva_jax.train import build, loop
+from neva_jax.train import loop
 from neva_jax.train import optimizer as opt_lib
-
-
-def _initial_params(cfg):
-    """The random initialisation a run starts from (same construction, same mesh)."""
-    constructor = build.model_constructor(
-        dataclasses.replace(cfg.model, image_token_id=4), cfg.seed
-    )
-    model = sharding.create_sharded(constructor, build.run_mesh(cfg))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def _same(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
 
 
 def _falls(rows) -> bool:
@@ -36,7 +21,8 @@ def _falls(rows) -> bool:
     return np.mean(losses[-2:]) < np.mean(losses[:2])
 
 
-def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of):
+def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of, init_params, bit_identical):
+    _initial_params, _same = init_params, bit_identical
     w1, w2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
     common = {"train.steps": 6, "train.log_every": 1, "checkpoint.every_steps": 6}
     cfg1 = tiny_config("stage1", **common)

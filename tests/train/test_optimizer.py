@@ -64,6 +64,35 @@ def test_decay_mask_excludes_norms_and_biases(standin, make_batch):
     assert frozen == {}
 
 
+def test_projector_lr_is_the_projectors_adamw_learning_rate(standin, make_batch):
+    """`train.projector_lr` (LLaVA's mm_projector_lr) in full fine-tuning: the first
+    AdamW step moves a weight by at most its lr (Adam's first update is lr * g / (|g| +
+    eps)), reached where the gradient is clearly non-zero: projector_lr for the
+    projector, lr for the LLM; one state per parameter."""
+    train = TrainSection(steps=20, lr=1e-2, projector_lr=1e-3, warmup_steps=0, grad_clip=0.0)
+    tx = opt_lib.make_optimizer(train)
+    parts = ("projector", "llm")
+    graphdef, state = state_lib.create(standin(), parts, tx)
+    step = jax.jit(
+        step_lib.make_train_step(
+            graphdef, tx, opt_lib.learning_rate_schedule(train), trained_parts=parts
+        )
+    )
+    new, _ = step(state, make_batch(0))
+    moved = jax.tree.map(
+        lambda a, b: np.max(np.abs(np.asarray(a) - np.asarray(b))), new.params, state.params
+    )
+    assert all(np.isclose(m, 1e-3, rtol=1e-3) for m in jax.tree.leaves(moved["projector"]))
+    assert all(np.isclose(m, 1e-2, rtol=1e-3) for m in jax.tree.leaves(moved["llm"]))
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+    assert len(moments) == 2 * len(jax.tree.leaves(state.params))
+    # the schedule keeps its shape: warmup then cosine, scaled to the group's peak
+    s, p = opt_lib.learning_rate_schedule(train), opt_lib.learning_rate_schedule(train, 1e-3)
+    assert [float(p(i)) for i in (0, 7, 19)] == pytest.approx(
+        [float(s(i)) / 10 for i in (0, 7, 19)]
+    )
+
+
 def test_schedule_warmup_then_cosine_to_min_lr():
     s = opt_lib.learning_rate_schedule(TRAIN)
     assert float(s(0)) == 0.0

@@ -1,0 +1,157 @@
+"""LoRA stage 2 (`bench train --lora`): ours with adapters vs our full stage 2 vs PEFT.
+
+Three train steps on the same weights and batch, interleaved step by step:
+- `ours_lora`: our step with LoRA adapters on every linear of the decoder (LLaVA's
+  finetune_lora targets, rank `rank`, alpha 2 * rank, dropout 0.05 unless `dropout`
+  says otherwise), the projector
+  trained fully and the rest frozen (`trained_parts` = projector + adapters);
+- `ours_full`: our stage-2 step (projector + the whole LLM);
+- `peft`: `transformers` + Hugging Face `peft` (`get_peft_model` with the same
+  targets, the projector as `modules_to_save`), `torch.optim.AdamW`, clipping 1.0.
+Our adapters are imported from PEFT's folder (`import-hf --adapter`), so both LoRA
+sides start from the same A (and B = 0); the first losses are printed side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from typing import Any
+
+from neva_jax import platform
+from neva_jax.bench import jax_side, shapes, timing
+from neva_jax.bench.hf_side import GRAD_CLIP, LR, HFSide
+from neva_jax.bench.report import Report
+from neva_jax.bench.shapes import BenchShape
+from neva_jax.model import lora
+from neva_jax.model.parts import ADAPTERS
+
+DROPOUT = 0.05
+LORA_FASTER_GOAL = 1.0  # LoRA step faster than our full stage 2
+PEFT_SPEEDUP_GOAL = 1.0  # ours ahead of transformers + peft
+
+
+def _peft_model(hf: HFSide, rank: int, dropout: float) -> Any:
+    """`hf.model` wrapped by `peft.get_peft_model` (LLaVA's targets) with its AdamW."""
+    import peft
+    import torch
+
+    names = "|".join(lora.HF_NAMES.values())
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=dropout,
+        target_modules=rf".*language_model.*\.({names})",
+        modules_to_save=["multi_modal_projector"],
+    )
+    model = peft.get_peft_model(hf.model, config)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
+
+
+def _peft_step(model: Any, opt: Any, batch: dict[str, Any]) -> float:
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    opt.step()
+    return float(out.loss.detach())
+
+
+def run_lora(
+    report: Report,
+    shape: BenchShape,
+    *,
+    rank: int = 16,
+    dropout: float = DROPOUT,
+    steps: int = 3,
+    warmup: int = 1,
+    logits_fraction: float = 1.0,
+) -> dict[str, float]:
+    """Measures the three steps; prints figures and the two ratios; returns step seconds."""
+    from neva_jax.bench.train_bench import _runtime
+
+    # This backend's choices, as the trainer makes them (`loop.prepare`): on CPU the
+    # row-major weight gradients of `layers.contract`, for the kernels and the adapters.
+    runtime = platform.resolve_runtime(**_runtime(shape))
+    hf = HFSide(shape)
+    hf.set_stage(2)
+    initial = copy.deepcopy(hf.model.state_dict())
+    peft_model, peft_opt = _peft_model(hf, rank, dropout)
+    batch = shapes.make_batch(shape)
+    hf_batch = hf.tensors(shapes.hf_inputs(batch))
+    with tempfile.TemporaryDirectory(prefix="neva_bench_lora_") as folder:
+        base, adapter = f"{folder}/base", f"{folder}/adapter"
+        peft_model.save_pretrained(adapter)
+        plain = HFSide(shape)
+        plain.model.load_state_dict(initial)
+        plain.save(base)
+        del plain
+        lora_model = jax_side.import_model(base, adapter=adapter, **runtime)
+        full_model = jax_side.import_model(base, **runtime)
+    ours = {
+        "ours_lora": jax_side.OursTrain(
+            lora_model, 2, logits_fraction=logits_fraction, parts=("projector", ADAPTERS)
+        ),
+        "ours_full": jax_side.OursTrain(full_model, 2, logits_fraction=logits_fraction),
+    }
+    for side in ours.values():
+        side.compile(batch)
+    first = {name: timing.timed(side.step) for name, side in ours.items()}
+    first["peft"] = timing.timed(lambda: _peft_step(peft_model, peft_opt, hf_batch))
+    fns = {name: side.step for name, side in ours.items()}
+    fns["peft"] = lambda: _peft_step(peft_model, peft_opt, hf_batch)
+    times = timing.interleaved(fns, steps=steps, warmup=max(warmup - 1, 0))
+    tokens = shape.tokens_per_step
+    step_s = {name: timing.median(times.wall[name]) for name in fns}
+    for name in fns:
+        extra: dict[str, Any] = {}
+        if name in ours:
+            side = ours[name]
+            trainable, total = side.num_params()
+            extra = {"compile_s": side.lower_s + side.compile_s}
+        else:
+            trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in peft_model.parameters())
+        report.emit(
+            "train_lora",
+            name,
+            shape=shape.name,
+            rank=rank,
+            dropout=dropout,
+            step_s=step_s[name],
+            cpu_s=timing.median(times.cpu[name]),
+            steps_s=times.wall[name],
+            first_step_s=first[name][1],
+            tokens_per_s=tokens / step_s[name],
+            loss=first[name][0],
+            trainable_params=trainable,
+            total_params=total,
+            **extra,
+        )
+    full_over_lora = step_s["ours_full"] / step_s["ours_lora"]
+    peft_over_ours = step_s["peft"] / step_s["ours_lora"]
+    report.emit(
+        "train_lora",
+        "ratios",
+        full_over_lora=full_over_lora,
+        peft_over_ours=peft_over_ours,
+        first_loss_abs_diff=abs(first["peft"][0] - first["ours_lora"][0]),
+    )
+    report.target(
+        "LoRA stage 2 step: our full stage 2 time / our LoRA time",
+        full_over_lora,
+        f"> {LORA_FASTER_GOAL}x",
+        full_over_lora > LORA_FASTER_GOAL,
+    )
+    report.target(
+        "LoRA stage 2 step: transformers + peft time / ours",
+        peft_over_ours,
+        f"> {PEFT_SPEEDUP_GOAL}x",
+        peft_over_ours > PEFT_SPEEDUP_GOAL,
+    )
+    return step_s
