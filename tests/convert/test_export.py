@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from neva_jax.convert import __main__ as convert_cli
 from neva_jax.convert import checkpoint, hf, hf_export
 
 IMAGE_ID, PAD_ID, EOS_ID = 4, 3, 2  # the synthetic tokenizer's <image>, <pad>, </s>
@@ -104,11 +105,7 @@ def test_processor_matches_our_prompt_and_pixels(tmp_path):
     _build_llava_hf(str(src), projector_act="gelu")
     imported = hf.import_llava(src)
     checkpoint.save_model(folder, imported.model, tokenizer=imported.tokenizer)
-    hf_export.run_export(
-        hf_export.argparse.Namespace(
-            ckpt=str(folder), out=str(out), template=None, dtype=None, tokenizer=None
-        )
-    )
+    assert convert_cli.main(["export-hf", str(folder), str(out)]) == 0
     processor = AutoProcessor.from_pretrained(out, local_files_only=True)
     gen = Generator(
         imported.model,
