@@ -4,6 +4,10 @@
 #   launch/gpu_bench.sh                       # the default matrix, under 5 minutes
 #   launch/gpu_bench.sh --batch 1             # if stage 2 runs out of memory at batch 2
 #   launch/gpu_bench.sh --configs 2:cudnn:selective --steps 10
+#   NEVA_JAX_GPU_PARITY=0 launch/gpu_bench.sh   # the benchmark alone
+#
+# Then runs the parity tests (tests/model, generation, loss, the CUDA lowering tests)
+# on the GPU, fp32 matmuls at full precision (JAX_DEFAULT_MATMUL_PRECISION=highest).
 #
 # Runs `python -m neva_jax.bench.gpu` (see its docstring): Vicuna-7B + CLIP-L/14-336 +
 # mlp2x_gelu, bf16 compute with fp32 master weights and Adam moments, scan over
@@ -67,4 +71,16 @@ if [[ "$backend" != "gpu" ]]; then
 fi
 echo "gpu_bench: XLA_FLAGS=$XLA_FLAGS" >&2
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >&2 || true
-exec "$PYTHON" -m neva_jax.bench.gpu "$@"
+"$PYTHON" -m neva_jax.bench.gpu "$@"
+
+# Then the parity tests on the GPU (model vs transformers in fp32, generation, attention
+# forms; about 2 minutes): fp32 matmuls at full precision, not TF32, for the 1e-4 bars.
+# NEVA_JAX_GPU_PARITY=0 skips them; they need the test extra (pip install -e '.[test]').
+if [[ "${NEVA_JAX_GPU_PARITY:-1}" == 0 ]]; then exit 0; fi
+if ! "$PYTHON" -c "import pytest, torch, transformers" >/dev/null 2>&1; then
+  echo "gpu_bench: parity tests skipped: pytest/torch/transformers missing (pip install torch==2.13.0 && pip install -e '.[test]')" >&2
+  exit 0
+fi
+echo "gpu_bench: parity tests on the GPU" >&2
+JAX_DEFAULT_MATMUL_PRECISION=highest "$PYTHON" -m pytest -q -p no:cacheprovider \
+  tests/model tests/eval/test_generate.py tests/eval/test_loss.py tests/test_gpu_lowering.py
