@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             shape,
             rank=args.lora_rank,
             dropout=args.lora_dropout,
-            steps=args.steps,
+            repeats=args.repeats,
             warmup=args.warmup,
             logits_fraction=args.logits_fraction,
         )

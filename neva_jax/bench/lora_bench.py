@@ -68,11 +68,13 @@ def run_lora(
     *,
     rank: int = 16,
     dropout: float = DROPOUT,
-    steps: int = 3,
+    repeats: int = 3,
     warmup: int = 1,
     logits_fraction: float = 1.0,
 ) -> dict[str, float]:
-    """Measures the three steps; prints figures and the two ratios; returns step seconds."""
+    """Measures the three steps `repeats` times each (interleaved); prints the median
+    [min..max spread] of each and the two ratios of medians with their spread; returns
+    the median step seconds."""
     from neva_jax.bench.train_bench import _runtime
 
     # This backend's choices, as the trainer makes them (`loop.prepare`): on CPU the
@@ -105,7 +107,7 @@ def run_lora(
     first["peft"] = timing.timed(lambda: _peft_step(peft_model, peft_opt, hf_batch))
     fns = {name: side.step for name, side in ours.items()}
     fns["peft"] = lambda: _peft_step(peft_model, peft_opt, hf_batch)
-    times = timing.interleaved(fns, steps=steps, warmup=max(warmup - 1, 0))
+    times = timing.interleaved(fns, steps=repeats, warmup=max(warmup - 1, 0))
     tokens = shape.tokens_per_step
     step_s = {name: timing.median(times.wall[name]) for name in fns}
     for name in fns:
@@ -123,8 +125,8 @@ def run_lora(
             shape=shape.name,
             rank=rank,
             dropout=dropout,
-            step_s=step_s[name],
-            cpu_s=timing.median(times.cpu[name]),
+            **timing.summary("step_s", times.wall[name]),
+            **timing.summary("cpu_s", times.cpu[name]),
             steps_s=times.wall[name],
             first_step_s=first[name][1],
             tokens_per_s=tokens / step_s[name],
@@ -133,13 +135,14 @@ def run_lora(
             total_params=total,
             **extra,
         )
-    full_over_lora = step_s["ours_full"] / step_s["ours_lora"]
-    peft_over_ours = step_s["peft"] / step_s["ours_lora"]
+    full = timing.ratio_summary("full_over_lora", times.wall["ours_full"], times.wall["ours_lora"])
+    peft = timing.ratio_summary("peft_over_ours", times.wall["peft"], times.wall["ours_lora"])
+    full_over_lora, peft_over_ours = full["full_over_lora"], peft["peft_over_ours"]
     report.emit(
         "train_lora",
         "ratios",
-        full_over_lora=full_over_lora,
-        peft_over_ours=peft_over_ours,
+        **full,
+        **peft,
         first_loss_abs_diff=abs(first["peft"][0] - first["ours_lora"][0]),
     )
     report.target(

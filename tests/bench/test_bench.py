@@ -148,20 +148,25 @@ def test_train_and_util():
     assert "targets:" in report.table()
 
 
-def test_train_lora():
-    """`bench train --lora`: ours with adapters, our full stage 2, transformers + peft."""
-    from neva_jax.bench import lora_bench
+def test_train_lora(capsys):
+    """`bench train --lora` from the command line: ours with adapters, our full stage 2,
+    transformers + peft, each a median of its repeats, and the ratios with their spread."""
+    from neva_jax.bench.__main__ import main
 
-    report = _report()
-    lora_bench.run_lora(report, shapes.tiny(), rank=4, steps=1, warmup=1, logits_fraction=0.5)
+    argv = ["train", "--lora", "--shape", "tiny", "--repeats", "2", "--lora-rank", "4"]
+    assert main([*argv, "--logits-fraction", "0.5"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    found = {r["name"]: r for r in rows if r.get("bench") == "train_lora"}
     for name in ("ours_lora", "ours_full", "peft"):
-        _positive(report.find("train_lora", name), "step_s", "tokens_per_s")
-    ratios = report.find("train_lora", "ratios")
-    _positive(ratios, "full_over_lora", "peft_over_ours")
+        assert found[name]["step_s"] > 0 and found[name]["tokens_per_s"] > 0
+        assert found[name]["step_s_min"] <= found[name]["step_s"] <= found[name]["step_s_max"]
+    ratios = found["ratios"]
+    assert ratios["full_over_lora"] > 0 and ratios["peft_over_ours"] > 0
+    assert ratios["peft_over_ours_min"] <= ratios["peft_over_ours_max"]
     assert ratios["first_loss_abs_diff"] < 1e-4  # same weights, B = 0: the same loss
-    ours, peft = report.find("train_lora", "ours_lora"), report.find("train_lora", "peft")
+    ours, peft = found["ours_lora"], found["peft"]
     assert ours["trainable_params"] == peft["trainable_params"]
-    assert ours["trainable_params"] < report.find("train_lora", "ours_full")["trainable_params"]
+    assert ours["trainable_params"] < found["ours_full"]["trainable_params"]
 
 
 def test_decode():
