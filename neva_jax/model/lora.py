@@ -5,7 +5,7 @@ layers get an adapter; `attach` gives each of them one, `Dense.lora`, an `Adapte
 flax's `nnx.LoRA` (parameters `lora_a` [in, r] and `lora_b` [r, out] of type
 `nnx.LoRAParam`, forward `x @ lora_a @ lora_b`) with the input flattened to the
 kernel's input dims, the output scaled by alpha / r and shaped back, and optional
-dropout on the adapter's input (`nnx.Dropout`). B starts at zero, so a fresh adapter
+dropout on the adapter's input (`dropout`: 16-bit draws). B starts at zero, so a fresh adapter
 changes nothing. In the stacked decoder the adapters are stacked like the kernels
 ([L, in, r], [L, r, out]) and scanned with them.
 
@@ -168,7 +168,7 @@ class Adapter(nnx.LoRA):
             a_metadata={"out_sharding": (axes[0], None)},
             b_metadata={"out_sharding": (None, axes[n_in])},
         )
-        self.dropout = nnx.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+        self.dropout = cfg.dropout if cfg.dropout > 0 else None
         self.dropout_key: DropoutKey | None = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -176,7 +176,7 @@ class Adapter(nnx.LoRA):
         lead = x.shape[: x.ndim - len(self.in_shape)]
         x = x.reshape(*lead, -1)
         if self.dropout is not None and self.dropout_key is not None:
-            x = self.dropout(x, rngs=self.dropout_key[...])
+            x = dropout(x, self.dropout_key[...], self.dropout)
         if self.row_major_weight_grads:
             x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
             y = contract(contract(x, a, 1), b, 1)
@@ -190,6 +190,23 @@ class Adapter(nnx.LoRA):
         a = self.lora_a[...]
         shape = (*a.shape[:-2], *self.in_shape, *self.out_shape)
         return lora_delta(a, self.lora_b[...], self.scale, shape)
+
+
+def dropout(x: jax.Array, key: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout of x [..., D]: each element is zeroed with probability
+    round(rate * 2^16) / 2^16 (0.05 -> 0.0500031) and the rest scaled by 1 / (1 - rate).
+
+    Each 32-bit random word gives two 16-bit draws (its low and high halves), so a mask
+    costs half the random words of `jax.random.bernoulli` (one per element). On CPU
+    JAX's threefry generator is the cost of LoRA dropout: seven masks per layer and
+    step (docs/LORA.md "Speed"). The words come from `jax.random.bits` over the
+    array's global shape, so the mask is the same however x is sharded.
+    """
+    *lead, d = x.shape
+    words = jax.random.bits(key, (*lead, (d + 1) // 2), jnp.uint32)
+    draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :d]
+    keep = draws >= jnp.uint32(round(rate * 2**16))
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
 def lora_delta(a: jax.Array, b: jax.Array, scale: float, shape: tuple[int, ...]) -> jax.Array:

@@ -117,6 +117,25 @@ def test_dropout_only_with_a_key_and_each_layer_its_own_mask():
     assert not np.array_equal(data[0], data[1])  # per adapter
 
 
+@pytest.mark.parametrize("rate", [0.05, 0.5])
+def test_dropout_mask_rate_scale_and_independent_halves(rate):
+    """`lora.dropout`: drop probability round(rate 2^16) / 2^16, kept values scaled by
+    1 / (1 - rate), and the two 16-bit draws of one word independent (the low halves
+    give the first D/2 features' masks, the high halves the rest)."""
+    x = jnp.ones((1024, 1030), jnp.float32)  # an odd half: 515 words per row
+    y = np.asarray(lora.dropout(x, jax.random.key(3), rate))
+    dropped = y == 0
+    assert set(np.unique(y)) == {0.0, np.float32(1 / (1 - rate))}
+    p = round(rate * 2**16) / 2**16
+    n = dropped.size
+    assert abs(dropped.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+    low, high = dropped[:, :515], dropped[:, 515:]  # the two halves of the same words
+    both = (low & high).mean()
+    assert abs(both - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / low.size)
+    other = np.asarray(lora.dropout(x, jax.random.key(4), rate)) == 0
+    assert (other != dropped).any()
+
+
 def test_adapters_shard_like_their_kernels():
     mesh = sharding.make_mesh(2, 2, 2)
     cfg = dataclasses.replace(neva.tiny(), peft=ALL)
