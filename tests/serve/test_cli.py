@@ -71,7 +71,8 @@ class Process:
 
 @pytest.fixture()
 def process(llava_dir):
-    p = Process("--checkpoint", llava_dir, "--port", "0", "--slots", "2", "--max-seq-len", "96",
+    # A long answer (up to 440 tokens) keeps the request in flight while the test looks.
+    p = Process("--checkpoint", llava_dir, "--port", "0", "--slots", "2", "--max-seq-len", "512",
                 "--prefill-buckets", "64", "--max-images", "0")  # fmt: skip
     yield p
     if p.proc.poll() is None:
@@ -82,10 +83,11 @@ def process(llava_dir):
 def test_sigterm_finishes_in_flight_requests_then_exits_0(process):
     url = process.wait_for(r"Uvicorn running on (http://\S+)").group(1)
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}],
-            "max_tokens": 52, "temperature": 0}  # fmt: skip
+            "max_tokens": 440, "temperature": 0}  # fmt: skip
     want = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
     assert want.status_code == 200, want.text
     want = want.json()
+    assert want["usage"]["completion_tokens"] > 200  # long enough to be caught in flight
     with httpx.stream(
         "POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120
     ) as resp:
