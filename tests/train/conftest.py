@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from typing import Any
 
 import jax
@@ -18,6 +21,8 @@ from neva_jax.config import from_config_dict
 from neva_jax.data import synth
 from neva_jax.run_config import RunConfig
 from neva_jax.train import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 V, D, T, B = 32, 16, 12, 4
 
@@ -122,6 +127,34 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+@pytest.fixture
+def kill_at_step(synth_dir, compilation_cache, signal_driver):
+    """kill_at_step(step, stage, workdir, *flags): `python -m neva_jax.main` on the tiny
+    config in a separate process, SIGKILLed right after step `step`'s checkpoint
+    committed (tests/signal_at_step.py); checks it died so, with that checkpoint."""
+    from neva_jax.convert import checkpoint
+
+    def run(step: int, stage: str, workdir: str, *flags: str) -> None:
+        cmd = [
+            sys.executable,
+            signal_driver[1],
+            str(step),
+            "SIGKILL",
+            f"--config={ROOT}/configs/tiny.py:{stage},data_dir={synth_dir}",
+            f"--workdir={workdir}",
+            "--config.data.eval_files=()",
+            *flags,
+        ]
+        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert checkpoint.complete_steps(os.path.join(workdir, "checkpoints")) == [step]
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,6 @@ The LLaVA-style set-up on the tiny model: adapters on every linear of the decode
 with dropout, the projector at its own learning rate, the frozen base held in bf16.
 """
 
-import os
-import signal
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -21,7 +16,6 @@ from neva_jax.model import parts as model_parts
 from neva_jax.run_config import ConfigError
 from neva_jax.train import build, loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LORA = {
     "model.peft.scheme": "lora",
     "model.peft.rank": 4,
@@ -40,11 +34,9 @@ def _flag(value) -> str:
 
 def test_lora_trains_adapters_and_projector_only_and_resumes_after_sigkill(
     tmp_path,
-    synth_dir,
     tiny_config,
     metrics_of,
-    compilation_cache,
-    signal_driver,
+    kill_at_step,
     init_params,
     bit_identical,
 ):
@@ -92,22 +84,7 @@ def test_lora_trains_adapters_and_projector_only_and_resumes_after_sigkill(
 
     # kill -9 right after step 2's checkpoint (a separate process), then resume.
     flags = [f"--config.{k}={_flag(v)}" for k, v in {**LORA, **RUN}.items()]
-    cmd = [
-        sys.executable,
-        signal_driver[1],
-        "2",
-        "SIGKILL",
-        f"--config={ROOT}/configs/tiny.py:stage2,data_dir={synth_dir}",
-        f"--workdir={run_dir}",
-        "--config.data.eval_files=()",
-        *flags,
-    ]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert checkpoint.complete_steps(os.path.join(run_dir, "checkpoints")) == [2]
+    kill_at_step(2, "stage2", run_dir, *flags)
     loop.train(cfg, run_dir)
     rows = metrics_of(run_dir)
     assert sorted(rows) == sorted(ref_rows)

@@ -8,8 +8,6 @@ checkpoint at the step it arrived.
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,7 +15,6 @@ import numpy as np
 from neva_jax.convert import checkpoint
 from neva_jax.train import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = {
     "train.steps": 6,
     "train.log_every": 1,
@@ -28,9 +25,9 @@ RUN = {
 
 
 def test_sigkill_sigterm_resume_equals_uninterrupted(
-    tmp_path, synth_dir, tiny_config, metrics_of, compilation_cache, signal_driver
+    tmp_path, tiny_config, metrics_of, signal_driver, kill_at_step
 ):
-    driver, driver_path = signal_driver
+    driver, _ = signal_driver
     ref_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "interrupted")
     loop.train(tiny_config("stage1", **RUN), ref_dir)
     ref_rows = metrics_of(ref_dir)
@@ -39,23 +36,8 @@ def test_sigkill_sigterm_resume_equals_uninterrupted(
     # 1. A separate process (neva_jax.main), SIGKILLed right after step 3's checkpoint
     # committed.
     args = [f"--config.{k}={v}" for k, v in RUN.items() if k != "data.eval_files"]
-    cmd = [
-        sys.executable,
-        driver_path,
-        "3",
-        "SIGKILL",
-        f"--config={ROOT}/configs/tiny.py:stage1,data_dir={synth_dir}",
-        f"--workdir={run_dir}",
-        "--config.data.eval_files=()",
-        *args,
-    ]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    kill_at_step(3, "stage1", run_dir, *args)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    assert checkpoint.complete_steps(ckpt_dir) == [3]
 
     # 2. A half-written step folder (no commit files) must be ignored on resume.
     shutil.copytree(os.path.join(ckpt_dir, "3", "state"), os.path.join(ckpt_dir, "4", "state"))
