@@ -24,7 +24,7 @@ test: $(BIN)/.installed browser
 	$(BIN)/python -m ruff check neva_jax tests configs
 	allocator_env=$$($(BIN)/python -m neva_jax.allocator --env) || exit 2; \
 	eval "$$allocator_env"; \
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 # The chat page's browser test drives Debian's chromium through chromium-driver. Installed
 # only when missing and apt-get can run (root); elsewhere that one test is skipped.
