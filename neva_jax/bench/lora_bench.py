@@ -20,7 +20,7 @@ from typing import Any
 
 from neva_jax import platform
 from neva_jax.bench import jax_side, shapes, timing
-from neva_jax.bench.hf_side import GRAD_CLIP, LR, HFSide
+from neva_jax.bench.hf_side import LR, HFSide
 from neva_jax.bench.report import Report
 from neva_jax.bench.shapes import BenchShape
 from neva_jax.model import lora
@@ -31,8 +31,10 @@ LORA_FASTER_GOAL = 1.0  # LoRA step faster than our full stage 2
 PEFT_SPEEDUP_GOAL = 1.0  # ours ahead of transformers + peft
 
 
-def _peft_model(hf: HFSide, rank: int, dropout: float) -> Any:
-    """`hf.model` wrapped by `peft.get_peft_model` (LLaVA's targets) with its AdamW."""
+def _wrap_with_peft(hf: HFSide, rank: int, dropout: float) -> Any:
+    """Wraps `hf.model` with `peft.get_peft_model` (LLaVA's targets) and gives `hf` an
+    AdamW over the trainable parameters, so that `hf.train_step` is PEFT's step and
+    `hf.num_params` counts PEFT's trainable parameters; returns the PEFT model."""
     import peft
     import torch
 
@@ -44,22 +46,11 @@ def _peft_model(hf: HFSide, rank: int, dropout: float) -> Any:
         target_modules=rf".*language_model.*\.({names})",
         modules_to_save=["multi_modal_projector"],
     )
-    model = peft.get_peft_model(hf.model, config)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
-
-
-def _peft_step(model: Any, opt: Any, batch: dict[str, Any]) -> float:
-    import torch
-
-    opt.zero_grad(set_to_none=True)
-    out = model(**batch)
-    out.loss.backward()
-    params = [p for group in opt.param_groups for p in group["params"]]
-    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-    opt.step()
-    return float(out.loss.detach())
+    hf.model = peft.get_peft_model(hf.model, config)
+    hf.model.train()
+    trainable = [p for p in hf.model.parameters() if p.requires_grad]
+    hf.optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
+    return hf.model
 
 
 def run_lora(
@@ -83,7 +74,7 @@ def run_lora(
     hf = HFSide(shape)
     hf.set_stage(2)
     initial = copy.deepcopy(hf.model.state_dict())
-    peft_model, peft_opt = _peft_model(hf, rank, dropout)
+    peft_model = _wrap_with_peft(hf, rank, dropout)
     batch = shapes.make_batch(shape)
     hf_batch = hf.tensors(shapes.hf_inputs(batch))
     with tempfile.TemporaryDirectory(prefix="neva_bench_lora_") as folder:
@@ -104,9 +95,9 @@ def run_lora(
     for side in ours.values():
         side.compile(batch)
     first = {name: timing.timed(side.step) for name, side in ours.items()}
-    first["peft"] = timing.timed(lambda: _peft_step(peft_model, peft_opt, hf_batch))
+    first["peft"] = timing.timed(lambda: hf.train_step(hf_batch))
     fns = {name: side.step for name, side in ours.items()}
-    fns["peft"] = lambda: _peft_step(peft_model, peft_opt, hf_batch)
+    fns["peft"] = lambda: hf.train_step(hf_batch)
     times = timing.interleaved(fns, steps=repeats, warmup=max(warmup - 1, 0))
     tokens = shape.tokens_per_step
     step_s = {name: timing.median(times.wall[name]) for name in fns}
@@ -117,8 +108,7 @@ def run_lora(
             trainable, total = side.num_params()
             extra = {"compile_s": side.lower_s + side.compile_s}
         else:
-            trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-            total = sum(p.numel() for p in peft_model.parameters())
+            trainable, total = hf.num_params()
         report.emit(
             "train_lora",
             name,
