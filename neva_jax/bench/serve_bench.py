@@ -45,6 +45,7 @@ import numpy as np
 from neva_jax.bench.hf_side import HFSide
 from neva_jax.bench.report import Report
 from neva_jax.bench.shapes import BenchShape
+from neva_jax.data import synth
 
 QUESTION_WORDS = 27
 SERIAL_GOAL = 4.0  # x the one-at-a-time tokens/s at 16 clients
@@ -55,7 +56,6 @@ def write_tokenizer(folder: str, vocab_size: int, image_token_id: int) -> None:
     """A word-level tokenizer over every id of the model (`w<id>`), with LLaMA's specials
     at 0-3 and `<image>` at the model's image token id, saved into `folder`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(vocab_size)}
     specials = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": image_token_id}
@@ -66,14 +66,7 @@ def write_tokenizer(folder: str, vocab_size: int, image_token_id: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=["<image>"],
-    ).save_pretrained(folder)
+    synth.save_tokenizer(tok, folder)
 
 
 def make_requests(n: int, shape: BenchShape, seed: int = 0) -> list[dict[str, Any]]:

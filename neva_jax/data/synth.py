@@ -173,7 +173,6 @@ def tokenizer_corpus() -> list[str]:
 def build_tokenizer(out_dir: str, vocab_size: int = 512, corpus: list[str] | None = None) -> None:
     """Trains a small BPE (Metaspace, newline kept apart) and saves a HF tokenizer folder."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -194,15 +193,22 @@ def build_tokenizer(out_dir: str, vocab_size: int = 512, corpus: list[str] | Non
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
-    fast = PreTrainedTokenizerFast(
+    save_tokenizer(tok, out_dir)
+
+
+def save_tokenizer(tok: Any, out_dir: str) -> None:
+    """Saves a `tokenizers.Tokenizer` as a HF tokenizer folder with LLaMA's special
+    tokens (`<s>`, `</s>`, `<unk>`, `<pad>`) and `<image>`."""
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
         additional_special_tokens=["<image>"],
-    )
-    fast.save_pretrained(out_dir)
+    ).save_pretrained(out_dir)
 
 
 def generate(
