@@ -122,16 +122,22 @@ def _keys() -> dict[str, _Slot]:
 
 
 @functools.cache
-def _unset_keys() -> frozenset[str]:
-    """The keys `default_config()` leaves unset (None): see the module doc."""
-    arch = {
+def _architecture_keys() -> frozenset[str]:
+    """The model keys that describe the architecture (init_from can supply them): not
+    the run-time fields, nor the adapters (the run's choice, not init_from's)."""
+    return frozenset(
         k
         for k, slot in _keys().items()
         if slot.paths[0][0] == "model"
         and slot.paths[0][-1] not in neva.RUNTIME_FIELDS
-        and slot.paths[0][1] != "peft"  # adapters are the run's choice, not init_from's
-    }
-    return frozenset(arch | {"data.template"})
+        and slot.paths[0][1] != "peft"
+    )
+
+
+@functools.cache
+def _unset_keys() -> frozenset[str]:
+    """The keys `default_config()` leaves unset (None): see the module doc."""
+    return _architecture_keys() | {"data.template"}
 
 
 def _get(obj: Any, path: tuple[str, ...]) -> Any:
@@ -310,11 +316,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 def set_model(cd: ml_collections.ConfigDict, model: NevaConfig) -> None:
     """Writes the architecture of `model` into `cd`'s model keys (in place; run-time
-    fields are left as they are)."""
-    for key, slot in _keys().items():
-        path = slot.paths[0]
-        if key in _unset_keys() and key != "data.template":
-            _set_path(cd, key.split("."), _get(model, path[1:]))
+    fields and adapters are left as they are)."""
+    for key, slot in _keys().items():  # in the key table's order
+        if key in _architecture_keys():
+            _set_path(cd, key.split("."), _get(model, slot.paths[0][1:]))
 
 
 def model_preset(cd: ml_collections.ConfigDict, name: str) -> None:
