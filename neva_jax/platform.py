@@ -12,9 +12,11 @@ and tests run every side on CPU by passing them explicitly:
 | `row_major_weight_grads` | True | False | `layers.Dense`, `Llama.logits` |
 | decode weights | per layer (sliced once per call) | stacked (sliced per step) | `eval.generate.generate_tokens` |
 
-Why these: XLA:CPU runs a weight gradient written as a plain row-major matmul on an
-explicitly transposed input at its matmul peak, but the form XLA picks on its own at
-about 80% of it; GPU matmul libraries take transposed operands as they are. On CPU a
+Why these: XLA:CPU runs a weight gradient written as one 2-D matmul of the flattened
+input and output gradient near its matmul peak, but the form XLA picks on its own for
+a contraction over batch and length (a transposed copy of the larger operand, then a
+generic dot) about 15% slower per step; GPU matmul libraries take transposed operands
+as they are. On CPU a
 decode step that slices each layer's weights out of the stacked [L, ...] arrays
 copies them every step; slicing them once per call costs a second copy of the LLM's
 weights for the call's duration, which an accelerator serving a 7B model may not
