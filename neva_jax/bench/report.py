@@ -86,6 +86,11 @@ class Report:
             "first_loss_abs_diff",
             "real_tokens_per_s_ratio",
             "peak_gflops",
+            "weight_mb",
+            "weight_read_ms",
+            "our_step_ms",
+            "hf_step_ms",
+            "best_possible_rate_ratio",
         )
         lines = ["measurements:"]
         rows = [("bench", "name", "figures")]

@@ -173,3 +173,23 @@ def torch_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     chain()
     best = min(timed(chain)[1] for _ in range(repeats))
     return 4 * 2.0 * n**3 / best
+
+
+def weight_read_seconds(nbytes: int, width: int = 512, repeats: int = 9) -> float:
+    """Median seconds of a jitted [1, width] x [width, n] float32 product over a matrix of
+    `nbytes`: reading that many bytes of weights once, as a batch-1 decode step must.
+
+    A working set larger than the last-level cache reads at the memory's bandwidth
+    (here ~17 GB/s for 168 MB against ~25 GB/s for 65 MB), so size it as the model's.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    n = max(1, nbytes // 4 // width)
+    w = jax.random.normal(jax.random.key(0), (width, n), jnp.float32)
+    h = jnp.ones((1, width), jnp.float32)
+    matvec = jax.jit(lambda h, w: h @ w)
+    matvec(h, w).block_until_ready()
+    runs = [timed(lambda: matvec(h, w).block_until_ready())[1] for _ in range(repeats)]
+    return float(np.median(runs))

@@ -173,7 +173,8 @@ def test_decode():
     from neva_jax.bench import decode_bench
 
     report = _report()
-    decode_bench.run_decode(report, shapes.tiny(), batches=(2,), new_tokens=8, repeats=2)
+    shape = shapes.tiny()
+    decode_bench.run_decode(report, shape, batches=(1, 2), new_tokens=8, repeats=2)
     for side in ("hf", "ours"):
         rec = report.find("decode", f"b2_{side}")
         _positive(rec, "e2e_s", "ttft_s", "tokens_per_s")
@@ -185,6 +186,20 @@ def test_decode():
         _repeated(ratio, key)
     rec = report.find("decode", "b2_recompiles")
     assert isinstance(rec["recompiles"], int) and rec["recompiles"] >= 0
+    # The batch-1 floor: the bytes of every LLM weight a step reads (the head, not an
+    # untied embedding table).
+    floor = report.find("decode", "b1_floor")
+    llm = shape.model.llm
+    D, F, L, V = llm.hidden_size, llm.ffn_hidden_size, llm.num_layers, llm.vocab_size
+    kv = llm.num_query_groups or llm.num_attention_heads
+    H = D // llm.num_attention_heads
+    per_layer = 2 * D * D + 2 * D * kv * H + 3 * D * F + 2 * D  # q, o, k, v, MLP, 2 norms
+    expected = (L * per_layer + D + D * V) * 4
+    assert floor["weight_mb"] == pytest.approx(expected / 1e6)
+    assert floor["weight_read_ms"] > 0
+    assert floor["best_possible_rate_ratio"] == pytest.approx(
+        floor["hf_step_ms"] / floor["weight_read_ms"]
+    )
 
 
 def test_compile():

@@ -136,6 +136,21 @@ def test_dropout_mask_rate_scale_and_independent_halves(rate):
     assert (other != dropped).any()
 
 
+@pytest.mark.parametrize("shape", [(4, 24, 70), (3, 5), (7,), (1, 1)])
+def test_random_words_are_jax_random_bits(shape):
+    """`lora.random_words` (the unrolled threefry of the dropout masks) gives exactly
+    `jax.random.bits`' words, also for per-layer keys under vmap (the scanned layers)."""
+    for seed in (0, 42, 2**31 + 5):
+        key = jax.random.key(seed)
+        want = np.asarray(jax.random.bits(key, shape, jnp.uint32))
+        got = np.asarray(jax.jit(lora.random_words, static_argnums=1)(key, shape))
+        np.testing.assert_array_equal(got, want)
+    keys = jax.random.split(jax.random.key(1), 3)
+    got = jax.vmap(lambda k: lora.random_words(k, shape))(keys)
+    want = jax.vmap(lambda k: jax.random.bits(k, shape, jnp.uint32))(keys)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_adapters_shard_like_their_kernels():
     mesh = sharding.make_mesh(2, 2, 2)
     cfg = dataclasses.replace(neva.tiny(), peft=ALL)
