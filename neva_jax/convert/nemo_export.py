@@ -163,9 +163,32 @@ def _nemo2_config(
     )
 
 
+# Our conversation template -> NeMo 1 NeVA's `data.conv_template` name; the same name is
+# its `mm_cfg.llm.model_type` where NeMo has one (not for `plain`, stage 1's).
+NEMO_CONV_TEMPLATES = {
+    "vicuna_v1": "v1",
+    "llava_llama_2": "llama_2",
+    "plain": "plain",
+    "mistral": "mistral",
+    "llama_3": "llama_3",
+    "nvgpt": "nvgpt",
+}
+NEMO_MODEL_TYPES = ("nvgpt", "llama_2", "v1", "mistral", "llama_3")
+DEFAULT_MODEL_TYPE = "llama_2"
+
+
 def _nemo1_config(
-    cfg: NevaConfig, vocab: int, dtype: str, llm_only: bool, tok_file: str, extra: list[str]
+    cfg: NevaConfig,
+    vocab: int,
+    dtype: str,
+    llm_only: bool,
+    tok_file: str,
+    extra: list[str],
+    template: str | None = None,
 ) -> dict:
+    """NeMo 1 `model_config.yaml`. `template`: the conversation template the run trained
+    with (a training checkpoint's `data.template`), written as NeMo's `data.conv_template`
+    and `mm_cfg.llm.model_type`; unknown (a model folder): model_type llama_2."""
     out = nemo_config.llm_to_nemo1(cfg.llm)
     out["precision"] = {"float32": 32, "bfloat16": "bf16", "float16": 16}[dtype]
     out["override_vocab_size"] = None
@@ -190,8 +213,12 @@ def _nemo1_config(
     out["target"] = (
         "nemo.collections.multimodal.models.multimodal_llm.neva.neva_model.MegatronNevaModel"
     )
+    conv = NEMO_CONV_TEMPLATES.get(template or "")
+    model_type = conv if conv in NEMO_MODEL_TYPES else DEFAULT_MODEL_TYPE
+    if conv is not None:
+        out["data"] = {"conv_template": conv}
     out["mm_cfg"] = {
-        "llm": {"from_pretrained": None, "freeze": False, "model_type": "llama_2"},
+        "llm": {"from_pretrained": None, "freeze": False, "model_type": model_type},
         "vision_encoder": {
             "from_pretrained": _vision_name(cfg, None)
             if (v.image_size, v.hidden_size, v.num_layers, v.num_attention_heads, v.patch_dim)
@@ -253,7 +280,9 @@ def export_nemo(
         if fmt == "nemo2":
             _write_nemo2(tmp, params, cfg, tok, vocab, padded, dtype, np_dtype, llm_only, out)
         else:
-            _write_nemo1(tmp, params, cfg, tok_path, vocab, padded, dtype, np_dtype, llm_only)
+            _write_nemo1(
+                tmp, params, cfg, tok_path, vocab, padded, dtype, np_dtype, llm_only, info.template
+            )
         if out.exists():
             out.rmdir()
         if fmt == "nemo2":
@@ -343,6 +372,7 @@ def _write_nemo1(
     dtype: str,
     np_dtype: Any,
     llm_only: bool,
+    template: str | None = None,
 ) -> None:
     sp = tok_path / "tokenizer.model"
     if not sp.exists():
@@ -358,7 +388,7 @@ def _write_nemo1(
     tok = transformers.AutoTokenizer.from_pretrained(str(tok_path))
     added = tok.added_tokens_decoder
     extra = [str(added[i]) for i in range(base, vocab)]
-    config = _nemo1_config(cfg, vocab, dtype, llm_only, tok_file, extra)
+    config = _nemo1_config(cfg, vocab, dtype, llm_only, tok_file, extra, template)
     (tmp / "model_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     objects = nemo_write.extra_states("model.", cfg.llm.num_layers)
     tensors = _prefixed("model.", _tensors(params, cfg, vocab, padded, llm_only, "nemo1"))

@@ -365,3 +365,24 @@ def test_rope_scaling_does_not_export_to_nemo():
     ):
         with pytest.raises(NemoError, match="rope_type='llama3': RoPE scaling does not export"):
             export(cfg)
+
+
+@pytest.mark.parametrize(
+    "template,conv,model_type",
+    [
+        ("vicuna_v1", "v1", "v1"),
+        ("llava_llama_2", "llama_2", "llama_2"),
+        ("nvgpt", "nvgpt", "nvgpt"),
+        ("plain", "plain", "llama_2"),
+        (None, None, "llama_2"),
+    ],
+)
+def test_nemo1_config_names_the_trained_template(llava, template, conv, model_type):
+    """A training checkpoint's data.template becomes NeMo 1's data.conv_template and
+    mm_cfg.llm.model_type (NeMo selects its prompt format with them)."""
+    from neva_jax.convert.nemo_export import _nemo1_config
+
+    _, info = checkpoint.load_model(llava["model_dir"])
+    out = _nemo1_config(info.config, 64, "float32", False, "tok.model", [], template)
+    assert out["mm_cfg"]["llm"]["model_type"] == model_type
+    assert out.get("data", {}).get("conv_template") == conv
