@@ -29,7 +29,7 @@ the value of `init_from`'s model (its `model_config.json` or checkpoint metadata
 when `init_from` names one, else the default architecture (`run_config.default_model`,
 the seed's NeVA); a set key must equal `init_from`'s value (a one-line ConfigError
 naming the key and both values otherwise). An unset `data.template` is the one NeMo
-selects with `model.llm.model_type` (`run_config.MODEL_TYPE_TEMPLATES`). A preset
+selects with `model.llm.model_type` (`data.conversation.MODEL_TYPE_TEMPLATES`). A preset
 (`model_preset`) sets every architecture key.
 """
 
@@ -48,11 +48,11 @@ import jax
 import ml_collections
 
 from neva_jax.data.config import DataConfig
+from neva_jax.data.conversation import MODEL_TYPE_TEMPLATES
 from neva_jax.model import neva
 from neva_jax.model.neva import NevaConfig
 from neva_jax.model.schema import FieldError, keys
 from neva_jax.run_config import (
-    MODEL_TYPE_TEMPLATES,
     ConfigError,
     RunConfig,
     check,

@@ -20,21 +20,13 @@ import os
 import jax
 
 from neva_jax.data.config import DataConfig
+from neva_jax.data.conversation import MODEL_TYPE_TEMPLATES
 from neva_jax.model import neva
 from neva_jax.model.neva import NevaConfig
 from neva_jax.model.parts import ADAPTERS
 from neva_jax.model.schema import DTYPES
 
-# NeMo's `mm_cfg.llm.model_type` -> the conversation template NeMo selects with it
-# (its NeVA configs: `conv_template: ${model.mm_cfg.llm.model_type}`): here the
-# `data.template` of a config that leaves it unset (None).
-MODEL_TYPE_TEMPLATES = {
-    "llama_2": "llava_llama_2",
-    "v1": "vicuna_v1",
-    "nvgpt": "nvgpt",
-    "llama_3": "llama_3",
-    "mistral": "mistral",
-}
+# NeMo's model types; each selects the `data.template` of a config that leaves it unset.
 MODEL_TYPES = tuple(MODEL_TYPE_TEMPLATES)
 # How the token losses are averaged (train/step.py): one mean over the global batch,
 # or HF Trainer's / NeMo's mean of per-micro-batch, per-device token means.

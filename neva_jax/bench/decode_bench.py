@@ -157,8 +157,9 @@ def _weight_read_floor(
     report: Report, model, e2e: dict[str, list[float]], ttft: dict[str, list[float]], n: int
 ) -> None:
     """The batch-1 step's floor: one read of the LLM's weights that a step uses (every
-    layer and the LM head; an untied embedding table only by one row), timed as a matvec over as many
-    bytes; with each side's measured step time and the best ratio that floor allows."""
+    layer and the LM head; an untied embedding table only by one row), timed as a
+    matvec over as many bytes; with each side's measured step time and the best ratio
+    that floor allows."""
     from flax import nnx
 
     weights = nnx.to_pure_dict(nnx.state(model.llm, nnx.Param))

@@ -32,6 +32,7 @@ import yaml
 from neva_jax.convert import nemo_config, nemo_write
 from neva_jax.convert.nemo_context import Call, PyRef, to_fiddle_json, to_yaml_dict
 from neva_jax.convert.nemo_io import NemoError, require_torch
+from neva_jax.data.conversation import MODEL_TYPE_TEMPLATES
 from neva_jax.model.neva import NevaConfig
 from neva_jax.model.projector import projector_depth
 
@@ -163,17 +164,8 @@ def _nemo2_config(
     )
 
 
-# Our conversation template -> NeMo 1 NeVA's `data.conv_template` name; the same name is
-# its `mm_cfg.llm.model_type` where NeMo has one (not for `plain`, stage 1's).
-NEMO_CONV_TEMPLATES = {
-    "vicuna_v1": "v1",
-    "llava_llama_2": "llama_2",
-    "plain": "plain",
-    "mistral": "mistral",
-    "llama_3": "llama_3",
-    "nvgpt": "nvgpt",
-}
-NEMO_MODEL_TYPES = ("nvgpt", "llama_2", "v1", "mistral", "llama_3")
+# Our conversation template -> NeMo's model type (also its `data.conv_template` name).
+_MODEL_TYPE_OF_TEMPLATE = {t: m for m, t in MODEL_TYPE_TEMPLATES.items()}
 DEFAULT_MODEL_TYPE = "llama_2"
 
 
@@ -213,8 +205,9 @@ def _nemo1_config(
     out["target"] = (
         "nemo.collections.multimodal.models.multimodal_llm.neva.neva_model.MegatronNevaModel"
     )
-    conv = NEMO_CONV_TEMPLATES.get(template or "")
-    model_type = conv if conv in NEMO_MODEL_TYPES else DEFAULT_MODEL_TYPE
+    model_type = _MODEL_TYPE_OF_TEMPLATE.get(template, DEFAULT_MODEL_TYPE)
+    # `plain` (stage 1's) is a NeMo conv_template but no model type.
+    conv = "plain" if template == "plain" else _MODEL_TYPE_OF_TEMPLATE.get(template)
     if conv is not None:
         out["data"] = {"conv_template": conv}
     out["mm_cfg"] = {

@@ -201,6 +201,18 @@ def messages_from_llava(turns: Sequence[dict]) -> list[Message]:
     return out
 
 
+# NeMo's `mm_cfg.llm.model_type` -> the conversation template NeMo selects with it
+# (its NeVA configs: `conv_template: ${model.mm_cfg.llm.model_type}`): the
+# `data.template` of a run config that leaves it unset, and the model type a NeMo 1
+# export of a run names for its template.
+MODEL_TYPE_TEMPLATES = {
+    "llama_2": "llava_llama_2",
+    "v1": "vicuna_v1",
+    "nvgpt": "nvgpt",
+    "llama_3": "llama_3",
+    "mistral": "mistral",
+}
+
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (

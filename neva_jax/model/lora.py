@@ -228,7 +228,7 @@ def random_words(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     impl = str(jax.random.key_impl(key))
     if "threefry" not in impl or n >= 2**32 or not jax.config.jax_threefry_partitionable:
         return jax.random.bits(key, shape, jnp.uint32)
-    k0, k1 = (w for w in jax.random.key_data(key))
+    k0, k1 = jax.random.key_data(key)
     ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
     index = jnp.zeros(shape, jnp.uint32)  # row-major: sum of iota * stride
     stride = 1
