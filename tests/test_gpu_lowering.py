@@ -155,8 +155,11 @@ def test_generation_decode_form_lowers_for_cuda():
 def test_cpu_choices_differ_from_gpu_choices():
     """The two sides the tests above and the rest of the suite execute."""
     cpu, gpu = platform.resolve_runtime("cpu"), platform.resolve_runtime("gpu")
-    assert cpu == {"attention_impl": "xla", "row_major_weight_grads": True}
-    assert gpu == {"attention_impl": "auto", "row_major_weight_grads": False}
+    assert cpu == {"attention_impl": "xla", "row_major_weight_grads": True, "scan_layers": False}
+    assert gpu == {"attention_impl": "auto", "row_major_weight_grads": False, "scan_layers": True}
+    for b in ("cpu", "gpu"):  # an explicit choice wins
+        assert platform.resolve_runtime(b, scan_layers=True)["scan_layers"] is True
+        assert platform.resolve_runtime(b, scan_layers=False)["scan_layers"] is False
     assert platform.per_layer_decode("cpu") and not platform.per_layer_decode("gpu")
     assert np.all(
         [

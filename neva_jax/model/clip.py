@@ -38,7 +38,7 @@ from neva_jax.model.layers import (
     Embed,
     LayerNorm,
     Mlp,
-    checkpoint_policy,
+    apply_stacked,
     param,
 )
 from neva_jax.model.schema import FieldError, check_choice, check_runtime, key
@@ -71,7 +71,7 @@ class ClipConfig:
     param_dtype: str = "float32"
     attention_impl: str = "xla"  # xla | cudnn | auto (GPU only: attention.select_implementation)
     remat_policy: str = "none"
-    scan_layers: bool = True
+    scan_layers: bool | None = None  # as LlamaConfig.scan_layers
     row_major_weight_grads: bool = False  # the XLA:CPU weight-gradient form (layers.Dense)
 
     def __post_init__(self):
@@ -317,15 +317,6 @@ class ClipVisionTower(nnx.Module):
         def layer_fn(h: jax.Array, layer_state: nnx.State) -> jax.Array:
             return nnx.merge(graphdef, layer_state)(h)
 
-        if cfg.remat_policy != "none":
-            layer_fn = jax.checkpoint(
-                layer_fn,
-                policy=checkpoint_policy(cfg.remat_policy),
-                prevent_cse=not cfg.scan_layers,
-            )
-        if cfg.scan_layers:
-            h, _ = jax.lax.scan(lambda h, s: (layer_fn(h, s), None), h, state)
-            return h
-        for i in range(n):
-            h = layer_fn(h, jax.tree.map(lambda a, i=i: a[i], state))
-        return h
+        return apply_stacked(
+            layer_fn, h, state, scan=cfg.scan_layers is not False, remat_policy=cfg.remat_policy
+        )

@@ -422,3 +422,34 @@ def checkpoint_policy(name: str) -> Any:
         # attention scores and softmax (batched dots) and elementwise ops.
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     return None
+
+
+def apply_stacked(
+    layer_fn: Callable[[jax.Array, Any], jax.Array],
+    x: jax.Array,
+    state: Any,
+    *,
+    scan: bool,
+    remat_policy: str,
+) -> jax.Array:
+    """`x` through the layers whose parameters `state` holds stacked ([L, ...] leaves):
+    `layer_fn(x, one layer's state) -> x`, remat per layer under `remat_policy`.
+
+    `scan=True` is one `lax.scan` (compile time independent of depth). Unrolled, the
+    stack is taken apart once with `lax.unstack`, whose transpose is one concatenate:
+    indexing `a[i]` per layer would make the weight gradient a sum of L zero-padded
+    [L, ...] arrays, and a scan writes every layer's saved activations into [L, ...]
+    buffers that the unrolled form never builds.
+    """
+    if remat_policy != "none":
+        layer_fn = jax.checkpoint(
+            layer_fn, policy=checkpoint_policy(remat_policy), prevent_cse=not scan
+        )
+    if scan:
+        x, _ = jax.lax.scan(lambda h, s: (layer_fn(h, s), None), x, state)
+        return x
+    leaves, treedef = jax.tree.flatten(state)
+    per_layer = zip(*(jax.lax.unstack(a) for a in leaves), strict=True)
+    for layer_leaves in per_layer:
+        x = layer_fn(x, jax.tree.unflatten(treedef, layer_leaves))
+    return x

@@ -38,6 +38,7 @@ from neva_jax.model.layers import (
     Embed,
     FusedMlp,
     Mlp,
+    apply_stacked,
     checkpoint_policy,
     contract,
     make_norm,
@@ -86,7 +87,9 @@ class LlamaConfig:
     param_dtype: str = "float32"
     attention_impl: str = "xla"  # xla | cudnn | auto (GPU only: attention.select_implementation)
     remat_policy: str = "none"  # none | full | selective
-    scan_layers: bool = True  # training/no-cache calls: lax.scan over the stacked layers
+    # Training/no-cache calls: lax.scan over the stacked layers (True) or unrolled (False);
+    # None: the platform's choice (`platform.resolve_runtime`), a model built with None scans.
+    scan_layers: bool | None = None
     row_major_weight_grads: bool = False  # the XLA:CPU weight-gradient form (layers.Dense)
 
     def __post_init__(self):
@@ -560,18 +563,9 @@ class Llama(nnx.Module):
             _, h = nnx.merge(graphdef, layer_state)(h, positions=positions, mask=mask)
             return h
 
-        if cfg.remat_policy != "none":
-            layer_fn = jax.checkpoint(
-                layer_fn,
-                policy=checkpoint_policy(cfg.remat_policy),
-                prevent_cse=not cfg.scan_layers,
-            )
-        if cfg.scan_layers:
-            x, _ = jax.lax.scan(lambda h, s: (layer_fn(h, s), None), x, state)
-            return x
-        for i in range(n):
-            x = layer_fn(x, jax.tree.map(lambda a, i=i: a[i], state))
-        return x
+        return apply_stacked(
+            layer_fn, x, state, scan=cfg.scan_layers is not False, remat_policy=cfg.remat_policy
+        )
 
     def _cached_layers(
         self,

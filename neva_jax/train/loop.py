@@ -87,7 +87,8 @@ def prepare(cfg: RunConfig) -> Run:
     )
     ncfg = model_for_tokenizer(cfg, tok.image_token_id, tok.vocab_size)
     # Backend-dependent run-time choices are made here, once (see neva_jax.platform).
-    ncfg = with_runtime(ncfg, **platform.resolve_runtime(attention_impl=ncfg.llm.attention_impl))
+    chosen = {"attention_impl": ncfg.llm.attention_impl, "scan_layers": ncfg.llm.scan_layers}
+    ncfg = with_runtime(ncfg, **platform.resolve_runtime(**chosen))
     return Run(cfg, tok, ncfg, build.run_mesh(cfg))
 
 

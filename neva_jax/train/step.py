@@ -243,11 +243,13 @@ def make_train_step(
         grad_norm = opt_lib.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, new_opt_state = optax.with_extra_args_support(tx).update(
+            grads, state.opt_state, state.params, finite=finite, grad_norm=grad_norm
+        )
         new_params = optax.apply_updates(state.params, updates)
 
         def keep_if_finite(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            return opt_lib.keep_if_finite(new, old, finite)
 
         skipped = (~finite).astype(jnp.int32)
         applied = state.step - state.nonfinite_count  # updates applied so far

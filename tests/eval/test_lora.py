@@ -72,7 +72,8 @@ def adapter(request, llava_std_dir, tmp_path_factory):
                 p.normal_(0.0, 0.2)
     out = tmp_path_factory.mktemp(f"peft_{request.param}")
     model.save_pretrained(out)
-    imported = hf.import_llava(llava_std_dir, adapter=out)
+    # This backend's run-time choices, as `checkpoint.load_model` makes them.
+    imported = hf.import_llava(llava_std_dir, adapter=out, **platform.resolve_runtime())
     return request.param, model, out, imported
 
 

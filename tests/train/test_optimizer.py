@@ -1,5 +1,7 @@
 """Stage freezing, the optimizer and the pure step, on a small stand-in model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +162,61 @@ def test_capacity_overflow_falls_back_to_all_positions(standin, make_batch):
 
     full, small = sums(state, b)
     np.testing.assert_allclose(small, full, rtol=1e-6)
+
+
+@pytest.mark.parametrize("projector_lr", [0.0, 1e-3])
+def test_optimizer_is_optax_adamw_and_keeps_its_state_on_a_nan_step(
+    standin, make_batch, nan_batch, projector_lr
+):
+    """`make_optimizer`'s own clipping (one scale, the step's norm) and `scale_by_adam`
+    (moments behind an optimization barrier, kept by the optimizer itself on a
+    non-finite step) against the same chain built from `optax.clip_by_global_norm` and
+    `optax.adamw`: the same state tree, and parameters, moments and counts after four
+    clipped steps (the third one NaN) within float32 rounding of each other."""
+    train = dataclasses.replace(TRAIN, projector_lr=projector_lr, grad_clip=0.5)
+
+    def reference() -> optax.GradientTransformation:
+        def adamw(peak=None):
+            return optax.adamw(
+                opt_lib.learning_rate_schedule(train, peak),
+                b1=train.adam_b1,
+                b2=train.adam_b2,
+                eps=train.adam_eps,
+                weight_decay=train.weight_decay,
+                mask=opt_lib.decay_mask,
+            )
+
+        inner = adamw()
+        if projector_lr:
+            groups = {"default": adamw(), "projector": adamw(projector_lr)}
+            inner = optax.multi_transform(groups, opt_lib.lr_labels)
+        return optax.chain(optax.clip_by_global_norm(train.grad_clip), inner)
+
+    parts = ("projector", "llm")
+    states = []
+    for tx in (opt_lib.make_optimizer(train), reference()):
+        graphdef, state = state_lib.create(standin(), parts, tx)
+        fn = jax.jit(
+            step_lib.make_train_step(
+                graphdef, tx, opt_lib.learning_rate_schedule(train), trained_parts=parts
+            )
+        )
+        for i in range(4):
+            state, metrics = fn(state, nan_batch(make_batch(i)) if i == 2 else make_batch(i))
+            assert bool(metrics["finite"]) == (i != 2)
+        states.append(state)
+    ours, ref = states
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(ours.opt_state)[0]]
+    assert paths == [p for p, _ in jax.tree_util.tree_flatten_with_path(ref.opt_state)[0]]
+    assert [int(c) for c in jax.tree.leaves(ours.opt_state) if np.ndim(c) == 0] == [3] * len(
+        [c for c in jax.tree.leaves(ref.opt_state) if np.ndim(c) == 0]
+    )
+    for a, b in zip(
+        jax.tree.leaves((ours.params, ours.opt_state)),
+        jax.tree.leaves((ref.params, ref.opt_state)),
+        strict=True,
+    ):
+        # One rounding of the clipped gradient, amplified where a moment's terms cancel:
+        # an error relative to the leaf's scale, not to each element.
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=2e-6, atol=1e-6 * np.abs(b).max())
