@@ -43,6 +43,22 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None = N
     return np.where(medium, smoothed, scaled).astype(f32)
 
 
+def _materialized(table: jax.Array) -> jax.Array:
+    """`table` [..., F] float32, unchanged (times the identity: x * 1 plus zeros, exact
+    for finite values), as the output of a matmul, which XLA does not fuse into the
+    table's consumers.
+
+    The cosine and sine tables are [B, T, rot/2], their consumers [B, T, N, rot/2]:
+    fused, XLA:CPU recomputes both transcendentals for every head of every element it
+    writes (N times over, in each q and k rotation and in their backward passes),
+    about 3% of the bench's train step. `jax.lax.optimization_barrier` does not stop
+    it: XLA removes barriers before fusion. Identical tables (q and k, every layer)
+    are one computation after XLA's common-subexpression elimination.
+    """
+    eye = jnp.eye(table.shape[-1], dtype=table.dtype)
+    return jnp.einsum("...F,FG->...G", table, eye, precision="highest")
+
+
 def apply_rope(
     x: jax.Array,
     positions: jax.Array,
@@ -59,14 +75,16 @@ def apply_rope(
     pairs. `scaling`: Llama 3.1's frequency scaling (`rope_inv_freq`).
     """
     inv_freq = jnp.asarray(rope_inv_freq(rotary_dim, theta, scaling))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, rot]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x_rot, x_pass = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot/2]
+    cos, sin = (_materialized(t)[:, :, None, :] for t in (jnp.cos(freqs), jnp.sin(freqs)))
     half = rotary_dim // 2
-    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    out = (x_rot * cos + rotated * sin).astype(x.dtype)
-    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:rotary_dim].astype(jnp.float32)
+    # x * [cos, cos] + rotate_half(x) * [sin, sin], one half at a time: the same products
+    # and sums, with each angle's cosine and sine taken once instead of twice.
+    parts = [(x1 * cos - x2 * sin).astype(x.dtype), (x2 * cos + x1 * sin).astype(x.dtype)]
+    if x.shape[-1] > rotary_dim:
+        parts.append(x[..., rotary_dim:])
+    return jnp.concatenate(parts, axis=-1)
 
 
 def fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
