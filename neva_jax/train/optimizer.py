@@ -120,14 +120,11 @@ def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformat
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
         count_inc = optax.safe_increment(state.count)
+        count = count_inc
         if finite is not True:
-            mu, nu = (
-                jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-                for new, old in ((mu, state.mu), (nu, state.nu))
+            mu, nu, count = keep_if_finite(
+                (mu, nu, count), (state.mu, state.nu, state.count), finite
             )
-            count = jnp.where(finite, count_inc, state.count)
-        else:
-            count = count_inc
         mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
         nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
         updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)

@@ -248,15 +248,12 @@ def make_train_step(
         )
         new_params = optax.apply_updates(state.params, updates)
 
-        def keep_if_finite(new, old):
-            return opt_lib.keep_if_finite(new, old, finite)
-
         skipped = (~finite).astype(jnp.int32)
         applied = state.step - state.nonfinite_count  # updates applied so far
         new_state = state.replace(
             step=state.step + 1,
-            params=keep_if_finite(new_params, state.params),
-            opt_state=keep_if_finite(new_opt_state, state.opt_state),
+            params=opt_lib.keep_if_finite(new_params, state.params, finite),
+            opt_state=opt_lib.keep_if_finite(new_opt_state, state.opt_state, finite),
             nonfinite_count=state.nonfinite_count + skipped,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         )
