@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from neva_jax.convert import hf_export, nemo_export, nemo_import
+from neva_jax.convert import hf, hf_export, nemo_export, nemo_import
 
 IMPORT_HELP = """\
 Import Hugging Face weights (safetensors only) into a neva-jax model folder.
@@ -73,10 +73,11 @@ def _add_import_arguments(p: argparse.ArgumentParser) -> None:
         choices=("float32", "bfloat16"),
         help="stored parameter dtype",
     )
+    hf.add_conversation_arguments(p)
 
 
 def _run_import(args: argparse.Namespace) -> None:
-    from neva_jax.convert import checkpoint, hf
+    from neva_jax.convert import checkpoint
 
     two_folders = args.llm is not None or args.vision is not None
     if two_folders:
@@ -106,12 +107,7 @@ def _run_import(args: argparse.Namespace) -> None:
         imported = hf.import_llava(
             args.paths[0], adapter=args.adapter, param_dtype=args.param_dtype
         )
-    checkpoint.save_model(
-        out,
-        imported.model,
-        tokenizer=imported.tokenizer,
-        preprocessor_config=imported.preprocessor_config,
-    )
+    conversation = checkpoint.save_imported(out, imported, args.template, args.image_aspect)
     cfg = imported.config
     print(
         f"wrote {out}: LLM {cfg.llm.num_layers} layers x {cfg.llm.hidden_size}, vocab "
@@ -122,7 +118,7 @@ def _run_import(args: argparse.Namespace) -> None:
             if cfg.peft.enabled
             else ""
         )
-        + f" ({time.time() - start:.1f}s)"
+        + f"; {conversation} ({time.time() - start:.1f}s)"
     )
 
 

@@ -6,6 +6,8 @@ Kinds (docs/CONTRACTS.md "Checkpoint folders"):
     params/                   Orbax checkpoint of the parameters as a nested dict
     tokenizer/                Hugging Face tokenizer files, `<image>` included
     preprocessor_config.json  the image processor, when the source had one
+    conversation.json         the conversation template and image aspect mode the
+                              weights were trained with, when the source named them
 - a training run: its workdir, its `checkpoints/` folder or a step folder
   `checkpoints/STEP/{state,meta,data_iter}` (written by `neva_jax.train.checkpointer`,
   which owns writing and resuming; the layout constants live here);
@@ -33,6 +35,7 @@ from jax.sharding import Mesh
 
 from neva_jax import platform
 from neva_jax.convert import hf
+from neva_jax.data.image import ASPECT_MODES
 from neva_jax.model import neva
 from neva_jax.model.neva import Neva, NevaConfig
 
@@ -41,6 +44,8 @@ MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
 TOKENIZER = "tokenizer"
 PREPROCESSOR = "preprocessor_config.json"
+# {"template": ..., "image_aspect_ratio": ...}: what generate and serve default to.
+CONVERSATION = "conversation.json"
 # A training run: WORKDIR/checkpoints/STEP/{state,meta,data_iter}, WORKDIR/tokenizer.
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "meta", "data_iter")
@@ -211,7 +216,15 @@ def load_model(
     if kind == "llava_hf":
         imported = hf.import_llava(path, mesh=mesh, **runtime)
         tokenizer_path = path if imported.tokenizer is not None else None
-        info = ModelInfo(path, kind, imported.config, tokenizer_path, imported.preprocessor_config)
+        info = ModelInfo(
+            path,
+            kind,
+            imported.config,
+            tokenizer_path,
+            imported.preprocessor_config,
+            template=imported.template,
+            image_aspect_ratio=imported.image_aspect_ratio,
+        )
         return imported.model, info
     cfg = neva.with_runtime(read_config(path), **runtime)
     graphdef, abstract = hf.abstract_neva(cfg, mesh)
@@ -222,7 +235,16 @@ def load_model(
         tokenizer = path / TOKENIZER
         pre = path / PREPROCESSOR
         preprocessor = json.loads(pre.read_text()) if pre.exists() else None
-        info = ModelInfo(path, kind, cfg, tokenizer if tokenizer.is_dir() else None, preprocessor)
+        conv = read_conversation(path)
+        info = ModelInfo(
+            path,
+            kind,
+            cfg,
+            tokenizer if tokenizer.is_dir() else None,
+            preprocessor,
+            template=conv.get("template"),
+            image_aspect_ratio=conv.get("image_aspect_ratio"),
+        )
         return model, info
     ckpt_dir, step = resolve_checkpoint(str(path))
     tokenizer = Path(ckpt_dir).parent / TOKENIZER
@@ -249,8 +271,14 @@ def save_model(
     *,
     tokenizer: Any | None = None,
     preprocessor_config: dict[str, Any] | None = None,
+    template: str | None = None,
+    image_aspect_ratio: str | None = None,
 ) -> Path:
     """Writes `model` as a model folder at `out` (which must not exist or be empty).
+
+    `template` / `image_aspect_ratio`: the conversation template and image aspect mode
+    the weights were trained with, when known (`conversation.json`; generate and serve
+    default to them).
 
     The folder is written next to `out` under a temporary name and renamed when
     complete, so a crash never leaves a half-written folder at `out`.
@@ -258,6 +286,7 @@ def save_model(
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not empty; choose a new output folder")
+    conversation = _conversation(template, image_aspect_ratio)
     tmp = out.parent / f".{out.name}.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -271,7 +300,65 @@ def save_model(
         tokenizer.save_pretrained(str(tmp / TOKENIZER))
     if preprocessor_config is not None:
         (tmp / PREPROCESSOR).write_text(json.dumps(preprocessor_config, indent=2) + "\n")
+    if conversation:
+        (tmp / CONVERSATION).write_text(json.dumps(conversation, indent=2) + "\n")
     if out.exists():
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+def _conversation(template: str | None, image_aspect_ratio: str | None) -> dict[str, str]:
+    """The checked `conversation.json` contents (known names only; None keys left out)."""
+    from neva_jax.data.conversation import TEMPLATES
+
+    out = {}
+    if template is not None:
+        if template not in TEMPLATES:
+            raise ValueError(f"template {template!r}: unknown; use one of {', '.join(TEMPLATES)}")
+        out["template"] = template
+    if image_aspect_ratio is not None:
+        if image_aspect_ratio not in ASPECT_MODES:
+            raise ValueError(
+                f"image aspect ratio {image_aspect_ratio!r}: use one of {', '.join(ASPECT_MODES)}"
+            )
+        out["image_aspect_ratio"] = image_aspect_ratio
+    return out
+
+
+def read_conversation(folder: str | Path) -> dict[str, str]:
+    """A model folder's `conversation.json` ({} when absent), checked as `save_model`
+    writes it, so a hand-edited typo fails here with the file's name."""
+    path = Path(folder) / CONVERSATION
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or set(data) - {"template", "image_aspect_ratio"}:
+        raise ValueError(f"{path}: expected an object with template and image_aspect_ratio")
+    try:
+        return _conversation(data.get("template"), data.get("image_aspect_ratio"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def save_imported(
+    out: str | Path,
+    imported: hf.Imported,
+    template: str | None = None,
+    image_aspect: str | None = None,
+) -> str:
+    """Writes an import as a model folder, `template` / `image_aspect` (the import
+    commands' flags) over what the source names; returns the summary's words on them."""
+    template = template or imported.template
+    aspect = image_aspect or imported.image_aspect_ratio
+    save_model(
+        out,
+        imported.model,
+        tokenizer=imported.tokenizer,
+        preprocessor_config=imported.preprocessor_config,
+        template=template,
+        image_aspect_ratio=aspect,
+    )
+    return f"template {template or 'not named (generate/serve: --template, else vicuna_v1)'}" + (
+        f", images {aspect}" if aspect else ""
+    )

@@ -109,6 +109,8 @@ class Imported:
     config: NevaConfig
     tokenizer: Any | None  # a transformers tokenizer, `<image>` included
     preprocessor_config: dict[str, Any] | None
+    template: str | None = None  # conversation template the source names, when known
+    image_aspect_ratio: str | None = None  # square | pad | keep, when the source names it
 
 
 # (llm prefix, lm_head key, projector prefix, vision prefixes to try) per llava-hf layout.
@@ -145,6 +147,53 @@ def load_hf_tokenizer(path: str | Path) -> Any | None:
 def _preprocessor(path: Path) -> dict[str, Any] | None:
     file = path / "preprocessor_config.json"
     return json.loads(file.read_text()) if file.exists() else None
+
+
+def saved_chat_template(path: Path) -> str | None:
+    """The Jinja chat template a Hugging Face folder holds (`chat_template.jinja`, the
+    processor's `chat_template.json`, or `tokenizer_config.json`), or None."""
+    jinja = path / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        file = path / name
+        if file.exists():
+            found = json.loads(file.read_text()).get("chat_template")
+            if isinstance(found, str):
+                return found
+    return None
+
+
+def template_of_chat_template(text: str | None) -> str | None:
+    """Our conversation template whose generated Hugging Face chat template
+    (`hf_export.chat_template`) is exactly `text`: what `export-hf` wrote. Any other
+    chat template (llava-hf's own, say) names none: it is not ours to interpret."""
+    from neva_jax.convert.hf_export import chat_template
+    from neva_jax.data.conversation import TEMPLATES
+
+    if text is None:
+        return None
+    return next((n for n, t in TEMPLATES.items() if chat_template(t) == text), None)
+
+
+def add_conversation_arguments(p: Any) -> None:
+    """`--template` / `--image-aspect` of the import commands: what the model folder's
+    `conversation.json` records, over what the source names."""
+    from neva_jax.data.conversation import TEMPLATES
+    from neva_jax.data.image import ASPECT_MODES
+
+    p.add_argument(
+        "--template",
+        choices=tuple(TEMPLATES),
+        help="conversation template the weights were trained with (default: the source's, "
+        "when it names one); generate and serve use it",
+    )
+    p.add_argument(
+        "--image-aspect",
+        choices=ASPECT_MODES,
+        help="image aspect mode the weights were trained with (default: the source's, "
+        "when it names one)",
+    )
 
 
 def import_llava(
@@ -201,7 +250,8 @@ def import_llava(
         check_keys(lora_entries, lora_reader, set())
         sources.append((lora_entries, lora_reader))
     model = load_into(*abstract_neva(cfg, mesh), sources)
-    return Imported(model, cfg, tokenizer, _preprocessor(src))
+    template = template_of_chat_template(saved_chat_template(src))
+    return Imported(model, cfg, tokenizer, _preprocessor(src), template=template)
 
 
 def _clip_source(

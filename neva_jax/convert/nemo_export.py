@@ -167,6 +167,8 @@ def _nemo2_config(
 # Our conversation template -> NeMo's model type (also its `data.conv_template` name).
 _MODEL_TYPE_OF_TEMPLATE = {t: m for m, t in MODEL_TYPE_TEMPLATES.items()}
 DEFAULT_MODEL_TYPE = "llama_2"
+# NeMo NeVA's `data.image_aspect_ratio` values (our "keep" has no NeMo form).
+NEMO_IMAGE_ASPECTS = ("square", "pad")
 
 
 def _nemo1_config(
@@ -177,10 +179,13 @@ def _nemo1_config(
     tok_file: str,
     extra: list[str],
     template: str | None = None,
+    image_aspect_ratio: str | None = None,
 ) -> dict:
-    """NeMo 1 `model_config.yaml`. `template`: the conversation template the run trained
-    with (a training checkpoint's `data.template`), written as NeMo's `data.conv_template`
-    and `mm_cfg.llm.model_type`; unknown (a model folder): model_type llama_2."""
+    """NeMo 1 `model_config.yaml`. `template`: the conversation template the weights
+    were trained with (a training checkpoint's `data.template`, a model folder's
+    `conversation.json`), written as NeMo's `data.conv_template` and
+    `mm_cfg.llm.model_type`; unknown: model_type llama_2. `image_aspect_ratio` is
+    written as `data.image_aspect_ratio` when NeMo has it (square, pad)."""
     out = nemo_config.llm_to_nemo1(cfg.llm)
     out["precision"] = {"float32": 32, "bfloat16": "bf16", "float16": 16}[dtype]
     out["override_vocab_size"] = None
@@ -208,8 +213,11 @@ def _nemo1_config(
     model_type = _MODEL_TYPE_OF_TEMPLATE.get(template, DEFAULT_MODEL_TYPE)
     # `plain` (stage 1's) is a NeMo conv_template but no model type.
     conv = "plain" if template == "plain" else _MODEL_TYPE_OF_TEMPLATE.get(template)
-    if conv is not None:
-        out["data"] = {"conv_template": conv}
+    data = {"conv_template": conv} if conv is not None else {}
+    if image_aspect_ratio in NEMO_IMAGE_ASPECTS:
+        data["image_aspect_ratio"] = image_aspect_ratio
+    if data:
+        out["data"] = data
     out["mm_cfg"] = {
         "llm": {"from_pretrained": None, "freeze": False, "model_type": model_type},
         "vision_encoder": {
@@ -274,7 +282,17 @@ def export_nemo(
             _write_nemo2(tmp, params, cfg, tok, vocab, padded, dtype, np_dtype, llm_only, out)
         else:
             _write_nemo1(
-                tmp, params, cfg, tok_path, vocab, padded, dtype, np_dtype, llm_only, info.template
+                tmp,
+                params,
+                cfg,
+                tok_path,
+                vocab,
+                padded,
+                dtype,
+                np_dtype,
+                llm_only,
+                info.template,
+                info.image_aspect_ratio,
             )
         if out.exists():
             out.rmdir()
@@ -366,6 +384,7 @@ def _write_nemo1(
     np_dtype: Any,
     llm_only: bool,
     template: str | None = None,
+    image_aspect_ratio: str | None = None,
 ) -> None:
     sp = tok_path / "tokenizer.model"
     if not sp.exists():
@@ -381,7 +400,9 @@ def _write_nemo1(
     tok = transformers.AutoTokenizer.from_pretrained(str(tok_path))
     added = tok.added_tokens_decoder
     extra = [str(added[i]) for i in range(base, vocab)]
-    config = _nemo1_config(cfg, vocab, dtype, llm_only, tok_file, extra, template)
+    config = _nemo1_config(
+        cfg, vocab, dtype, llm_only, tok_file, extra, template, image_aspect_ratio
+    )
     (tmp / "model_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     objects = nemo_write.extra_states("model.", cfg.llm.num_layers)
     tensors = _prefixed("model.", _tensors(params, cfg, vocab, padded, llm_only, "nemo1"))

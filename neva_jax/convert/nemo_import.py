@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from neva_jax import sharding
 from neva_jax.convert import hf, hf_clip, hf_llama, nemo_keys
-from neva_jax.convert.hf import Imported
+from neva_jax.convert.hf import Imported, add_conversation_arguments
 from neva_jax.convert.nemo_io import NemoError, Source
 from neva_jax.convert.nemo_merge import Subset, check_entries
 from neva_jax.convert.nemo_read import read_checkpoint
@@ -276,7 +276,14 @@ def import_nemo(
         model = load_into(*hf.abstract_neva(cfg, mesh), sources, fresh)
         pre = vision_dir / "preprocessor_config.json" if vision_dir else None
         preprocessor = json.loads(pre.read_text()) if pre is not None and pre.exists() else None
-        return Imported(model, cfg, tok, preprocessor)
+        return Imported(
+            model,
+            cfg,
+            tok,
+            preprocessor,
+            template=neva.get("template"),
+            image_aspect_ratio=neva.get("image_aspect_ratio"),
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -364,24 +371,27 @@ def add_import_arguments(p: Any) -> None:
         action="store_true",
         help="fully unpickle legacy .ckpt files (runs code from the file: trusted sources only)",
     )
+    add_conversation_arguments(p)
 
 
-def save_imported(out: str | Path, imported: Imported) -> None:
-    """Writes an `import_nemo` result as a model folder (what `import-nemo` writes); a
-    NeMo 1 sentencepiece model is kept as `tokenizer/tokenizer.model` for a NeMo 1
-    export."""
+def save_imported(
+    out: str | Path,
+    imported: Imported,
+    template: str | None = None,
+    image_aspect: str | None = None,
+) -> str:
+    """Writes an `import_nemo` result as a model folder (what `import-nemo` writes), the
+    flags' `template` / `image_aspect` over the checkpoint's; a NeMo 1 sentencepiece
+    model is kept as `tokenizer/tokenizer.model` for a NeMo 1 export. Returns the
+    summary's words on the conversation."""
     from neva_jax.convert import checkpoint
 
     out = Path(out)
-    checkpoint.save_model(
-        out,
-        imported.model,
-        tokenizer=imported.tokenizer,
-        preprocessor_config=imported.preprocessor_config,
-    )
+    words = checkpoint.save_imported(out, imported, template, image_aspect)
     sp_model = getattr(imported.tokenizer, "nemo_sentencepiece_model", None)
     if sp_model is not None:
         (out / checkpoint.TOKENIZER / "tokenizer.model").write_bytes(sp_model)
+    return words
 
 
 def run_import(args: Any) -> None:
@@ -402,12 +412,12 @@ def run_import(args: Any) -> None:
         seed=args.seed,
         param_dtype=args.param_dtype,
     )
-    save_imported(out, imported)
+    conversation = save_imported(out, imported, args.template, args.image_aspect)
     cfg = imported.config
     print(
         f"wrote {out}: LLM {cfg.llm.num_layers} layers x {cfg.llm.hidden_size}, vocab "
         f"{cfg.llm.vocab_size}, <image> = {cfg.image_token_id}; vision {cfg.vision.image_size}px; "
-        f"projector {cfg.projector} ({time.time() - start:.1f}s)"
+        f"projector {cfg.projector}; {conversation} ({time.time() - start:.1f}s)"
     )
 
 

@@ -129,6 +129,52 @@ def test_processor_matches_our_prompt_and_pixels(tmp_path):
     np.testing.assert_allclose(pixels, gen.preprocess(image), atol=1e-5)
 
 
+def test_conversation_travels_with_the_model_folder(tmp_path, capsys):
+    """A model folder's conversation.json (template, image aspect mode) is what generate
+    defaults to; export-hf writes the template as the chat template and import-hf
+    reads it back; the import flags win; a bad file fails naming itself."""
+    from neva_jax.eval.generate import Generator
+
+    src, folder, export = tmp_path / "hf", tmp_path / "model", tmp_path / "export"
+    _build_llava_hf(str(src), projector_act="gelu")
+    imported = hf.import_llava(src)
+    assert imported.template is None  # no chat template in the folder
+    checkpoint.save_model(
+        folder,
+        imported.model,
+        tokenizer=imported.tokenizer,
+        template="llava_llama_2",
+        image_aspect_ratio="pad",
+    )
+    conversation = {"template": "llava_llama_2", "image_aspect_ratio": "pad"}
+    assert json.loads((folder / "conversation.json").read_text()) == conversation
+    gen = Generator.load(str(folder))
+    assert (gen.template.name, gen.image_aspect) == ("llava_llama_2", "pad")
+    assert Generator.load(str(folder), template="nvgpt").template.name == "nvgpt"
+
+    assert convert_cli.main(["export-hf", str(folder), str(export)]) == 0
+    assert convert_cli.main(["import-hf", str(export), str(tmp_path / "back")]) == 0
+    assert "template llava_llama_2 (" in capsys.readouterr().out
+    _, info = checkpoint.load_model(tmp_path / "back")
+    assert (info.template, info.image_aspect_ratio) == ("llava_llama_2", None)
+    _, info = checkpoint.load_model(export)  # a llava-hf folder read directly
+    assert info.template == "llava_llama_2"
+    flags = ["--template", "vicuna_v1", "--image-aspect", "keep"]
+    assert convert_cli.main(["import-hf", str(export), str(tmp_path / "flags"), *flags]) == 0
+    _, info = checkpoint.load_model(tmp_path / "flags")
+    assert (info.template, info.image_aspect_ratio) == ("vicuna_v1", "keep")
+    # A chat template we did not generate (llava-hf's own, say) names no template.
+    llava_hf = "{% for m in messages %}USER: {{ m['content'] }} ASSISTANT:{% endfor %}"
+    assert hf.template_of_chat_template(llava_hf) is None
+    assert convert_cli.main(["import-hf", str(src), str(tmp_path / "plain")]) == 0
+    assert "template not named" in capsys.readouterr().out
+    assert not (tmp_path / "plain" / "conversation.json").exists()
+
+    (folder / "conversation.json").write_text('{"template": "vicuna"}')
+    with pytest.raises(ValueError, match=r"conversation.json: template 'vicuna': unknown"):
+        checkpoint.load_model(folder)
+
+
 def test_export_refuses_existing_folder(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("")
@@ -200,12 +246,7 @@ def test_model_trained_by_main_exports_and_reloads(tmp_path):
     cmd += [f"--workdir={workdir}", "--config.train.steps=2", "--config.train.batch_size=8"]
     cmd += ["--config.eval.steps=1"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-    try:
-        ours, _ = checkpoint.load_model(workdir)
-    except FileNotFoundError as e:
-        if "neither a neva-jax model folder" not in str(e):
-            raise
-        pytest.skip("convert.checkpoint.load_model does not read training workdirs yet")
+    ours, _ = checkpoint.load_model(workdir)
     hf_export.export_hf(workdir, out)
     reloaded = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True).eval()
     ids, pixels = _inputs()

@@ -386,3 +386,50 @@ def test_nemo1_config_names_the_trained_template(llava, template, conv, model_ty
     out = _nemo1_config(info.config, 64, "float32", False, "tok.model", [], template)
     assert out["mm_cfg"]["llm"]["model_type"] == model_type
     assert out.get("data", {}).get("conv_template") == conv
+
+
+def test_nemo1_conversation_round_trips_through_the_model_folder(llava, tmp_path, capsys):
+    """A model folder's template and image aspect mode become NeMo 1's data.conv_template,
+    mm_cfg.llm.model_type and data.image_aspect_ratio; import-nemo writes them back into
+    the new folder's conversation.json. An unresolved `${...}` conv_template falls back
+    to the model type (NeMo's default), a name we have no template for gives none, and
+    the import flags win."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(llava["model_dir"], folder)
+    conversation = {"template": "llava_llama_2", "image_aspect_ratio": "pad"}
+    (folder / "conversation.json").write_text(json.dumps(conversation))
+    nemo = tmp_path / "neva.nemo"
+    assert main(["export-nemo", str(folder), str(nemo), "--format", "nemo1"]) == 0
+    extracted = _untar(nemo, tmp_path / "x")
+    cfg = yaml.safe_load((extracted / "model_config.yaml").read_text())
+    assert cfg["data"] == {"conv_template": "llama_2", "image_aspect_ratio": "pad"}
+    assert cfg["mm_cfg"]["llm"]["model_type"] == "llama_2"
+
+    back = tmp_path / "back"
+    assert main(["import-nemo", str(nemo), str(back), "--vision", str(llava["clip"])]) == 0
+    assert "template llava_llama_2, images pad (" in capsys.readouterr().out
+    assert json.loads((back / "conversation.json").read_text()) == conversation
+    _, info = checkpoint.load_model(back)
+    assert (info.template, info.image_aspect_ratio) == ("llava_llama_2", "pad")
+
+    flags = ["--template", "vicuna_v1", "--image-aspect", "square"]
+    out = tmp_path / "flags"
+    assert main(["import-nemo", str(nemo), str(out), "--vision", str(llava["clip"]), *flags]) == 0
+    want = {"template": "vicuna_v1", "image_aspect_ratio": "square"}
+    assert json.loads((out / "conversation.json").read_text()) == want
+
+    for conv, model_type, template in [
+        ("${model.mm_cfg.llm.model_type}", "nvgpt", "nvgpt"),
+        (None, "v1", "vicuna_v1"),
+        ("plain", "llama_2", "plain"),
+        ("yi_34b", "llama_2", None),
+    ]:
+        cfg["data"] = {"image_aspect_ratio": "anyres"}  # not a NeMo NeVA 1 mode we know
+        if conv is not None:
+            cfg["data"]["conv_template"] = conv
+        cfg["mm_cfg"]["llm"]["model_type"] = model_type
+        (extracted / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+        imported = import_nemo(extracted, vision=llava["clip"])
+        assert (imported.template, imported.image_aspect_ratio) == (template, None), conv
