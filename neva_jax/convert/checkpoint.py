@@ -347,11 +347,13 @@ def save_imported(
     template: str | None = None,
     image_aspect: str | None = None,
 ) -> str:
-    """Writes an import as a model folder, `template` / `image_aspect` (the import
-    commands' flags) over what the source names; returns the summary's words on them."""
+    """Writes an import (`import-hf`, `import-nemo`) as a model folder, `template` /
+    `image_aspect` (the import commands' flags) over what the source names; a NeMo 1
+    sentencepiece model is kept as `tokenizer/tokenizer.model` for a NeMo 1 export.
+    Returns the summary's words on the conversation."""
     template = template or imported.template
     aspect = image_aspect or imported.image_aspect_ratio
-    save_model(
+    out = save_model(
         out,
         imported.model,
         tokenizer=imported.tokenizer,
@@ -359,6 +361,9 @@ def save_imported(
         template=template,
         image_aspect_ratio=aspect,
     )
+    sp_model = getattr(imported.tokenizer, "nemo_sentencepiece_model", None)
+    if sp_model is not None:
+        (out / TOKENIZER / "tokenizer.model").write_bytes(sp_model)
     return f"template {template or 'not named (generate/serve: --template, else vicuna_v1)'}" + (
         f", images {aspect}" if aspect else ""
     )

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from neva_jax import sharding
-from neva_jax.convert import hf_clip, hf_llama, hf_peft
+from neva_jax.convert import hf_chat, hf_clip, hf_llama, hf_peft
 from neva_jax.convert.weights import (
     Entry,
     HFImportError,
@@ -149,33 +149,6 @@ def _preprocessor(path: Path) -> dict[str, Any] | None:
     return json.loads(file.read_text()) if file.exists() else None
 
 
-def saved_chat_template(path: Path) -> str | None:
-    """The Jinja chat template a Hugging Face folder holds (`chat_template.jinja`, the
-    processor's `chat_template.json`, or `tokenizer_config.json`), or None."""
-    jinja = path / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text()
-    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        file = path / name
-        if file.exists():
-            found = json.loads(file.read_text()).get("chat_template")
-            if isinstance(found, str):
-                return found
-    return None
-
-
-def template_of_chat_template(text: str | None) -> str | None:
-    """Our conversation template whose generated Hugging Face chat template
-    (`hf_export.chat_template`) is exactly `text`: what `export-hf` wrote. Any other
-    chat template (llava-hf's own, say) names none: it is not ours to interpret."""
-    from neva_jax.convert.hf_export import chat_template
-    from neva_jax.data.conversation import TEMPLATES
-
-    if text is None:
-        return None
-    return next((n for n, t in TEMPLATES.items() if chat_template(t) == text), None)
-
-
 def add_conversation_arguments(p: Any) -> None:
     """`--template` / `--image-aspect` of the import commands: what the model folder's
     `conversation.json` records, over what the source names."""
@@ -250,7 +223,7 @@ def import_llava(
         check_keys(lora_entries, lora_reader, set())
         sources.append((lora_entries, lora_reader))
     model = load_into(*abstract_neva(cfg, mesh), sources)
-    template = template_of_chat_template(saved_chat_template(src))
+    template = hf_chat.template_of_chat_template(hf_chat.saved_chat_template(src))
     return Imported(model, cfg, tokenizer, _preprocessor(src), template=template)
 
 

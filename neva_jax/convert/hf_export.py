@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from neva_jax.convert import hf_clip, hf_llama, hf_peft
-from neva_jax.data.conversation import IMAGE_PLACEHOLDER, Template, get_template
+from neva_jax.convert.hf_chat import chat_template
+from neva_jax.data.conversation import IMAGE_PLACEHOLDER, get_template
 from neva_jax.data.image import CLIP_MEAN, CLIP_STD
 from neva_jax.model import lora
 from neva_jax.model.clip import ClipConfig
@@ -230,81 +231,6 @@ def write_weights(
 
 
 # ---------------------------------------------------------------------------- processor
-
-
-def _jinja_expr(fmt: str, fields: Mapping[str, str]) -> str:
-    """A Template format string (`{system}`, `{content}`, ...) as a Jinja string expression."""
-    parts, rest = [], fmt
-    while rest:
-        starts = [
-            (rest.find("{" + name + "}"), name) for name in fields if "{" + name + "}" in rest
-        ]
-        if not starts:
-            parts.append(json.dumps(rest))
-            break
-        at, name = min(starts)
-        if at:
-            parts.append(json.dumps(rest[:at]))
-        parts.append(fields[name])
-        rest = rest[at + len(name) + 2 :]
-    return "(" + " ~ ".join(parts or ['""']) + ")"
-
-
-def chat_template(template: Template) -> str:
-    """A Hugging Face chat template (Jinja) that renders like `template.render`.
-
-    Messages use the `transformers` form: `content` is a string or a list of
-    `{"type": "image"}` / `{"type": "text", "text": ...}` items; a `system`
-    message replaces the default system prompt. As in LLaVA, a user turn's images
-    go first, one `<image>\\n` each (`<image>` alone for `plain`).
-    """
-    image = IMAGE_PLACEHOLDER if template.images_only_user else IMAGE_PLACEHOLDER + "\n"
-    fields = {
-        "system": "ns.block",
-        "content": "ns.content",
-        "label": json.dumps(template.default_label),
-    }
-    user_content = (
-        f"{json.dumps(image)} * images"
-        if template.images_only_user
-        else f"({json.dumps(image)} * images ~ (text | trim)) if images else text"
-    )
-    return "".join(
-        [
-            "{%- set ns = namespace(system="
-            + json.dumps(template.system)
-            + ", content='', block='', first=true) -%}",
-            "{%- for m in messages if m.role == 'system' -%}",
-            "{%- set ns.system = m.content if m.content is string else "
-            "(m.content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}",
-            "{%- endfor -%}",
-            "{%- for m in messages if m.role != 'system' -%}",
-            "{%- if m.content is string -%}",
-            "{%- set images = m.content.count('<image>') -%}{%- set text = m.content.replace('<image>', '') -%}",
-            "{%- else -%}",
-            "{%- set images = m.content | selectattr('type', 'equalto', 'image') | list | length -%}",
-            "{%- set text = m.content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}",
-            "{%- endif -%}",
-            "{%- if m.role == 'user' -%}",
-            "{%- set ns.content = " + user_content + " -%}",
-            "{%- if ns.first -%}",
-            "{%- set ns.block = "
-            + _jinja_expr(template.system_format, {"system": "ns.system"})
-            + " if ns.system else "
-            + json.dumps(template.empty_system)
-            + " -%}",
-            "{{ " + _jinja_expr(template.first_user, fields) + " }}",
-            "{%- else -%}",
-            "{{ " + _jinja_expr(template.user, fields) + " }}",
-            "{%- endif -%}",
-            "{%- set ns.first = false -%}",
-            "{%- else -%}",
-            "{%- set ns.content = text -%}",
-            "{{ " + _jinja_expr(template.assistant, fields) + " }}",
-            "{%- endif -%}",
-            "{%- endfor -%}",
-        ]
-    )
 
 
 def image_processor_config(cfg: NevaConfig, source: Mapping[str, Any] | None) -> dict[str, Any]:

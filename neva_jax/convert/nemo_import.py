@@ -374,29 +374,11 @@ def add_import_arguments(p: Any) -> None:
     add_conversation_arguments(p)
 
 
-def save_imported(
-    out: str | Path,
-    imported: Imported,
-    template: str | None = None,
-    image_aspect: str | None = None,
-) -> str:
-    """Writes an `import_nemo` result as a model folder (what `import-nemo` writes), the
-    flags' `template` / `image_aspect` over the checkpoint's; a NeMo 1 sentencepiece
-    model is kept as `tokenizer/tokenizer.model` for a NeMo 1 export. Returns the
-    summary's words on the conversation."""
-    from neva_jax.convert import checkpoint
-
-    out = Path(out)
-    words = checkpoint.save_imported(out, imported, template, image_aspect)
-    sp_model = getattr(imported.tokenizer, "nemo_sentencepiece_model", None)
-    if sp_model is not None:
-        (out / checkpoint.TOKENIZER / "tokenizer.model").write_bytes(sp_model)
-    return words
-
-
 def run_import(args: Any) -> None:
     """Runs `import-nemo` and prints a one-line summary."""
     import time
+
+    from neva_jax.convert import checkpoint
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -412,7 +394,7 @@ def run_import(args: Any) -> None:
         seed=args.seed,
         param_dtype=args.param_dtype,
     )
-    conversation = save_imported(out, imported, args.template, args.image_aspect)
+    conversation = checkpoint.save_imported(out, imported, args.template, args.image_aspect)
     cfg = imported.config
     print(
         f"wrote {out}: LLM {cfg.llm.num_layers} layers x {cfg.llm.hidden_size}, vocab "

@@ -89,7 +89,7 @@ def nemo_model_dirs(nemo_imported, clip_dir, tmp_path_factory):
     """{case: model folder}: nemo1 written by the `import-nemo` CLI (in process), the
     NeMo 2 cases saved from `nemo_imported` as the CLI saves them."""
     from neva_jax.convert.__main__ import main
-    from neva_jax.convert.nemo_import import save_imported
+    from neva_jax.convert.checkpoint import save_imported
 
     root = tmp_path_factory.mktemp("nemo_models")
     out = {}

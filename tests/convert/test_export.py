@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neva_jax.convert import __main__ as convert_cli
-from neva_jax.convert import checkpoint, hf, hf_export
+from neva_jax.convert import checkpoint, hf, hf_chat, hf_export
 
 IMAGE_ID, PAD_ID, EOS_ID = 4, 3, 2  # the synthetic tokenizer's <image>, <pad>, </s>
 
@@ -165,7 +165,7 @@ def test_conversation_travels_with_the_model_folder(tmp_path, capsys):
     assert (info.template, info.image_aspect_ratio) == ("vicuna_v1", "keep")
     # A chat template we did not generate (llava-hf's own, say) names no template.
     llava_hf = "{% for m in messages %}USER: {{ m['content'] }} ASSISTANT:{% endfor %}"
-    assert hf.template_of_chat_template(llava_hf) is None
+    assert hf_chat.template_of_chat_template(llava_hf) is None
     assert convert_cli.main(["import-hf", str(src), str(tmp_path / "plain")]) == 0
     assert "template not named" in capsys.readouterr().out
     assert not (tmp_path / "plain" / "conversation.json").exists()
@@ -200,7 +200,7 @@ def test_chat_templates_render_like_ours():
         Message("user", "Sure?"),
     ]
     for name, template in TEMPLATES.items():
-        jinja = env.from_string(hf_export.chat_template(template))
+        jinja = env.from_string(hf_chat.chat_template(template))
         want = "".join(s.text for s in template.render(ours))
         assert jinja.render(messages=hf_messages) == want, name
         no_system = [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]
