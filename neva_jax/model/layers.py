@@ -76,7 +76,11 @@ def _contract_bwd(n_in, res, dy):
     rows_only = (((0,), (0,)), ((), ()))  # contract the rows, no batch dims
     if dy2.shape[1] < x2.shape[1]:
         # The narrower operand's columns as the product's rows: [out, in], then
-        # transposed (a barrier keeps XLA from folding that into the slow form).
+        # transposed. The barrier keeps XLA's algebraic simplifier from folding the
+        # transpose into the product (the slow form); XLA:CPU drops the barrier itself
+        # later, so the compiled program has the transpose and no barrier. Measured
+        # with and without it, one core: rank-16 A gradient 0.38 vs 1.33 ms, [512, 128]
+        # 2.3 vs 2.9 ms, equal for an MLP's down projection.
         dk_t = jax.lax.optimization_barrier(jax.lax.dot_general(dy2, x2, rows_only))
         dk = dk_t.T.reshape(kernel.shape)
     else:
