@@ -24,12 +24,16 @@ NeMo's names (docs/DESIGN.md "Configuration"):
 `to_dict` all go through it. The typed side and its rules are `neva_jax.run_config`.
 
 Unset keys. `default_config()` leaves every architecture key (`model.*` but the
-run-time ones) and `data.template` at None, "unset". An unset architecture key takes
+run-time ones), `data.template` and `model.llm.model_type` (llama_2 when unset) at
+None, "unset". An unset architecture key takes
 the value of `init_from`'s model (its `model_config.json` or checkpoint metadata)
 when `init_from` names one, else the default architecture (`run_config.default_model`,
 the seed's NeVA); a set key must equal `init_from`'s value (a one-line ConfigError
-naming the key and both values otherwise). An unset `data.template` is the one NeMo
-selects with `model.llm.model_type` (`data.conversation.MODEL_TYPE_TEMPLATES`). A preset
+naming the key and both values otherwise). An unset `data.template` is the one
+`init_from` was trained with (its run's `data.template`, a model folder's
+`conversation.json`; not stage 1's `plain`) unless `model.llm.model_type` is set, else
+the one NeMo selects with `model.llm.model_type`
+(`data.conversation.MODEL_TYPE_TEMPLATES`). A preset
 (`model_preset`) sets every architecture key.
 """
 
@@ -137,7 +141,7 @@ def _architecture_keys() -> frozenset[str]:
 @functools.cache
 def _unset_keys() -> frozenset[str]:
     """The keys `default_config()` leaves unset (None): see the module doc."""
-    return _architecture_keys() | {"data.template"}
+    return _architecture_keys() | {"data.template", "model.llm.model_type"}
 
 
 def _get(obj: Any, path: tuple[str, ...]) -> Any:
@@ -246,9 +250,10 @@ def _assemble(obj: Any, changes: Mapping[tuple[str, ...], Any]) -> Any:
     return dataclasses.replace(obj, **direct) if direct else obj
 
 
-def _init_architecture(path: str) -> NevaConfig | None:
-    """The architecture of `init_from` (a training run or model folder), or None when it
-    names none (unset, not here: `--mode plan` for another machine, or another kind)."""
+def _init_source(path: str) -> tuple[NevaConfig, str | None] | None:
+    """The architecture and conversation template of `init_from` (a training run or
+    model folder), or None when it names none (unset, not here: `--mode plan` for
+    another machine, or another kind)."""
     if not path or not os.path.exists(path):
         return None
     from neva_jax.convert import checkpoint  # reads model_config.json / checkpoint meta
@@ -256,7 +261,7 @@ def _init_architecture(path: str) -> NevaConfig | None:
     try:
         if checkpoint.checkpoint_kind(path) not in ("training", "model_folder"):
             return None
-        return checkpoint.read_config(path)
+        return checkpoint.read_config(path), checkpoint.read_template(path)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ConfigError(f"config.init_from={path!r}: {str(e).splitlines()[0]}") from None
 
@@ -265,16 +270,20 @@ def _build(values: Mapping[str, Any]) -> RunConfig:
     """The RunConfig with these key values; unset keys as the module doc says."""
     changes = {path: value for key, value in values.items() for path in _keys()[key].paths}
     base = RunConfig()
-    source = _init_architecture(values.get("init_from", ""))
+    source, source_template = _init_source(values.get("init_from", "")) or (None, None)
     if source is not None:  # unset architecture keys take init_from's values
         runtime = {f: getattr(base.model.llm, f) for f in neva.RUNTIME_FIELDS}
         base = dataclasses.replace(base, model=neva.with_runtime(source, **runtime))
     else:  # the image id: a placeholder (the last id) until the tokenizer is known
         vocab = changes.get(("model", "llm", "vocab_size"), base.model.llm.vocab_size)
         changes[("model", "image_token_id")] = vocab - 1
-    if not values.get("data.template"):  # NeMo: conv_template follows model_type
-        model_type = values.get("model.llm.model_type", base.llm.model_type)
-        changes[("data", "template")] = MODEL_TYPE_TEMPLATES.get(model_type, base.data.template)
+    if not values.get("data.template"):
+        model_type = values.get("model.llm.model_type")
+        if model_type is None and source_template not in (None, "plain"):
+            changes[("data", "template")] = source_template  # what init_from was trained with
+        else:  # NeMo: conv_template follows model_type
+            model_type = model_type or base.llm.model_type
+            changes[("data", "template")] = MODEL_TYPE_TEMPLATES.get(model_type, base.data.template)
     try:
         cfg = _assemble(base, changes)
         if source is not None:
@@ -300,7 +309,8 @@ def default_config() -> ml_collections.ConfigDict:
     """A ConfigDict holding every key with its default; experiment files start from it.
 
     With `lock_config=True` only existing keys can be set, so every knob is here. The
-    architecture keys and `data.template` are unset (None): see the module doc.
+    architecture keys, `data.template` and `model.llm.model_type` are unset (None): see
+    the module doc.
     """
     cd = ml_collections.ConfigDict()
     default = RunConfig()

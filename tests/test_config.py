@@ -254,6 +254,34 @@ def test_unset_architecture_keys_take_init_froms_values(data_dir, llama3_theta_f
     ).startswith("config.model.llm.layernorm_epsilon=1e-06: init_from")
 
 
+def test_unset_template_takes_init_froms(data_dir, llama3_theta_folder, tmp_path):
+    """init_from's conversation template (a model folder's conversation.json) is an unset
+    data.template's value unless model.llm.model_type is set; stage 1's plain is not
+    taken; a template set elsewhere wins, and training from it logs a warning."""
+    import json
+    import shutil
+
+    from neva_jax.train.build import template_mismatch
+
+    folder = str(tmp_path / "model")
+    shutil.copytree(llama3_theta_folder, folder)
+    unset = {"init_from": folder, "data.template": None}
+    assert from_config_dict(tiny(data_dir, **unset)).data.template == "llava_llama_2"
+    assert template_mismatch(folder, "vicuna_v1") is None  # the folder names none
+    (tmp_path / "model" / "conversation.json").write_text(json.dumps({"template": "vicuna_v1"}))
+    assert from_config_dict(tiny(data_dir, **unset)).data.template == "vicuna_v1"
+    nemo = {**unset, "model.llm.model_type": "nvgpt"}
+    assert from_config_dict(tiny(data_dir, **nemo)).data.template == "nvgpt"
+    assert from_config_dict(tiny(data_dir, init_from=folder)).data.template == "plain"  # set
+    assert template_mismatch(folder, "vicuna_v1") is None
+    warning = template_mismatch(folder, "llava_llama_2")
+    assert "trained with the 'vicuna_v1' conversation template" in warning
+    assert "--config.data.template=vicuna_v1" in warning
+    (tmp_path / "model" / "conversation.json").write_text(json.dumps({"template": "plain"}))
+    assert from_config_dict(tiny(data_dir, **unset)).data.template == "llava_llama_2"
+    assert template_mismatch(folder, "vicuna_v1") is None  # stage 2 from stage 1
+
+
 @pytest.mark.parametrize(
     ("model_type", "template"),
     [

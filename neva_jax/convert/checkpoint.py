@@ -203,6 +203,14 @@ def read_config(path: str | Path) -> NevaConfig:
     return neva.config_from_dict(json.loads((Path(path) / MODEL_CONFIG).read_text()))
 
 
+def read_template(path: str | Path) -> str | None:
+    """The conversation template a training run or model folder was trained with (its
+    run config's `data.template`; a folder's `conversation.json`), or None."""
+    if checkpoint_kind(path) == "training":
+        return read_meta(str(path)).get("config", {}).get("data", {}).get("template")
+    return read_conversation(path).get("template")
+
+
 def load_model(
     path: str | Path, mesh: Mesh | None = None, **runtime: Any
 ) -> tuple[Neva, ModelInfo]:

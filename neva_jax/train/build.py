@@ -146,6 +146,19 @@ def load_init_params(
     return params, f"model folder {path}"
 
 
+def template_mismatch(init_from: str, template: str) -> str | None:
+    """A warning when `init_from` was trained with a conversation template other than
+    the run's (stage 1's `plain` aside: stage 2 starts from it by design), else None."""
+    trained = checkpoint.read_template(init_from)
+    if trained in (None, "plain", template):
+        return None
+    return (
+        f"init_from {init_from} was trained with the {trained!r} conversation template; "
+        f"this run renders its data with {template!r}; --config.data.template={trained} "
+        "trains with the checkpoint's"
+    )
+
+
 def _without(tree: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
     """The part of `tree` whose keys are not in `target` (nested)."""
     out = {}
@@ -259,6 +272,9 @@ def initial_state(
         init, what = load_init_params(cfg.init_from, abstract_params, ncfg)
         loaded = _deep_update(loaded, init)
         logging.info("init_from: %s", what)
+        mismatch = template_mismatch(cfg.init_from, cfg.data.template)
+        if mismatch:
+            logging.warning("%s", mismatch)
     if _covers(loaded, abstract_params) and not jax.tree.leaves(abstract.other):
         full, other = _subset(loaded, abstract_params), {}
     else:
