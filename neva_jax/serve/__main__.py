@@ -168,6 +168,14 @@ def build_state(args: argparse.Namespace, gen: Any = None) -> Any:
     max_len = args.max_seq_len or min(model_len, 2048)
     if max_len > model_len:
         raise ValueError(f"--max-seq-len {max_len} is over the model's {model_len} positions")
+    _log.info(
+        "%s: template %s, images %s, %d slots x %d positions",
+        args.checkpoint,
+        gen.template.name,
+        gen.image_aspect,
+        args.slots,
+        max_len,
+    )
     runner = KVSlotRunner(
         gen.model,
         slots=args.slots,

@@ -81,6 +81,11 @@ def process(llava_dir):
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(process):
+    # The log names the conversation settings (a llava-hf folder names none: the defaults).
+    assert process.wait_for(r"template (\w+), images (\w+), 2 slots").groups() == (
+        "vicuna_v1",
+        "square",
+    )
     url = process.wait_for(r"Uvicorn running on (http://\S+)").group(1)
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}],
             "max_tokens": 440, "temperature": 0}  # fmt: skip
