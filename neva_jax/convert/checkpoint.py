@@ -340,7 +340,10 @@ def read_conversation(folder: str | Path) -> dict[str, str]:
     path = Path(folder) / CONVERSATION
     if not path.exists():
         return {}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
     if not isinstance(data, dict) or set(data) - {"template", "image_aspect_ratio"}:
         raise ValueError(f"{path}: expected an object with template and image_aspect_ratio")
     try:

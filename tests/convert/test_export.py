@@ -173,6 +173,9 @@ def test_conversation_travels_with_the_model_folder(tmp_path, capsys):
     (folder / "conversation.json").write_text('{"template": "vicuna"}')
     with pytest.raises(ValueError, match=r"conversation.json: template 'vicuna': unknown"):
         checkpoint.load_model(folder)
+    (folder / "conversation.json").write_text('{"template": "vicuna_v1",}')
+    with pytest.raises(ValueError, match=r"conversation.json: not JSON"):
+        checkpoint.load_model(folder)
 
 
 def test_export_refuses_existing_folder(tmp_path):
