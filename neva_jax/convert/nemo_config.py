@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any
 
 from neva_jax.convert.nemo_io import NemoError
+from neva_jax.data.conversation import MODEL_TYPE_TEMPLATES, TEMPLATES
 from neva_jax.model.llama import LlamaConfig
 
 # NeMo 1 flat knobs -> neva-jax activation names.
@@ -308,4 +309,46 @@ def llm_to_nemo2(cfg: LlamaConfig, *, vocab_size: int, dtype: str) -> dict[str, 
         fp16=dtype == "float16",
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
+    )
+
+
+# ---------------------------------------------------------------------------- conversation
+
+# Our conversation template -> NeMo's model type (also its `data.conv_template` name).
+_MODEL_TYPE_OF_TEMPLATE = {t: m for m, t in MODEL_TYPE_TEMPLATES.items()}
+DEFAULT_MODEL_TYPE = "llama_2"
+# NeMo NeVA's `data.image_aspect_ratio` values (our "keep" has no NeMo form).
+NEMO_IMAGE_ASPECTS = ("square", "pad")
+
+
+def conversation_to_nemo1(
+    template: str | None, image_aspect_ratio: str | None
+) -> tuple[str, dict[str, str]]:
+    """(`mm_cfg.llm.model_type`, the `data` entries) NeMo 1 selects the prompt format and
+    image mode with: `data.conv_template` names the template (`plain`, stage 1's, is a
+    conv_template but no model type); unknown: model_type llama_2 and no conv_template;
+    `data.image_aspect_ratio` when NeMo has the mode (square, pad)."""
+    model_type = _MODEL_TYPE_OF_TEMPLATE.get(template, DEFAULT_MODEL_TYPE)
+    conv = "plain" if template == "plain" else _MODEL_TYPE_OF_TEMPLATE.get(template)
+    data = {"conv_template": conv} if conv is not None else {}
+    if image_aspect_ratio in NEMO_IMAGE_ASPECTS:
+        data["image_aspect_ratio"] = image_aspect_ratio
+    return model_type, data
+
+
+def conversation_from_nemo1(data: dict[str, Any], model_type: str | None) -> dict[str, str | None]:
+    """The conversation template and image aspect mode a NeMo 1 NeVA config names:
+    `data.conv_template` (NeMo's configs default it to `${model.mm_cfg.llm.model_type}`,
+    which a saved config may keep unresolved: then the model type names it) and
+    `data.image_aspect_ratio` (square or pad). Names we have no template for give None."""
+    conv = data.get("conv_template")
+    if not isinstance(conv, str) or conv.startswith("${"):
+        conv = model_type
+    if conv in MODEL_TYPE_TEMPLATES:
+        template = MODEL_TYPE_TEMPLATES[conv]
+    else:
+        template = conv if conv in TEMPLATES else None
+    aspect = data.get("image_aspect_ratio")
+    return dict(
+        template=template, image_aspect_ratio=aspect if aspect in NEMO_IMAGE_ASPECTS else None
     )

@@ -32,7 +32,6 @@ import yaml
 from neva_jax.convert import nemo_config, nemo_write
 from neva_jax.convert.nemo_context import Call, PyRef, to_fiddle_json, to_yaml_dict
 from neva_jax.convert.nemo_io import NemoError, require_torch
-from neva_jax.data.conversation import MODEL_TYPE_TEMPLATES
 from neva_jax.model.neva import NevaConfig
 from neva_jax.model.projector import projector_depth
 
@@ -164,13 +163,6 @@ def _nemo2_config(
     )
 
 
-# Our conversation template -> NeMo's model type (also its `data.conv_template` name).
-_MODEL_TYPE_OF_TEMPLATE = {t: m for m, t in MODEL_TYPE_TEMPLATES.items()}
-DEFAULT_MODEL_TYPE = "llama_2"
-# NeMo NeVA's `data.image_aspect_ratio` values (our "keep" has no NeMo form).
-NEMO_IMAGE_ASPECTS = ("square", "pad")
-
-
 def _nemo1_config(
     cfg: NevaConfig,
     vocab: int,
@@ -210,12 +202,7 @@ def _nemo1_config(
     out["target"] = (
         "nemo.collections.multimodal.models.multimodal_llm.neva.neva_model.MegatronNevaModel"
     )
-    model_type = _MODEL_TYPE_OF_TEMPLATE.get(template, DEFAULT_MODEL_TYPE)
-    # `plain` (stage 1's) is a NeMo conv_template but no model type.
-    conv = "plain" if template == "plain" else _MODEL_TYPE_OF_TEMPLATE.get(template)
-    data = {"conv_template": conv} if conv is not None else {}
-    if image_aspect_ratio in NEMO_IMAGE_ASPECTS:
-        data["image_aspect_ratio"] = image_aspect_ratio
+    model_type, data = nemo_config.conversation_to_nemo1(template, image_aspect_ratio)
     if data:
         out["data"] = data
     out["mm_cfg"] = {

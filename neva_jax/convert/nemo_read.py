@@ -23,7 +23,7 @@ from neva_jax.convert.nemo_dist import DistCheckpoint, load_state_dict
 from neva_jax.convert.nemo_io import NemoError, Source, iter_files
 from neva_jax.convert.nemo_merge import DistTensors, RankTensors
 from neva_jax.convert.nemo_tokenizer import DEFAULT_MEDIA, MEDIA_TOKENS, nemo1_tokenizer
-from neva_jax.data.conversation import IMAGE_PLACEHOLDER, MODEL_TYPE_TEMPLATES, TEMPLATES
+from neva_jax.data.conversation import IMAGE_PLACEHOLDER
 
 _GELU = "torch.nn.functional.gelu"
 _RANK_DIR = re.compile(r"^(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))$")
@@ -128,27 +128,11 @@ def _read_nemo1(source: Source, workdir: Path, *, allow_pickle: bool) -> NemoPar
             use_im_start_end=bool(mm.get("use_im_start_end", False)),
             media=MEDIA_TOKENS.get((mm.get("llm") or {}).get("model_type"), DEFAULT_MEDIA),
             llm_name=(mm.get("llm") or {}).get("from_pretrained"),
-            **_nemo1_conversation(cfg.get("data") or {}, (mm.get("llm") or {}).get("model_type")),
+            **nemo_config.conversation_from_nemo1(
+                cfg.get("data") or {}, (mm.get("llm") or {}).get("model_type")
+            ),
         )
     return NemoParts(str(source.path), llm, reader, tokenizer, neva)
-
-
-def _nemo1_conversation(data: dict[str, Any], model_type: str | None) -> dict[str, str | None]:
-    """The conversation template and image aspect mode a NeMo 1 NeVA config names:
-    `data.conv_template` (NeMo's configs default it to `${model.mm_cfg.llm.model_type}`,
-    which a saved config may keep unresolved: then the model type names it) and
-    `data.image_aspect_ratio` (square or pad). Names we have no template for give None."""
-    conv = data.get("conv_template")
-    if not isinstance(conv, str) or conv.startswith("${"):
-        conv = model_type
-    if conv in MODEL_TYPE_TEMPLATES:
-        template = MODEL_TYPE_TEMPLATES[conv]
-    else:
-        template = conv if conv in TEMPLATES else None
-    aspect = data.get("image_aspect_ratio")
-    return dict(
-        template=template, image_aspect_ratio=aspect if aspect in ("square", "pad") else None
-    )
 
 
 def _read_nemo2(source: Source, *, allow_pickle: bool) -> NemoParts:
