@@ -175,8 +175,16 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
+        """Waits for pending saves and for Orbax's clean-up of an earlier run's temporary
+        folders, then releases the manager."""
         self._manager.wait_until_finished()
+        # The manager starts that clean-up in a thread when it is made and awaits it only
+        # before its first save; `close` does not. A run that fails before saving (a bad
+        # dataset) would exit with the thread still running and Python would print its
+        # "cannot schedule new futures after interpreter shutdown" traceback.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self._manager.close()
 
 

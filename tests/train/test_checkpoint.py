@@ -58,6 +58,16 @@ def test_save_keep_n_resume_and_half_written_ignored(tmp_path, standin):
     assert checkpoint.read_meta(str(tmp_path))["step"] == 3
 
 
+def test_close_waits_for_the_clean_up_of_an_earlier_runs_temporary_folders(tmp_path):
+    """Orbax removes the temporary folders of a save that never committed in a thread
+    started with the manager; a run that fails before its first save (a bad dataset)
+    closes at once, and must not exit while that thread still runs."""
+    tmp = os.path.join(tmp_path, checkpoint.CHECKPOINT_DIR, "7.orbax-checkpoint-tmp-123")
+    os.makedirs(os.path.join(tmp, "state"))
+    checkpointer.Checkpointer(str(tmp_path)).close()
+    assert not os.path.exists(tmp)
+
+
 def test_non_finite_params_are_never_saved(tmp_path, standin):
     ck = checkpointer.Checkpointer(str(tmp_path), keep=2, async_save=False)
     tree = _state(standin, 1).checkpoint_tree()
