@@ -46,7 +46,7 @@ from neva_jax.config import default_config, parse_arg
 
 def get_config(arg: str | None = None):
     """The demo config for `arg` (see the module docstring)."""
-    a = parse_arg(arg, variant="stage1", data_dir="data/synthetic", init_std=0.02)
+    a = parse_arg(arg, ("stage1", "stage2", "lora"), data_dir="data/synthetic", init_std=0.02)
     stage2 = a["variant"] in ("stage2", "lora")
     c = default_config()
 

@@ -44,7 +44,7 @@ from neva_jax.config import (
 
 def get_config(arg: str | None = None):
     """The LLaVA-1.5 config for `arg` (see the module docstring)."""
-    a = parse_arg(arg, variant="stage1", size="7b", data_dir="/data/llava", init="")
+    a = parse_arg(arg, ("stage1", "stage2", "lora"), size="7b", data_dir="/data/llava", init="")
     if a["size"] not in ("7b", "13b"):
         raise ConfigError(f"configs/llava_v15.py: size={a['size']!r}; use 7b or 13b")
     c = default_config()

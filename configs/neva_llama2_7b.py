@@ -38,7 +38,7 @@ from neva_jax.config import default_config, llava_recipe, lora_recipe, model_pre
 
 def get_config(arg: str | None = None):
     """`arg`: 'stage1' | 'stage2' | 'lora', plus `data_dir=DIR` and `init=PATH` (init_from)."""
-    a = parse_arg(arg, variant="stage1", data_dir="/data/llava", init="")
+    a = parse_arg(arg, ("stage1", "stage2", "lora"), data_dir="/data/llava", init="")
     c = default_config()
     model_preset(c, "llama2_7b_chat")
     stage2 = a["variant"] in ("stage2", "lora")

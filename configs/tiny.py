@@ -24,7 +24,7 @@ from neva_jax.config import default_config, parse_arg
 
 def get_config(arg: str | None = None):
     """The tiny config; `arg` = 'stage1' or 'stage2' plus optional `data_dir=DIR`."""
-    a = parse_arg(arg, variant="stage1", data_dir="data/synthetic")
+    a = parse_arg(arg, ("stage1", "stage2"), data_dir="data/synthetic")
     stage2 = a["variant"] == "stage2"
     c = default_config()
     c.seed = 0

@@ -417,17 +417,34 @@ def lora_recipe(cd: ml_collections.ConfigDict, style: str) -> None:
     cd.train.frozen_param_dtype = "bfloat16"
 
 
-def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
+def parse_arg(arg: str | None, variants: tuple[str, ...] = (), **defaults: Any) -> dict[str, Any]:
     """`get_config` arguments: 'stage1,data_dir=/x' -> {'variant': 'stage1', 'data_dir': '/x'}.
 
-    The first bare word is the variant; `key=value` pairs override `defaults`
-    (values keep the type of the default). An unknown key is a ConfigError.
+    The bare word is the variant, one of `variants` when they are given (a config
+    file's stages, the first the default: a typo must not silently run another);
+    `key=value` pairs
+    override `defaults` (values keep the type of the default). An unknown variant or
+    key, or a second bare word, is a ConfigError.
     """
     out = dict(defaults)
+    if variants:
+        out.setdefault("variant", variants[0])
+    named = None
     for item in filter(None, (arg or "").split(",")):
         key, eq, value = item.partition("=")
         if not eq:
-            out["variant"] = key
+            if named is not None:
+                raise ConfigError(
+                    f"config argument {key!r}: a second variant after {named!r}; "
+                    "give one, then key=value pairs"
+                )
+            if variants and key not in variants:
+                close = difflib.get_close_matches(key, variants, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(
+                    f"config argument {key!r}: unknown variant; {hint}known: {', '.join(variants)}"
+                )
+            out["variant"] = named = key
             continue
         if key not in defaults:
             raise ConfigError(f"config argument {key!r}: unknown; known: {', '.join(defaults)}")

@@ -153,6 +153,14 @@ def test_parse_arg():
     }
     with pytest.raises(ConfigError, match="unknown"):
         parse_arg("stage1,nope=1", variant="stage1")
+    stages = ("stage1", "stage2", "lora")
+    assert parse_arg("data_dir=/x", stages, data_dir="d") == {"variant": "stage1", "data_dir": "/x"}
+    assert parse_arg("lora", stages)["variant"] == "lora"
+    # A typo in the stage must not silently run the default one.
+    with pytest.raises(ConfigError, match="'stag2': unknown variant; did you mean 'stage2'"):
+        parse_arg("stag2,data_dir=/x", stages, data_dir="d")
+    with pytest.raises(ConfigError, match="'lora': a second variant after 'stage2'"):
+        parse_arg("stage2,lora", stages)
 
 
 def test_default_config_has_every_key():

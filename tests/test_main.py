@@ -13,6 +13,7 @@ from neva_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
+EVALUATE = loop.evaluate  # the fixture below replaces it
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,8 @@ def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, tmp_path, data_dir,
 def test_bad_config_file_argument_and_missing_workdir(capsys, monkeypatch, data_dir):
     code, err = run(capsys, monkeypatch, f"--config={TINY}:stage1,dat_dir=x", "--workdir=/x")
     assert code == 2 and err.startswith("error: config argument 'dat_dir': unknown"), err
+    code, err = run(capsys, monkeypatch, f"--config={TINY}:stag2,data_dir=x", "--workdir=/x")
+    assert code == 2 and err.startswith("error: config argument 'stag2': unknown variant"), err
     code, err = run(capsys, monkeypatch, "--config=/no/such.py", "--workdir=/x")
     assert code == 2 and err.startswith("error: --config=/no/such.py: no such file"), err
     code, err = run(capsys, monkeypatch, f"--config={TINY}:stage1,data_dir={data_dir}")
@@ -90,3 +93,25 @@ def test_init_from_with_another_rope_theta_fails_naming_it(
         f"error: config.model.llm.rope_theta=10000.0: init_from {llama3_theta_folder!r} has "
         "rope_theta=500000.0; set it to 500000.0 or leave it unset (None) to take it"
     )
+
+
+def test_eval_without_a_checkpoint_is_one_line(capsys, monkeypatch, tmp_path, data_dir):
+    """`--mode eval` where nothing was trained (or a wrong `eval.checkpoint`) names the
+    folder and what to do, before the model is built."""
+    monkeypatch.setattr(loop, "evaluate", EVALUATE)
+    config = f"--config={TINY}:stage2,data_dir={data_dir}"
+    code, err = run(capsys, monkeypatch, config, f"--workdir={tmp_path}", "--mode=eval")
+    assert code == main_lib.EXIT_USAGE and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --workdir={tmp_path}: nothing to evaluate: "), err
+    assert err.endswith(
+        "set config.eval.checkpoint to a training workdir, step folder or model folder"
+    )
+    args = (
+        config,
+        f"--workdir={tmp_path}",
+        "--mode=eval",
+        f"--config.eval.checkpoint={tmp_path}/x",
+    )
+    code, err = run(capsys, monkeypatch, *args)
+    assert code == main_lib.EXIT_USAGE and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: config.eval.checkpoint='{tmp_path}/x': nothing to evaluate"), err

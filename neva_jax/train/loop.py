@@ -484,13 +484,22 @@ def evaluate(cfg: RunConfig, workdir: str) -> dict[str, float]:
         raise ConfigError(
             "config.data.eval_files is empty: --mode eval needs evaluation files; name them"
         )
-    run = prepare(cfg)
     source = cfg.eval.checkpoint or workdir
+    try:
+        saved = checkpoint.read_config(source)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        where = (
+            f"config.eval.checkpoint={source!r}" if cfg.eval.checkpoint else f"--workdir={source}"
+        )
+        raise ConfigError(
+            f"{where}: nothing to evaluate: {str(e).splitlines()[0]}; train there first, or "
+            "set config.eval.checkpoint to a training workdir, step folder or model folder"
+        ) from None
+    run = prepare(cfg)
     mesh, ncfg = run.mesh, run.model_config
     tx = opt_lib.make_optimizer(cfg.train)
     graphdef, abstract, shards = build.abstract_train_state(ncfg, cfg.trained_parts, tx, mesh)
     batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
-    saved = checkpoint.read_config(source)
     check_architecture(f"the checkpoint {source!r}", ncfg, saved, unset_takes_it=False)
     with jax.set_mesh(mesh):
         target = model_parts.merge_dicts(abstract.params, abstract.frozen)
