@@ -43,9 +43,10 @@ import dataclasses
 import difflib
 import functools
 import os
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -454,6 +455,48 @@ def parse_arg(arg: str | None, variants: tuple[str, ...] = (), **defaults: Any) 
 
 
 # ----------------------------------------------------------------------------------------
+# Loading a config file (`config_flags`): its failures as one line, for main and the data CLIs.
+
+
+def error_line(err: BaseException) -> str:
+    """The useful line of a config error: config_flags wraps an error raised while the
+    config file runs ("Error whilst parsing config file ...") in a traceback whose last
+    line holds it."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if "Error whilst parsing config file" in lines[0] and len(lines) > 1:
+        last = lines[-1]  # "neva_jax.config.ConfigError: config argument ..."
+        return re.sub(r"^[\w.]*(Error|Exception)[\w]*: ", "", last)
+    return lines[0]
+
+
+def unknown_key_line(err: AttributeError, argv: Sequence[str]) -> str:
+    """One line for config_flags' AttributeError on a `--config.KEY` that does not exist."""
+    text = str(err).replace("\\n", "\n").replace("\\'", "'")
+    names = re.findall(r"'([^'\s]+)'", text)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    bad = names[0] if names else ""
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if key.startswith("--config.") and key.split(".")[-1] == bad:
+            fix = f"; did you mean {key.rsplit('.', 1)[0][2:]}.{hint.group(1)}?" if hint else ""
+            return f"{key[2:]}: unknown config key{fix}"
+    return f"config: unknown key {bad!r}" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
+
+
+def load_error_line(value: Any, path: str) -> str | None:
+    """One line if config_flags could not load the file `path` (it defers that error into
+    the value it returns), else None."""
+    if type(value).__name__ != "_ErrorConfig":
+        return None
+    err = object.__getattribute__(value, "_error")
+    if isinstance(err, OSError) and not os.path.isfile(path.split(":", 1)[0]):
+        return f"--config={path}: no such file; configs live in configs/*.py"
+    return f"--config={path}: {error_line(err)}"
+
+
+# ----------------------------------------------------------------------------------------
 # ConfigDict -> RunConfig -> dict.
 
 
@@ -469,15 +512,33 @@ def from_config_dict(
     `check_environment=False` skips what depends on this machine (files and folders
     exist, a cuDNN backend): `--mode plan` plans for another machine.
     """
-    cfg = _build(_values(cd))
+    cfg = _with_model_data(_build(_values(cd)))
+    check(cfg, jax.device_count() if num_devices is None else num_devices, check_environment)
+    return cfg
+
+
+def data_config(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> DataConfig:
+    """The `data` section of an experiment as its training run reads it (the data CLIs):
+    unset keys resolved as for training (`data.template` from `init_from` or
+    `model.llm.model_type`), the model's image size, slots and start/end tokens and
+    `train.batch_size` filled in. Only the data rules are checked (not the mesh or the
+    devices); raises `ConfigError`."""
+    data = _with_model_data(_build(_values(cd))).data
+    try:
+        data.validate()
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e).strip().splitlines()[0]) from None
+    return data
+
+
+def _with_model_data(cfg: RunConfig) -> RunConfig:
+    """`cfg` whose `data` has the model's numbers and the global batch size."""
     data = dataclasses.replace(cfg.data, batch_size=cfg.train.batch_size).with_model(
         image_size=cfg.model.vision.image_size,
         num_image_slots=cfg.model.num_image_tokens,
         use_im_start_end=cfg.model.use_im_start_end,
     )
-    cfg = dataclasses.replace(cfg, data=data)
-    check(cfg, jax.device_count() if num_devices is None else num_devices, check_environment)
-    return cfg
+    return dataclasses.replace(cfg, data=data)
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -22,7 +22,6 @@ if __name__ == "__main__":  # a caching allocator, before JAX starts (neva_jax/a
 
 import logging as pylogging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +29,13 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from neva_jax.config import ConfigError, from_config_dict
+from neva_jax.config import (
+    ConfigError,
+    error_line,
+    from_config_dict,
+    load_error_line,
+    unknown_key_line,
+)
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -52,39 +57,14 @@ def _fail(message: str, status: int = EXIT_USAGE) -> None:
     sys.exit(status)
 
 
-def _unknown_key_message(err: AttributeError, argv: Sequence[str]) -> str:
-    """A one-line message for config_flags' unknown-key AttributeError."""
-    text = str(err).replace("\\n", "\n").replace("\\'", "'")
-    names = re.findall(r"'([^'\s]+)'", text)
-    hint = re.search(r'Did you mean "([^"]+)"', text)
-    bad = names[0] if names else ""
-    for arg in argv:
-        key = arg.split("=", 1)[0]
-        if key.startswith("--config.") and key.split(".")[-1] == bad:
-            fix = f"; did you mean {key.rsplit('.', 1)[0][2:]}.{hint.group(1)}?" if hint else ""
-            return f"{key[2:]}: unknown config key{fix}"
-    return f"config: unknown key {bad!r}" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
-
-
-def _last_error_line(err: BaseException) -> str:
-    """The useful line of an error: config_flags wraps config-file errors in a traceback."""
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(err).__name__
-    if "Error whilst parsing config file" in lines[0] and len(lines) > 1:
-        last = lines[-1]  # "neva_jax.config.ConfigError: config argument ..."
-        return re.sub(r"^[\w.]*(Error|Exception)[\w]*: ", "", last)
-    return lines[0]
-
-
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing whose every failure is one line and exit status 2."""
     try:
         return flags.FLAGS(argv)
     except AttributeError as e:  # config_flags: --config.KEY that does not exist
-        _fail(_unknown_key_message(e, argv))
+        _fail(unknown_key_line(e, argv))
     except (flags.Error, ValueError, TypeError, FileNotFoundError) as e:
-        _fail(_last_error_line(e))
+        _fail(error_line(e))
     except Exception as e:  # the config file itself failed to import or run
         _fail(f"--config: {type(e).__name__}: {e}")
     return []  # unreachable
@@ -93,12 +73,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _config_value():
     """The parsed ConfigDict, or a one-line failure if the file could not be loaded."""
     value = _CONFIG.value
-    if type(value).__name__ == "_ErrorConfig":  # config_flags defers load errors
-        err = object.__getattribute__(value, "_error")
-        path = flags.FLAGS["config"].config_filename
-        if isinstance(err, OSError) and not os.path.isfile(path.split(":", 1)[0]):
-            _fail(f"--config={path}: no such file; configs live in configs/*.py")
-        _fail(f"--config={path}: {_last_error_line(err)}")
+    problem = load_error_line(value, flags.FLAGS["config"].config_filename)
+    if problem:
+        _fail(problem)
     return value
 
 

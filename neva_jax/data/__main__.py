@@ -4,10 +4,12 @@
     python -m neva_jax.data inspect --config F.py[:ARG] [--index I] [--split train|eval] [--tokens]
     python -m neva_jax.data validate --config F.py[:ARG] [--split train|eval|all]
 
-`inspect`/`validate` read the experiment file's `data` section (plus the image size,
-slot count and `use_im_start_end` from `model`); `--config.data.KEY=VALUE`
-overrides work as in training. Only the data section is validated, so they run
-on a host without the training devices. `validate` exits 1 when the share of
+`inspect`/`validate` read the experiment file as its training run does
+(`neva_jax.config.data_config`: unset keys such as `data.template` resolved from
+`init_from` or `model.llm.model_type`, the image size, slot count and
+`use_im_start_end` from `model`); `--config.KEY=VALUE` overrides work as in
+training. Only the data section is validated, so they run on a host without the
+training devices. `validate` exits 1 when the share of
 bad samples exceeds `data.max_skip_ratio`; a bad config exits 2.
 """
 
@@ -24,11 +26,13 @@ from neva_jax.data.config import DataConfig
 
 
 def load_data_config(argv: list[str]) -> DataConfig:
-    """Reads `--config F.py[:ARG]` (+ `--config.KEY=V` overrides) -> model-resolved DataConfig."""
-    import dataclasses
-
+    """Reads `--config F.py[:ARG]` (+ `--config.KEY=V` overrides) -> the DataConfig its
+    training run would read (`neva_jax.config.data_config`)."""
     from absl import flags
     from ml_collections import config_flags
+
+    # The CLI reads experiment files as main does (the data library does not).
+    from neva_jax.config import data_config, error_line, load_error_line, unknown_key_line
 
     fv = flags.FlagValues()
     argv = ["neva_jax.data", *argv]
@@ -37,37 +41,17 @@ def load_data_config(argv: list[str]) -> DataConfig:
     )
     try:
         fv(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"{' '.join(argv[1:])}: {str(e).strip() or type(e).__name__} (an override "
-            "--config.KEY=VALUE must name a key the config file sets)"
-        ) from e
+    except AttributeError as e:  # --config.KEY that does not exist
+        raise ValueError(unknown_key_line(e, argv)) from e
+    except (flags.Error, KeyError, TypeError) as e:
+        raise ValueError(error_line(e)) from e
     cd = fv.config
+    problem = load_error_line(cd, fv["config"].config_filename)
+    if problem:
+        raise ValueError(problem)
     if cd is None:
         raise ValueError("--config is required: --config configs/F.py[:ARG]")
-    data = dict(cd.get("data", {}) or {})
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    for key in data:
-        if key not in known:
-            raise ValueError(
-                f"config.data.{key}: unknown key; known keys: {', '.join(sorted(known))}"
-            )
-    train = cd.get("train", {}) or {}
-    if "batch_size" in train and "batch_size" not in data:  # the global batch lives in train
-        data["batch_size"] = int(train["batch_size"])
-    cfg = DataConfig(**data)
-    model = cd.get("model", {}) or {}
-    vis = dict(model.get("vision_encoder", {}) or {})
-    image_size = int(vis.get("image_size", 224))
-    patch = int(vis.get("patch_dim", 14))
-    slots = (image_size // patch) ** 2 + 1 - int(vis.get("class_token_length", 1))
-    cfg = cfg.with_model(
-        image_size=image_size,
-        num_image_slots=slots,
-        use_im_start_end=bool(model.get("use_im_start_end", False)),
-    )
-    cfg.validate()
-    return cfg
+    return data_config(cd)
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

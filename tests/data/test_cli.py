@@ -30,11 +30,11 @@ def get_config(arg="stage2"):
         tokenizer={tokenizer!r},
         template="vicuna_v1" if arg == "stage2" else "plain",
         max_seq_len=256,
-        batch_size=4,
         max_images_per_row=2,
         read_threads=1,
         max_skip_ratio=0.01,
     ))
+    c.train = ml_collections.ConfigDict(dict(batch_size=4))
     return c
 """
 
@@ -152,6 +152,21 @@ def test_validate_bad_dataset_fails(tmp_path, synth_dir: str, bad_data, capsys) 
     capsys.readouterr()
     assert main(["inspect", "--config", cfg, "--index", "2"]) == 1
     assert "SKIPPED: image_missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", ["tiny.py:stage2", "demo.py:lora"])
+def test_shipped_configs_read_as_training_reads_them(config: str, synth_dir: str, capsys) -> None:
+    """The shipped files leave keys unset (the architecture, `data.template`) for
+    training to resolve; the data CLIs resolve them the same way."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", config)
+    assert main(["inspect", "--config", f"{path},data_dir={synth_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "template vicuna_v1" in out and "ASSISTANT:⟦ " in out
+    assert main(["validate", "--config", f"{path},data_dir={synth_dir}", "--split", "eval"]) == 0
+    assert "OK" in capsys.readouterr().out
+    # A stage that the file does not have fails, naming it, rather than running another.
+    assert main(["validate", "--config", f"{path.split(':')[0]}:stag2,data_dir={synth_dir}"]) == 2
+    assert "error: config argument 'stag2': unknown variant" in capsys.readouterr().err
 
 
 def test_bad_config_is_one_line_exit_2(synth_config: str, capsys) -> None:
