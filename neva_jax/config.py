@@ -465,10 +465,28 @@ def error_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
     if not lines:
         return type(err).__name__
+    line = lines[0]
     if "Error whilst parsing config file" in lines[0] and len(lines) > 1:
         last = lines[-1]  # "neva_jax.config.ConfigError: config argument ..."
-        return re.sub(r"^[\w.]*(Error|Exception)[\w]*: ", "", last)
-    return lines[0]
+        line = re.sub(r"^[\w.]*(Error|Exception)[\w]*: ", "", last)
+    return _type_lock_line(line)
+
+
+def _type_lock_line(line: str) -> str:
+    """ml_collections' refusal of a value of another type, set in a config file, in our
+    terms: the key's full name and what to write (e.g. a tuple of files for one file)."""
+    found = re.search(
+        r"Could not override field '(\w+)' \(reference\)\. (.*) is of original type "
+        r"<class '(\w+)'> and cannot be casted to type <class '(\w+)'>",
+        line,
+    )
+    if not found:
+        return line
+    name, value, given, wanted = found.groups()
+    keys = [k for k in _keys() if k.rpartition(".")[2] == name]
+    key = keys[0] if len(keys) == 1 else name
+    fix = f"; for one, write ({value!r},)" if wanted == "tuple" and given == "str" else ""
+    return f"config.{key}={value!r}: a {given} where a {wanted} is expected{fix}"
 
 
 def unknown_key_line(err: AttributeError, argv: Sequence[str]) -> str:

@@ -82,8 +82,16 @@ class VisionSettings:
     """`model.vision_encoder` keys that are not architecture."""
 
     from_pretrained: str = ""  # HF CLIP folder (safetensors); "" = random init
-    from_hf: bool = True
+    from_hf: bool = True  # NeMo's: False would name a NeMo CLIP checkpoint (not read)
     freeze: bool = True
+
+    def __post_init__(self):
+        _check(
+            self.from_hf,
+            "config.model.vision_encoder.from_hf=False: a NeMo CLIP checkpoint is not read; "
+            "set True and give model.vision_encoder.from_pretrained a Hugging Face CLIP folder "
+            "(e.g. openai/clip-vit-large-patch14-336, the tower NeMo's NeVA configs name)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -198,6 +198,10 @@ def test_run_time_keys_reach_both_parts_and_errors_name_the_key(data_dir):
     assert error(data_dir, **{"attention.implementation": "flash"}).startswith(
         "config.attention.implementation='flash': expected one of auto"
     )
+    # NeMo's from_hf=False (a NeMo CLIP checkpoint) is refused, not ignored.
+    assert error(data_dir, **{"model.vision_encoder.from_hf": False}).startswith(
+        "config.model.vision_encoder.from_hf=False: a NeMo CLIP checkpoint is not read; set True"
+    )
 
 
 @pytest.mark.parametrize("preset", ["llama2_7b_chat", "llava_v15_13b", "tiny"])

@@ -115,3 +115,20 @@ def test_eval_without_a_checkpoint_is_one_line(capsys, monkeypatch, tmp_path, da
     code, err = run(capsys, monkeypatch, *args)
     assert code == main_lib.EXIT_USAGE and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: config.eval.checkpoint='{tmp_path}/x': nothing to evaluate"), err
+
+
+def test_a_value_of_another_type_in_a_config_file_names_the_key(capsys, monkeypatch, tmp_path):
+    """A config file that sets one file where the key holds a tuple of files."""
+    path = tmp_path / "one_file.py"
+    path.write_text(
+        "from neva_jax.config import default_config\n\n\n"
+        "def get_config(arg=None):\n"
+        "    c = default_config()\n"
+        "    c.data.train_files = '/x/train.json'\n"
+        "    return c\n"
+    )
+    code, err = run(capsys, monkeypatch, f"--config={path}", f"--workdir={tmp_path}")
+    assert code == main_lib.EXIT_USAGE and err == (
+        "error: config.data.train_files='/x/train.json': a str where a tuple is expected; "
+        "for one, write ('/x/train.json',)"
+    )
