@@ -14,7 +14,8 @@ per line and, when reference answers are known ({"question_id", "answer" or
 themselves), prints the score as one JSON line.
 
 PATH is a training workdir (newest checkpoint), a checkpoint step folder, a
-neva-jax model folder or a llava-hf folder. Errors print one line and exit 1.
+neva-jax model folder or a llava-hf folder. Errors print one line and exit 1 (a command line
+argparse cannot parse: its usage and status 2).
 """
 
 from __future__ import annotations

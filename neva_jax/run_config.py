@@ -43,8 +43,12 @@ def _check(ok: bool, message: str) -> None:
 
 
 def default_model() -> NevaConfig:
-    """The default architecture: the seed's NeVA (LLaMA-2-7B + CLIP-L/14 at 224 px), bf16."""
-    return neva.with_runtime(neva.llama2_7b_chat(projector="mlp2x_gelu"), dtype="bfloat16")
+    """The default architecture (LLaMA-2-7B-Chat + CLIP-L/14 at 224 px + the `mlp2x_gelu`
+    projector), bf16, attention `auto`: cuDNN flash attention on a GPU where the dtype
+    and head size allow it, XLA elsewhere (`neva_jax.platform.resolve_runtime`)."""
+    return neva.with_runtime(
+        neva.llama2_7b_chat(projector="mlp2x_gelu"), dtype="bfloat16", attention_impl="auto"
+    )
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`python -m neva_jax.convert`: Hugging Face and NeMo checkpoints <-> neva-jax model folders.
 
 Subcommands register themselves in `SUBCOMMANDS` (name -> (add_arguments, run));
-errors print one line `error: ...` naming the key or file and exit with status 1.
+errors print one line `error: ...` naming the key or file and exit with status 1 (a
+command line argparse cannot parse: its usage and status 2).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ Two forms:
       the projector starts freshly initialised (the stage-1 starting point) and
       <image> (and <pad>) are added to the tokenizer, growing the embeddings.
 
-OUT receives model_config.json, params/ (Orbax), tokenizer/ and
-preprocessor_config.json. Folders with only pickled *.bin weights are refused:
+OUT receives model_config.json, params/ (Orbax), tokenizer/,
+preprocessor_config.json and, when a template is known (--template, or a chat template
+that an export-hf wrote), conversation.json. Folders with only pickled *.bin weights are refused:
 convert them once with transformers (from_pretrained, then
 save_pretrained(..., safe_serialization=True)).
 """

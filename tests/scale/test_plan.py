@@ -62,11 +62,15 @@ def test_llava_13b_stage2_needs_more_than_one_h200(capsys):
 
 def test_llava_lora_on_one_h200(capsys):
     """LoRA stage 2 (bf16 base, fp32 adapters): 7B fits one H200 at the recipe's batch,
-    13B with two accumulation steps (cuDNN attention, as in the README table)."""
-    one = dict(plan__num_devices=1, mesh__data=1, attention__implementation="cudnn")
+    13B with two accumulation steps (cuDNN attention: what the default `auto` picks on a
+    GPU in bf16, as in the README table)."""
+    one = dict(plan__num_devices=1, mesh__data=1)
     main_lib._plan(_llava_13b_stage2("lora,size=7b", **one))
     seven = capsys.readouterr().out
-    assert "parameters 7.383 B, trained 0.341 B" in seven and "\nfits: " in seven
+    assert "parameters 7.383 B, trained 0.341 B" in seven and "\nfits: 100.4 GB" in seven
+    assert "flash attention" in seven
+    main_lib._plan(_llava_13b_stage2("lora,size=7b", attention__implementation="xla", **one))
+    assert "does NOT fit" in capsys.readouterr().out  # the T x T scores of XLA attention
     main_lib._plan(_llava_13b_stage2("lora,size=13b", **one))
     thirteen = capsys.readouterr().out
     assert "does NOT fit" in thirteen
