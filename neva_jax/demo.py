@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -234,9 +235,10 @@ def evaluate_heldout(workdir: Path, data: Path, out: Path) -> dict[str, dict[str
         preds = {q["question_id"]: a.text for q, a in zip(questions, answers, strict=True)}
         path = out / ("answers.jsonl" if name == "image" else f"answers_{name}.jsonl")
         with open(path, "w") as f:
-            for q in questions:
+            for q in questions:  # LLaVA's answer format, as `generate --answers` writes it
                 row = {"question_id": q["question_id"], "prompt": q["text"]}
-                row |= {"text": preds[q["question_id"]], "category": q["category"]}
+                row |= {"text": preds[q["question_id"]], "answer_id": uuid.uuid4().hex}
+                row |= {"model_id": workdir.name, "metadata": {"category": q["category"]}}
                 f.write(json.dumps(row) + "\n")
         scores[name] = score_answers(preds, refs, "exact")
     return scores
