@@ -32,6 +32,7 @@ import yaml
 from neva_jax.convert import nemo_config, nemo_write
 from neva_jax.convert.nemo_context import Call, PyRef, to_fiddle_json, to_yaml_dict
 from neva_jax.convert.nemo_io import NemoError, require_torch
+from neva_jax.model import lora
 from neva_jax.model.neva import NevaConfig
 from neva_jax.model.projector import projector_depth
 
@@ -248,6 +249,13 @@ def export_nemo(
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not empty; choose a new output path")
+    if fmt == "nemo2" and out.suffix == ".nemo":
+        raise NemoError(
+            f"{out}: a NeMo 2 checkpoint is a folder and .nemo names NeMo 1's tar; pass "
+            "--format nemo1 for a .nemo, or name the NeMo 2 folder without .nemo"
+        )
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise NemoError(f"--tokenizer {tokenizer}: not a folder (a Hugging Face tokenizer)")
     model, info = checkpoint.load_model(ckpt_path)
     cfg: NevaConfig = info.config
     tok_path = Path(tokenizer or info.tokenizer_path or "")
@@ -260,6 +268,8 @@ def export_nemo(
     vocab = _base_vocab(tok) if llm_only else len(tok)
     padded = -(-vocab // VOCAB_DIVISOR) * VOCAB_DIVISOR
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if cfg.peft.enabled:  # NeMo's NeVA holds plain weights: fold the LoRA adapters in
+        params = lora.merge_params(params, cfg.peft)
     np_dtype = (
         np.dtype(dtype) if dtype != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16)
     )

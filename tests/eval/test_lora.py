@@ -179,7 +179,8 @@ def test_one_adamw_step_matches_peft(adapter, llava_std_dir):
 
 def test_merged_and_adapter_only_exports(adapter, llava_std_dir, tmp_path):
     """export-hf merges (reloads in transformers equal our unmerged forward within 1e-5);
-    --adapter-only writes PEFT's layout, which PEFT loads onto the base: same logits."""
+    --adapter-only writes PEFT's layout, which PEFT loads onto the base: same logits;
+    export-nemo merges too (imported back: the same logits)."""
     import peft
     from transformers import LlavaForConditionalGeneration
 
@@ -208,6 +209,16 @@ def test_merged_and_adapter_only_exports(adapter, llava_std_dir, tmp_path):
     written = load_file(str(only / hf_peft.ADAPTER_WEIGHTS))
     original = load_file(str(folder / hf_peft.ADAPTER_WEIGHTS))
     assert sorted(written) == sorted(original)  # PEFT's own key names
+
+    # NeMo's NeVA has no adapters: export-nemo folds them in, as export-hf does.
+    from neva_jax.convert.nemo_import import import_nemo
+
+    nemo = tmp_path / "nemo2"
+    assert convert_cli.main(["export-nemo", str(model_dir), str(nemo)]) == 0
+    back = import_nemo(nemo).model
+    n = back.config.tokenizer_vocab_size  # the tokenizer's ids; NeMo pads the rest with 0
+    assert 0 < n < ours.shape[-1]
+    np.testing.assert_allclose(_logits(back, ids, pixels)[..., :n], ours[..., :n], atol=1e-5)
 
 
 @pytest.mark.parametrize("adapter", ["llava"], indirect=True)
