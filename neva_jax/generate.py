@@ -34,6 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from neva_jax.data.conversation import TEMPLATES
+
+BATCH_SIZE = 8  # --batch-size's default
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses and checks the command line (no model is loaded here)."""
@@ -63,11 +67,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     batch.add_argument(
         "--metric",
-        default="auto",
         choices=("auto", "exact", "vqa", "pope"),
         help="scorer (default auto: pope for yes/no references, else vqa)",
     )
-    batch.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
+    batch.add_argument(
+        "--batch-size", type=int, help=f"questions per generation batch (default {BATCH_SIZE})"
+    )
     batch.add_argument(
         "--model-id", help="model_id written to the answers (default: checkpoint folder name)"
     )
@@ -83,7 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     m = p.add_argument_group("model")
     m.add_argument(
-        "--template", help="conversation template (default: the checkpoint's, else vicuna_v1)"
+        "--template",
+        choices=tuple(TEMPLATES),
+        help="conversation template (default: the checkpoint's, else vicuna_v1)",
     )
     m.add_argument(
         "--image-aspect",
@@ -103,27 +110,64 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     batch_mode = args.questions is not None
+    batch_only = {
+        "--answers": args.answers,
+        "--references": args.references,
+        "--image-folder": args.image_folder,
+        "--metric": args.metric,
+        "--batch-size": args.batch_size,
+        "--model-id": args.model_id,
+    }
     if batch_mode:
         if args.answers is None:
             p.error("--questions needs --answers A.jsonl")
         if args.image is not None or args.prompt is not None:
             p.error("give either --questions or --image/--prompt, not both")
+        if args.json:
+            p.error("--json prints one answer (--prompt); --questions writes --answers")
+        if Path(args.answers).resolve() == Path(args.questions).resolve():
+            p.error("--answers names the --questions file; write the answers elsewhere")
+        if Path(args.answers).is_dir():
+            p.error(f"--answers {args.answers}: a folder; name the A.jsonl file to write")
     elif args.prompt is None:
         p.error("give --prompt TEXT (with --image IMG) or --questions Q.jsonl --answers A.jsonl")
-    elif args.answers is not None or args.references is not None:
-        p.error("--answers/--references go with --questions")
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    else:
+        given = [flag for flag, value in batch_only.items() if value is not None]
+        if given:
+            p.error(f"{', '.join(given)} go with --questions (a question file), not --prompt")
+        if not args.prompt.strip():
+            p.error("--prompt is empty")
+    args.metric = args.metric or "auto"
+    args.batch_size = BATCH_SIZE if args.batch_size is None else args.batch_size
+    checks = (
+        (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.temperature >= 0, f"--temperature must be >= 0 (0: greedy), got {args.temperature}"),
+        (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.top_k >= 0, f"--top-k must be >= 0 (0: off), got {args.top_k}"),
+        (
+            args.repetition_penalty > 0,
+            f"--repetition-penalty must be > 0, got {args.repetition_penalty}",
+        ),
+        (args.mesh_tensor >= 0, f"--mesh-tensor must be >= 0, got {args.mesh_tensor}"),
+    )
+    for ok, message in checks:  # NaN fails every comparison, so it is refused too
+        if not ok:
+            p.error(message)
     return args
 
 
 def read_jsonl(path: str | Path, what: str) -> list[dict[str, Any]]:
     """Records of a JSON-lines file (a JSON list is accepted too); errors name the line."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (JSON lines expected)") from None
     if text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
     else:
         rows = []
         for i, line in enumerate(text.splitlines(), start=1):
@@ -136,6 +180,37 @@ def read_jsonl(path: str | Path, what: str) -> list[dict[str, Any]]:
         if not isinstance(row, dict) or "question_id" not in row:
             raise ValueError(f"{path} record {i}: expected an object with 'question_id' ({what})")
     return rows
+
+
+def default_model_id(checkpoint: str) -> str:
+    """The folder's name; for a step folder (`run/checkpoints/2000`), `run-2000`."""
+    path = Path(checkpoint).absolute()
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}-{path.name}"
+    return path.name
+
+
+def check_questions(questions: list[dict[str, Any]], path: str, image_folder: str | None) -> None:
+    """Everything about a question file that can fail, checked before the model loads:
+    ids (a string or a number, each once), a non-empty "text", and images that exist
+    inside the image folder."""
+    from neva_jax.data import image as image_lib
+
+    seen = set()
+    for i, q in enumerate(questions, start=1):
+        qid = q["question_id"]
+        if not isinstance(qid, str | int) or isinstance(qid, bool):
+            raise ValueError(f"{path} record {i}: question_id {qid!r} is not a string or number")
+        if qid in seen:
+            raise ValueError(f"{path} record {i}: question_id {qid!r} appears twice")
+        seen.add(qid)
+        text = q.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path} record {i}: no question ('text' is {text!r})")
+        if q.get("image"):
+            full = image_lib.resolve_image_path(image_folder, q["image"])
+            if not Path(full).is_file():
+                raise FileNotFoundError(f"{path} record {i}: image {full} not found")
 
 
 # JAX, the model and transformers are imported inside the functions below so that
@@ -204,8 +279,19 @@ def run_batch(args: argparse.Namespace) -> dict[str, float] | None:
         raise ValueError(f"{args.questions}: no questions")
     if any(q.get("image") for q in questions) and not args.image_folder:
         raise ValueError(f"{args.questions}: questions name images; pass --image-folder DIR")
+    check_questions(questions, args.questions, args.image_folder)
     source = read_jsonl(args.references, "a reference") if args.references else questions
     references = {r["question_id"]: r for r in source if "answer" in r or "answers" in r}
+    if args.references:
+        if not references:
+            raise ValueError(f"{args.references}: no record has 'answer' or 'answers'")
+        asked = {q["question_id"] for q in questions}
+        unknown = [qid for qid in references if qid not in asked]
+        if unknown:
+            raise ValueError(
+                f"{args.references}: {len(unknown)} references are for questions that "
+                f"{args.questions} does not ask, e.g. {unknown[0]!r}"
+            )
     gen = _load(args)
     start = time.time()
     completions = gen.answer_questions(
@@ -216,7 +302,7 @@ def run_batch(args: argparse.Namespace) -> dict[str, float] | None:
         sampling=sampling,
         stop=args.stop,
     )
-    model_id = args.model_id or Path(args.checkpoint).absolute().name
+    model_id = args.model_id or default_model_id(args.checkpoint)
     out = Path(args.answers)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:

@@ -1,4 +1,4 @@
-"""`python -m neva_jax.bench [train|decode|compile|util|packing|all] [flags]`.
+"""`python -m neva_jax.bench [train|decode|compile|util|packing|all|serve] [flags]`.
 
 Prints one JSON line per measurement, then a table of the figures and targets.
 See `neva_jax/bench/__init__.py` for what each sub-command measures. Each
@@ -30,8 +30,24 @@ SUITES = ("train", "util", "decode", "compile", "packing")
 EXTRA = ("serve",)  # not in `all`: run on its own
 
 
+def _sizes(p: argparse.ArgumentParser, flag: str, value: str, count: int | None = None) -> tuple:
+    """'1,8' -> (1, 8): positive integers (`count` of them when given), else a usage error."""
+    try:
+        sizes = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1 or (count is not None and len(sizes) != count):
+        what = f"{count} " if count else ""
+        p.error(f"{flag} {value!r}: expected {what}comma-separated positive integers, e.g. 1,8")
+    return sizes
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m neva_jax.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m neva_jax.bench",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, *EXTRA, "all"))
     p.add_argument("--shape", default="bench", choices=("bench", "tiny"))
     p.add_argument(
@@ -81,7 +97,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=64,
         help="serve: mean tokens per answer (varied 1/4-7/4)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.decode_batches = _sizes(p, "--decode-batches", args.decode_batches)
+    args.depths = _sizes(p, "--depths", args.depths, count=2)
+    args.clients = _sizes(p, "--clients", args.clients)
+    for flag in ("repeats", "threads", "new_tokens", "serve_tokens", "lora_rank"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.lora and args.suite not in ("train", "all"):
+        p.error(f"--lora is a train option; {args.suite} does not take it")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,13 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     if "decode" in suites:
         from neva_jax.bench.decode_bench import run_decode
 
-        batches = tuple(int(b) for b in args.decode_batches.split(","))
-        run_decode(report, shape, batches=batches, new_tokens=args.new_tokens, repeats=args.repeats)
+        run_decode(
+            report,
+            shape,
+            batches=args.decode_batches,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+        )
     if "compile" in suites:
         from neva_jax.bench.compile_bench import run_compile
 
-        lo, hi = (int(d) for d in args.depths.split(","))
-        run_compile(report, shape, depths=(lo, hi), unrolled=not args.skip_unrolled)
+        run_compile(report, shape, depths=args.depths, unrolled=not args.skip_unrolled)
     if "packing" in suites:
         from neva_jax.bench.packing_bench import run_packing
 
@@ -163,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if "serve" in suites:
         from neva_jax.bench.serve_bench import run_serve
 
-        clients = tuple(int(c) for c in args.clients.split(","))
-        run_serve(report, shape, clients=clients, new_tokens=args.serve_tokens)
+        run_serve(report, shape, clients=args.clients, new_tokens=args.serve_tokens)
     report.emit("env", "done", wall_s=time.perf_counter() - t0)
     print()
     print(f"allocator (both sides, one process): {memory['name']}: {memory['detail']}")

@@ -47,28 +47,25 @@ def _add_import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision", metavar="CLIP_DIR", help="Hugging Face CLIP(Vision)Model folder")
     p.add_argument(
         "--projector",
-        default="mlp2x_gelu",
         help="fresh projector for --llm/--vision: linear or mlpNx_gelu (default mlp2x_gelu)",
     )
     p.add_argument(
         "--vision-select-layer",
         type=int,
-        default=-2,
-        help="CLIP hidden state used as image features (default -2)",
+        help="--llm/--vision: CLIP hidden state used as image features (default -2)",
     )
     p.add_argument(
         "--class-token-length",
         type=int,
-        default=1,
         choices=(0, 1),
-        help="1 drops the CLIP class token (default), 0 keeps it",
+        help="--llm/--vision: 1 drops the CLIP class token (default), 0 keeps it",
     )
     p.add_argument(
         "--adapter",
         metavar="PEFT_DIR",
         help="a Hugging Face PEFT LoRA folder trained on SRC (llava-hf form only)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the fresh projector")
+    p.add_argument("--seed", type=int, help="seed of the fresh projector (default 0)")
     p.add_argument(
         "--param-dtype",
         default="float32",
@@ -91,6 +88,19 @@ def _run_import(args: argparse.Namespace) -> None:
             )
     elif len(args.paths) != 2:
         raise ValueError("import-hf needs SRC OUT (or --llm LLAMA_DIR --vision CLIP_DIR OUT)")
+    else:
+        fresh = {
+            "--projector": args.projector,
+            "--vision-select-layer": args.vision_select_layer,
+            "--class-token-length": args.class_token_length,
+            "--seed": args.seed,
+        }
+        given = [flag for flag, value in fresh.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"import-hf {', '.join(given)}: only with --llm/--vision (a llava-hf folder "
+                "brings its own projector and vision settings)"
+            )
     out = Path(args.paths[-1])
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: already exists and is not empty; choose a new output folder")
@@ -99,10 +109,12 @@ def _run_import(args: argparse.Namespace) -> None:
         imported = hf.import_llm_and_clip(
             args.llm,
             args.vision,
-            projector=args.projector,
-            vision_select_layer=args.vision_select_layer,
-            class_token_length=args.class_token_length,
-            seed=args.seed,
+            projector=args.projector or "mlp2x_gelu",
+            vision_select_layer=-2
+            if args.vision_select_layer is None
+            else args.vision_select_layer,
+            class_token_length=1 if args.class_token_length is None else args.class_token_length,
+            seed=args.seed or 0,
             param_dtype=args.param_dtype,
         )
     else:

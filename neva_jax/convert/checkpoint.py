@@ -126,9 +126,28 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def checkpoint_kind(path: str | Path) -> str:
-    """ "training", "model_folder" or "llava_hf"; FileNotFoundError (one line) otherwise."""
+    """ "training", "model_folder" or "llava_hf"; FileNotFoundError (one line) otherwise.
+
+    A folder is judged by what it holds, not by its name (a model folder may be called
+    `2024`): a model folder's files, a llava-hf `config.json`, then a training run's
+    checkpoints (a workdir, its `checkpoints/` or one step folder)."""
     path = Path(path)
-    if path.name.isdigit() and path.is_dir():  # a step folder: complete, or say why not
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if (path / MODEL_CONFIG).exists() and (path / PARAMS).is_dir():
+        return "model_folder"
+    config = path / "config.json"
+    if config.exists():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (ValueError, AttributeError) as e:
+            raise FileNotFoundError(f"{config}: not a readable config.json ({e})") from None
+        if model_type == "llava":
+            return "llava_hf"
+    step_like = path.name.isdigit() and (
+        path.parent.name == CHECKPOINT_DIR or any((path / item).is_dir() for item in ITEMS)
+    )
+    if step_like:  # a step folder: complete, or say why not
         resolve_checkpoint(str(path))
         return "training"
     try:
@@ -136,11 +155,11 @@ def checkpoint_kind(path: str | Path) -> str:
         return "training"
     except FileNotFoundError:
         pass
-    if (path / MODEL_CONFIG).exists() and (path / PARAMS).is_dir():
-        return "model_folder"
-    config = path / "config.json"
-    if config.exists() and json.loads(config.read_text()).get("model_type") == "llava":
-        return "llava_hf"
+    if (path / CHECKPOINT_DIR).is_dir() or path.name == CHECKPOINT_DIR:
+        raise FileNotFoundError(
+            f"{path}: a training run with no complete checkpoint yet ({CHECKPOINT_DIR}/STEP/ "
+            "appears when the first save commits)"
+        )
     raise FileNotFoundError(
         f"{path}: not a training workdir or step folder ({CHECKPOINT_DIR}/STEP/), a neva-jax "
         f"model folder ({MODEL_CONFIG} + {PARAMS}/) or a llava-hf folder (config.json with "

@@ -111,6 +111,7 @@ class Imported:
     preprocessor_config: dict[str, Any] | None
     template: str | None = None  # conversation template the source names, when known
     image_aspect_ratio: str | None = None  # square | pad | keep, when the source names it
+    fresh_projector: bool = False  # the projector was drawn here (the source holds none)
 
 
 # (llm prefix, lm_head key, projector prefix, vision prefixes to try) per llava-hf layout.
@@ -327,7 +328,7 @@ def import_llm_and_clip(
     fresh = _fresh_projector(cfg, seed, mesh)
     sources = [(llm_entries, reader), (vision_entries, clip_reader)]
     model = load_into(*abstract_neva(cfg, mesh), sources, {"projector": fresh})
-    return Imported(model, cfg, tokenizer, _preprocessor(clip_dir))
+    return Imported(model, cfg, tokenizer, _preprocessor(clip_dir), fresh_projector=True)
 
 
 def add_image_tokens(tokenizer: Any, vocab_size: int, *, where: str) -> tuple[int, int]:

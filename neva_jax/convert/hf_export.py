@@ -292,6 +292,8 @@ def export_hf(
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not empty; choose a new output folder")
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ValueError(f"--tokenizer {tokenizer}: not a folder (a Hugging Face tokenizer)")
     model, info = checkpoint.load_model(ckpt_path)
     cfg: NevaConfig = info.config
     tok_path = tokenizer or info.tokenizer_path
@@ -458,6 +460,14 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def run_export(args: argparse.Namespace) -> None:
     """Runs `export-hf` from parsed arguments and prints a one-line summary."""
     if args.adapter_only:
+        unused = [
+            f for f, v in (("--template", args.template), ("--tokenizer", args.tokenizer)) if v
+        ]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)}: not written with --adapter-only (PEFT's folder holds the "
+                "adapters alone)"
+            )
         out = export_adapter(args.ckpt, args.out, dtype=args.dtype, base=args.base)
         size = (out / hf_peft.ADAPTER_WEIGHTS).stat().st_size
         print(f"wrote {out}: PEFT LoRA adapter, {size / 2**20:.1f} MiB")

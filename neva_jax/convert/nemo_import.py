@@ -144,10 +144,10 @@ def import_nemo(
     llm: str | Path | None = None,
     vision: str | Path | None = None,
     tokenizer: str | Path | None = None,
-    projector: str = "mlp2x_gelu",
+    projector: str | None = None,
     mesh: Mesh | None = None,
     allow_pickle: bool = False,
-    seed: int = 0,
+    seed: int | None = None,
     **runtime: Any,
 ) -> Imported:
     """Imports a NeMo checkpoint as a `Neva` (see the module docstring).
@@ -159,12 +159,14 @@ def import_nemo(
       vision: Hugging Face CLIP folder: the tower's config, and its weights when the
         checkpoint holds none (a frozen tower, or an LLM-only checkpoint).
       tokenizer: tokenizer folder overriding the checkpoint's artifact.
-      projector: the fresh projector of an LLM-only checkpoint.
+      projector: the fresh projector of an LLM-only checkpoint (default mlp2x_gelu).
       mesh: every parameter is placed straight onto its shards on this mesh.
       allow_pickle: permit full unpickling of `.ckpt` files (can run code from the file).
-      seed: seed of a fresh projector.
+      seed: seed of a fresh projector (default 0).
       runtime: RUNTIME_FIELDS (param_dtype, dtype, ...) of the imported config.
     """
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise NemoError(f"--tokenizer {tokenizer}: not a folder (a Hugging Face tokenizer)")
     with tempfile.TemporaryDirectory(prefix="neva_nemo_") as tmp, contextlib.ExitStack() as stack:
         source = stack.enter_context(Source(src))
         parts = read_checkpoint(source, Path(tmp), allow_pickle=allow_pickle)
@@ -188,7 +190,7 @@ def import_nemo(
                     f"{where}: an LLM-only checkpoint; pass --vision CLIP_DIR to build a NeVA"
                 )
             neva = dict(
-                projector=projector,
+                projector=projector or "mlp2x_gelu",
                 projector_bias=True,
                 projector_ffn=None,
                 vision_name=None,
@@ -201,6 +203,11 @@ def import_nemo(
             )
         keys = parts.reader.keys()
         if "decoder.layers.0.mlp.linear_fc2.weight" in keys:
+            if llm is not None:
+                raise NemoError(
+                    f"{where}: holds its own LLM weights; --llm is for a stage-1 NeVA "
+                    "checkpoint that holds only the projector"
+                )
             kind, llm_reader, spec = "nemo", parts.reader, parts.llm
         else:
             llm = llm or neva.get("llm_name")
@@ -244,7 +251,7 @@ def import_nemo(
         own = Subset(parts.reader, include=("vision_tower.", "projector."))
         entries = []
         if neva.get("fresh"):
-            fresh["projector"] = _fresh_projector(cfg, seed, mesh)
+            fresh["projector"] = _fresh_projector(cfg, seed or 0, mesh)
         else:
             entries += nemo_keys.nemo_projector_entries(
                 projector_depth(cfg.projector),
@@ -283,6 +290,7 @@ def import_nemo(
             preprocessor,
             template=neva.get("template"),
             image_aspect_ratio=neva.get("image_aspect_ratio"),
+            fresh_projector=bool(neva.get("fresh")),
         )
 
 
@@ -354,18 +362,14 @@ def add_import_arguments(p: Any) -> None:
     p.add_argument(
         "--tokenizer", metavar="DIR", help="tokenizer folder overriding the checkpoint's"
     )
-    p.add_argument(
-        "--projector",
-        default="mlp2x_gelu",
-        help="fresh projector for an LLM-only SRC (default mlp2x_gelu)",
-    )
+    p.add_argument("--projector", help="fresh projector for an LLM-only SRC (default mlp2x_gelu)")
     p.add_argument(
         "--param-dtype",
         default="float32",
         choices=("float32", "bfloat16"),
         help="stored parameter dtype",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of a fresh projector")
+    p.add_argument("--seed", type=int, help="seed of a fresh projector (default 0)")
     p.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -394,6 +398,11 @@ def run_import(args: Any) -> None:
         seed=args.seed,
         param_dtype=args.param_dtype,
     )
+    if not imported.fresh_projector and (args.projector or args.seed is not None):
+        raise NemoError(
+            f"{args.src}: holds its projector; --projector and --seed are for an LLM-only "
+            "checkpoint (whose projector starts fresh)"
+        )
     conversation = checkpoint.save_imported(out, imported, args.template, args.image_aspect)
     cfg = imported.config
     print(

@@ -466,6 +466,11 @@ class Generator:
             raise ValueError(
                 f"question {question[:40]!r} has {IMAGE_PLACEHOLDER} but no image was given"
             )
+        if question.count(IMAGE_PLACEHOLDER) > 1:
+            raise ValueError(
+                f"question {question[:40]!r} has {question.count(IMAGE_PLACEHOLDER)} "
+                f"{IMAGE_PLACEHOLDER} placeholders; a question takes one image"
+            )
         spans = self.template.render([Message("user", question)], system=self.system)
         enc = encode_spans(spans, self.tokenizer, self.model.config.num_image_tokens)
         return enc.text, enc.ids.tolist()
@@ -505,6 +510,15 @@ class Generator:
         rendered = [
             self.prompt_ids(q, im is not None) for q, im in zip(questions, images, strict=True)
         ]
+        longest = max(len(ids) for _, ids in rendered)
+        limit = self.model.config.llm.encoder_seq_length
+        if longest + max_new_tokens > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds "
+                f"the model's {limit} positions; ask for at most {limit - longest} new tokens"
+                if longest < limit
+                else f"a prompt of {longest} tokens does not fit the model's {limit} positions"
+            )
         pixels = None
         if any(im is not None for im in images):
             size = self.model.config.vision.image_size

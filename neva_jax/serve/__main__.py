@@ -25,11 +25,13 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from neva_jax.data.conversation import TEMPLATES
 from neva_jax.serve.images import DEFAULT_MAX_PIXELS
 
 _log = logging.getLogger("neva_jax.serve")
@@ -112,7 +114,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(default: $NEVA_API_KEY; none: no key)",
     )
     p.add_argument("--served-model-name", help="model id in responses (default: the folder name)")
-    p.add_argument("--template", help="conversation template (default: the checkpoint's)")
+    p.add_argument(
+        "--template",
+        choices=tuple(TEMPLATES),
+        help="conversation template (default: the checkpoint's)",
+    )
     p.add_argument(
         "--image-aspect",
         choices=("square", "pad", "keep"),
@@ -145,7 +151,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--port must be 0..65535, got {args.port}")
     if args.image_root is not None and not Path(args.image_root).is_dir():
         p.error(f"--image-root {args.image_root}: not a folder")
+    if args.api_key is not None and not args.api_key.strip():
+        p.error("--api-key (or $NEVA_API_KEY) is empty: give a key, or leave both unset to serve "
+                "without one")  # fmt: skip
     return args
+
+
+def check_port(host: str, port: int) -> None:
+    """Fails at once (before minutes of loading and compiling) if host:port cannot listen."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(
+                f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                "choose another port"
+            ) from None
 
 
 def build_state(args: argparse.Namespace, gen: Any = None) -> Any:
@@ -211,6 +236,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from neva_jax.serve.app import create_app
 
+    check_port(args.host, args.port)
     state = build_state(args)
     config = uvicorn.Config(
         create_app(state),

@@ -59,6 +59,12 @@ def test_repeats_flag_and_table():
     assert parse(["train", "--repeats", "4"]).repeats == 4
     assert parse(["train", "--steps", "3"]).repeats == 3  # the old name still works
     assert parse([]).repeats == 5
+    assert parse(["decode", "--decode-batches", "1,8"]).decode_batches == (1, 8)
+    for bad in (["decode", "--decode-batches", "1,x"], ["compile", "--depths", "4"],
+                ["decode", "--lora"], ["train", "--repeats", "0"]):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            parse(bad)  # a usage error before anything runs, not a traceback after
+        assert e.value.code == 2
     report = _report()
     report.emit("train", "stage2_ratio", **timing.ratio_summary("speedup", [6.0, 8.0], [4.0, 5.0]))
     report.target("t", 1.5, ">= 1.3x", True, spread=0.1)

@@ -178,11 +178,42 @@ def test_conversation_travels_with_the_model_folder(tmp_path, capsys):
         checkpoint.load_model(folder)
 
 
+def test_checkpoint_kind_judges_a_folder_by_what_it_holds(tmp_path):
+    """A model folder or llava-hf folder named like a step (`2024/`) is what it holds; each
+    other case gets its own one-line reason."""
+    model = tmp_path / "2024"
+    (model / checkpoint.PARAMS).mkdir(parents=True)
+    (model / checkpoint.MODEL_CONFIG).write_text("{}")
+    assert checkpoint.checkpoint_kind(model) == "model_folder"
+    llava = tmp_path / "1000"
+    llava.mkdir()
+    (llava / "config.json").write_text('{"model_type": "llava"}')
+    assert checkpoint.checkpoint_kind(llava) == "llava_hf"
+    cases = {
+        tmp_path / "absent": "no such file or folder",
+        tmp_path / "run": "a training run with no complete checkpoint yet",
+        tmp_path / "run" / checkpoint.CHECKPOINT_DIR / "5": "checkpoint step folder is incomplete",
+        tmp_path / "broken": "config.json: not a readable config.json",
+        tmp_path / "other": "not a training workdir or step folder",
+    }
+    (tmp_path / "run" / checkpoint.CHECKPOINT_DIR / "5" / "state").mkdir(parents=True)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{nope")
+    (tmp_path / "other").mkdir()
+    for path, reason in cases.items():
+        with pytest.raises(FileNotFoundError, match=reason):
+            checkpoint.checkpoint_kind(path)
+
+
 def test_export_refuses_existing_folder(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("")
     with pytest.raises(FileExistsError, match="not empty"):
         hf_export.export_hf(tmp_path / "nothing", tmp_path / "out")
+    with pytest.raises(ValueError, match=r"--tokenizer .*: not a folder"):
+        hf_export.export_hf(tmp_path / "nothing", tmp_path / "new", tokenizer=tmp_path / "x")
+    argv = ["export-hf", str(tmp_path / "nothing"), str(tmp_path / "new"), "--adapter-only"]
+    assert convert_cli.main([*argv, "--template", "vicuna_v1"]) == 1  # PEFT's folder has none
 
 
 def test_chat_templates_render_like_ours():

@@ -372,6 +372,11 @@ def test_other_import_errors(llava, tmp_path, capsys):
     assert "pytorch_model.bin" in message and "safe_serialization=True" in message
 
     assert "--vision" in _error(["import-hf", "--llm", str(folder), str(tmp_path / "o4")], capsys)
+    # Flags of the --llm/--vision form are not silently ignored in the SRC OUT form.
+    message = _error(
+        ["import-hf", str(folder), str(tmp_path / "o5"), "--projector", "linear"], capsys
+    )
+    assert "import-hf --projector: only with --llm/--vision" in message
 
 
 def test_help_explains_both_forms(capsys):

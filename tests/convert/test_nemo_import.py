@@ -181,6 +181,17 @@ def _nemo_encode(sp, tok, text: str) -> list[int]:
     return ids + sp.encode(text)
 
 
+def test_flags_that_do_not_apply_are_refused(clip_dir, tmp_path, capsys):
+    """--llm names the LLM of a stage-1 checkpoint; one that holds its own is refused,
+    not silently ignored. A --tokenizer that is not a folder is named."""
+    src = str(FIXTURES / "nemo2_llama_ckpt")
+    out = str(tmp_path / "out")
+    assert main(["import-nemo", src, out, "--vision", str(clip_dir), "--llm", src]) == 1
+    assert "holds its own LLM weights; --llm is for a stage-1" in capsys.readouterr().err
+    assert main(["import-nemo", src, out, "--tokenizer", str(tmp_path / "nope")]) == 1
+    assert "--tokenizer " in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "name", ["nemo_fixture", "unigram", "bpe_byte_fallback", "bpe_no_dummy_prefix_keep_spaces"]
 )

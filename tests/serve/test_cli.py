@@ -33,6 +33,26 @@ def test_help_and_flag_errors():
     assert out.returncode == 2 and "--image-root /no/such/folder: not a folder" in out.stderr
 
 
+def test_empty_api_key_and_busy_port_fail_before_loading(tmp_path, capsys, monkeypatch):
+    """An empty key would serve without authentication; a port in use would fail only
+    after the model loads and compiles. Both stop at once (the checkpoint is not read)."""
+    import socket
+
+    from neva_jax.serve.__main__ import main
+
+    monkeypatch.delenv("NEVA_API_KEY", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path / "nothing"), "--api-key", " "])
+    assert e.value.code == 2 and "--api-key (or $NEVA_API_KEY) is empty" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert main(["--checkpoint", str(tmp_path / "nothing"), "--port", port]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen there"), err
+
+
 def test_missing_checkpoint_is_one_line(tmp_path):
     out = run("--checkpoint", str(tmp_path / "nothing"))
     assert out.returncode == 1
