@@ -84,7 +84,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="stage 2 with LoRA adapters on the frozen decoder (configs/demo.py:lora)",
     )
     p.add_argument("--resume", action="store_true", help="keep OUT and continue, do not restart")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("n_train", "n_eval", "stage1_steps", "stage2_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    return args
 
 
 # ------------------------------------------------------------------------------ steps
