@@ -41,7 +41,7 @@ import numpy as np
 
 from neva_jax.convert import hf_clip, hf_llama, hf_peft
 from neva_jax.convert.hf_chat import chat_template
-from neva_jax.data.conversation import IMAGE_PLACEHOLDER, get_template
+from neva_jax.data.conversation import IMAGE_PLACEHOLDER, TEMPLATES, get_template
 from neva_jax.data.image import CLIP_MEAN, CLIP_STD
 from neva_jax.model import lora
 from neva_jax.model.clip import ClipConfig
@@ -434,6 +434,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", metavar="OUT", help="new output folder")
     p.add_argument(
         "--template",
+        choices=tuple(TEMPLATES),
         help=f"conversation template for the chat template (default: the checkpoint's, else {DEFAULT_TEMPLATE})",
     )
     p.add_argument(
