@@ -551,11 +551,14 @@ def data_config(cd: ml_collections.ConfigDict | Mapping[str, Any]) -> DataConfig
 
 def _with_model_data(cfg: RunConfig) -> RunConfig:
     """`cfg` whose `data` has the model's numbers and the global batch size."""
-    data = dataclasses.replace(cfg.data, batch_size=cfg.train.batch_size).with_model(
-        image_size=cfg.model.vision.image_size,
-        num_image_slots=cfg.model.num_image_tokens,
-        use_im_start_end=cfg.model.use_im_start_end,
-    )
+    try:
+        data = dataclasses.replace(cfg.data, batch_size=cfg.train.batch_size).with_model(
+            image_size=cfg.model.vision.image_size,
+            num_image_slots=cfg.model.num_image_tokens,
+            use_im_start_end=cfg.model.use_im_start_end,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return dataclasses.replace(cfg, data=data)
 
 

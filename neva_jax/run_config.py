@@ -183,6 +183,15 @@ class TrainSection:
             f"[0, train.steps={self.steps}]",
         )
         _check(self.weight_decay >= 0, f"config.train.weight_decay={self.weight_decay}: >= 0")
+        for key in ("adam_b1", "adam_b2"):  # b2 = 1 never updates the second moment: NaN
+            value = getattr(self, key)
+            _check(0 <= value < 1, f"config.train.{key}={value}: must be in [0, 1)")
+        _check(self.adam_eps > 0, f"config.train.adam_eps={self.adam_eps}: must be > 0")
+        _check(
+            self.peak_flops_per_device >= 0,
+            f"config.train.peak_flops_per_device={self.peak_flops_per_device}: must be >= 0 "
+            "(0 = the built-in table)",
+        )
         _check(
             self.loss_normalization in LOSS_NORMALIZATIONS,
             f"config.train.loss_normalization={self.loss_normalization!r}: use one of "
@@ -396,6 +405,11 @@ def check(cfg: RunConfig, num_devices: int, check_environment: bool = True) -> N
             not check_environment or not path or os.path.exists(path),
             f"config.{key}={path!r}: no such file or folder; fix the path or set ''",
         )
+    _check(
+        not (cfg.init_from and (cfg.llm.from_pretrained or cfg.vision_encoder.from_pretrained)),
+        f"config.init_from={cfg.init_from!r}: also set model.*.from_pretrained, whose weights "
+        "init_from's (every parameter) would replace; set one of them",
+    )
     _check(
         not (cfg.model.peft.enabled and cfg.llm.freeze),
         "config.model.peft.scheme='lora': with model.llm.freeze=True no adapter trains; set "

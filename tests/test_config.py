@@ -1,11 +1,13 @@
 """Config conversion and validation: one-line ConfigErrors naming the key, before compiling."""
 
+import dataclasses
 import importlib.util
 import os
 
 import pytest
 
 from neva_jax import config as config_lib
+from neva_jax import run_config
 from neva_jax.config import ConfigError, from_config_dict, parse_arg
 from neva_jax.data import synth
 from neva_jax.run_config import MeshSection, TrainSection, mesh_shape
@@ -198,6 +200,30 @@ def test_run_time_keys_reach_both_parts_and_errors_name_the_key(data_dir):
     assert error(data_dir, **{"attention.implementation": "flash"}).startswith(
         "config.attention.implementation='flash': expected one of auto"
     )
+    # Values that would run but be wrong, each refused naming its key.
+    assert error(data_dir, **{"data.num_image_slots": 8}).startswith(
+        "config.data.num_image_slots=8: the model's is 16"
+    )
+    assert error(data_dir, **{"data.use_im_start_end": True}).startswith(
+        "config.data.use_im_start_end=True: the model's is False"
+    )
+    assert error(data_dir, **{"train.adam_b2": 1.0}) == (
+        "config.train.adam_b2=1.0: must be in [0, 1)"
+    )
+    assert error(data_dir, **{"data.image_std": (0.5, 0.0, 0.5)}).startswith(
+        "config.data.image_std=[0.5, 0.0, 0.5]: every value must be > 0"
+    )
+    assert error(data_dir, **{"data.prefetch_buffer_size": -1}).startswith(
+        "config.data.prefetch_buffer_size=-1: must be >= 0"
+    )
+    cfg = from_config_dict(tiny(data_dir))
+    both = dataclasses.replace(
+        cfg,
+        init_from="/run",
+        vision_encoder=dataclasses.replace(cfg.vision_encoder, from_pretrained="/clip"),
+    )
+    with pytest.raises(ConfigError, match="would replace; set one of them"):
+        run_config.check(both, 8, check_environment=False)
     # NeMo's from_hf=False (a NeMo CLIP checkpoint) is refused, not ignored.
     assert error(data_dir, **{"model.vision_encoder.from_hf": False}).startswith(
         "config.model.vision_encoder.from_hf=False: a NeMo CLIP checkpoint is not read; set True"
@@ -329,3 +355,30 @@ def test_nemo_spellings_and_their_limits(data_dir):
     assert error(data_dir, **{"model.llm.rope_type": "yarn"}).startswith(
         "config.model.llm.rope_type='yarn': expected one of default, llama3"
     )
+
+
+def test_settings_that_do_less_than_they_seem_are_logged(data_dir):
+    from neva_jax.train import build
+
+    notes = build.config_notes(
+        from_config_dict(
+            tiny(
+                data_dir,
+                "stage1",
+                **{
+                    "train.projector_lr": 1e-4,
+                    "data.packing": True,
+                    "model.peft.rank": 8,
+                    "checkpoint.every_steps": 10**6,
+                },
+            )
+        )
+    )
+    text = "\n".join(notes)
+    assert "its lr is train.projector_lr=0.0001; train.lr=" in text
+    assert "data.packing=True with data.max_images_per_row=1" in text
+    assert "model.peft.rank: no effect with model.peft.scheme=none" in text
+    assert "model.llm is frozen at its random initialisation" in text
+    assert "only the final step is saved" in text
+    quiet = build.config_notes(from_config_dict(tiny(data_dir, "stage2")))
+    assert not any("projector_lr" in n or "packing" in n or "peft" in n for n in quiet)

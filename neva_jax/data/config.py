@@ -83,13 +83,23 @@ class DataConfig:
     def with_model(
         self, *, image_size: int, num_image_slots: int, use_im_start_end: bool
     ) -> DataConfig:
-        """Fills in the model-dependent fields (values the config already sets win)."""
-        return dataclasses.replace(
-            self,
-            image_size=self.image_size or image_size,
-            num_image_slots=self.num_image_slots or num_image_slots,
-            use_im_start_end=self.use_im_start_end or use_im_start_end,
-        )
+        """Fills in the model-dependent fields. A value the config sets must be the model's
+        (ValueError naming the key otherwise): the data cannot feed the model another
+        image size, slot count or start/end tokens than it was built with."""
+        model = {
+            "image_size": image_size,
+            "num_image_slots": num_image_slots,
+            "use_im_start_end": use_im_start_end,
+        }
+        for key, value in model.items():
+            ours = getattr(self, key)
+            if ours and ours != value:
+                raise ValueError(
+                    f"config.data.{key}={ours!r}: the model's is {value!r} (set by "
+                    "model.vision_encoder.* and model.use_im_start_end); leave the data key "
+                    "unset to take it"
+                )
+        return dataclasses.replace(self, **model)
 
     def validate(self, *, check_files: bool = True) -> None:
         """Raises ValueError (one line naming `config.data.KEY`) on a bad setting."""
@@ -132,6 +142,18 @@ class DataConfig:
             f"max_skip_ratio={self.max_skip_ratio}: must be in [0, 1]",
         )
         check(self.num_workers >= 0, f"num_workers={self.num_workers}: must be >= 0")
+        for key in ("read_threads", "worker_buffer_size", "prefetch_buffer_size"):
+            value = getattr(self, key)
+            check(value >= (1 if key == "read_threads" else 0), f"{key}={value}: must be >= "
+                  f"{1 if key == 'read_threads' else 0}")  # fmt: skip
+        check(
+            self.skip_ratio_min_samples >= 0,
+            f"skip_ratio_min_samples={self.skip_ratio_min_samples}: must be >= 0",
+        )
+        check(
+            all(x > 0 for x in self.image_std),
+            f"image_std={list(self.image_std)}: every value must be > 0 (it divides the pixels)",
+        )
         check(self.num_epochs >= 0, f"num_epochs={self.num_epochs}: must be >= 0 (0 = forever)")
         check(
             len(self.image_mean) == 3 and len(self.image_std) == 3,

@@ -146,6 +146,70 @@ def load_init_params(
     return params, f"model folder {path}"
 
 
+def _adapters(peft: Any) -> str:
+    """What a PeftConfig puts on the model, in words (the fields that change its output)."""
+    if not peft.enabled:
+        return "no LoRA adapters"
+    return f"LoRA rank {peft.rank}, scale {peft.scale:g} on {', '.join(peft.projections)}"
+
+
+def check_adapters(source: str, ours: NevaConfig, saved: NevaConfig) -> None:
+    """ConfigError unless the run's LoRA adapters are the checkpoint's (a checkpoint to
+    resume or to evaluate: its adapters are restored as they are, none may be dropped or
+    rescaled)."""
+    theirs, mine = _adapters(saved.peft), _adapters(ours.peft)
+    if theirs != mine:
+        raise ConfigError(
+            f"config.model.peft.*: {source} has {theirs}, this config {mine}; set "
+            "model.peft.* as the run that wrote it did"
+        )
+
+
+def config_notes(cfg: RunConfig) -> list[str]:
+    """Settings that run but do less than they may seem to, one warning line each."""
+    notes = []
+    train, peft, parts = cfg.train, cfg.model.peft, cfg.trained_parts
+    if parts == ("projector",) and train.projector_lr not in (0.0, train.lr):
+        notes.append(
+            f"only the projector trains: its lr is train.projector_lr={train.projector_lr:g}; "
+            f"train.lr={train.lr:g} is unused"
+        )
+    param_dtype = cfg.model.llm.param_dtype
+    if train.frozen_param_dtype not in ("", param_dtype) and not peft.enabled and len(parts) < 3:
+        notes.append(
+            f"train.frozen_param_dtype={train.frozen_param_dtype}: the frozen parts are held "
+            "and checkpointed in it; a later stage that trains them starts from the rounded "
+            "weights"
+        )
+    if cfg.data.packing and cfg.data.max_images_per_row == 1:
+        notes.append(
+            "data.packing=True with data.max_images_per_row=1: a row holds one image sample at "
+            "most, so image samples are not packed together; raise it (LLaVA-1.5 stage 2: 3)"
+        )
+    if not peft.enabled:
+        default = type(peft)()
+        changed = [
+            f"model.peft.{f.name}"
+            for f in dataclasses.fields(peft)
+            if f.name != "scheme" and getattr(peft, f.name) != getattr(default, f.name)
+        ]
+        if changed:
+            notes.append(f"{', '.join(changed)}: no effect with model.peft.scheme=none")
+    for part, settings in (("llm", cfg.llm), ("vision_encoder", cfg.vision_encoder)):
+        trained = "llm" in parts if part == "llm" else "vision" in parts
+        if not trained and not settings.from_pretrained and not cfg.init_from:
+            notes.append(
+                f"model.{part} is frozen at its random initialisation (no "
+                f"model.{part}.from_pretrained or init_from)"
+            )
+    if cfg.checkpoint.every_steps > train.steps:
+        notes.append(
+            f"checkpoint.every_steps={cfg.checkpoint.every_steps} > train.steps={train.steps}: "
+            "only the final step is saved"
+        )
+    return notes
+
+
 def template_mismatch(init_from: str, template: str) -> str | None:
     """A warning when `init_from` was trained with a conversation template other than
     the run's (stage 1's `plain` aside: stage 2 starts from it by design), else None."""

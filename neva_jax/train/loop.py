@@ -288,11 +288,16 @@ class Loop:
     timing: _Timing = dataclasses.field(default_factory=_Timing)
     window: list[dict[str, float]] = dataclasses.field(default_factory=list)  # since last line
     pending: _Pending | None = None
+    data_ended: bool = False  # a finite data.num_epochs ran out before train.steps
 
     def run_step(self) -> None:
         """Reads a batch, dispatches the step, reports the previous one, saves/evaluates."""
         cfg = self.run.cfg
-        local = next(self.data)
+        try:
+            local = next(self.data)
+        except StopIteration:
+            self.data_ended = True
+            return
         for transform in self.hooks.before_step:
             local = transform(self.step, local)
         p = self.run.model_config.num_image_tokens
@@ -373,11 +378,22 @@ class Loop:
         cfg = self.run.cfg
         with _sigterm_sets(self.stop):
             self.timing.last = time.time()
-            while self.step < cfg.train.steps and not self.stop.requested:
+            while self.step < cfg.train.steps and not (self.stop.requested or self.data_ended):
                 self.run_step()
                 if distributed.reached_preemption_sync_point(self.step):
                     self.stop.requested = True
             self.report()
+            if self.data_ended:
+                logging.warning(
+                    "data.num_epochs=%d: the data ended after step %d of train.steps=%d; the "
+                    "run ends here (raise data.num_epochs, or 0 repeats the data)",
+                    cfg.data.num_epochs,
+                    self.step,
+                    cfg.train.steps,
+                )
+                if self.window:
+                    self._write_line(self.step)
+                self.save()
             self.progress.close()
             if self.stop.requested:
                 self.save()
@@ -404,7 +420,11 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
     _copy_tokenizer(run, workdir)
     parts, mesh, ncfg = cfg.trained_parts, run.mesh, run.model_config
     tx = opt_lib.make_optimizer(cfg.train)
-    schedule = opt_lib.learning_rate_schedule(cfg.train)
+    # The logged learning rate: the projector's when it alone trains.
+    alone = parts == ("projector",) and cfg.train.projector_lr > 0
+    schedule = opt_lib.learning_rate_schedule(cfg.train, cfg.train.projector_lr if alone else None)
+    for note in build.config_notes(cfg):
+        logging.warning("%s", note)
     graphdef, abstract, shards = build.abstract_train_state(
         ncfg, parts, tx, mesh, cfg.train.frozen_param_dtype
     )
@@ -422,7 +442,6 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
             process_count=jax.process_count(),
         )
         stack.callback(train_it.close)
-        stack.callback(_write_data_report, workdir, train_it)
         writer = metrics_lib.MetricsWriter(workdir)
         stack.callback(writer.close)
         latest = ckpt.latest_step()
@@ -431,12 +450,25 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
             check_architecture(
                 f"the checkpoint to resume ({workdir})", ncfg, saved, unset_takes_it=False
             )
+            build.check_adapters(f"the checkpoint to resume ({workdir})", ncfg, saved)
             tree, _ = ckpt.restore(latest, abstract.checkpoint_tree(), train_it)
             state = state_lib.TrainState.from_checkpoint_tree(tree, parts, {})
             logging.info("resumed from %s/%d", ckpt.directory, latest)
+            if cfg.init_from:
+                logging.info("resuming: init_from %s is not read", cfg.init_from)
+            if latest >= cfg.train.steps:
+                logging.warning(
+                    "the checkpoint is at step %d, train.steps=%d: nothing to train; raise "
+                    "train.steps to go on",
+                    latest,
+                    cfg.train.steps,
+                )
             writer.drop_after(latest)
         else:
             state = build.initial_state(cfg, ncfg, tx, mesh, abstract, shards)
+        # From here on the iterator holds the run's position: its report is the run's (a
+        # run stopped earlier, by a config error, leaves the folder's report as it was).
+        stack.callback(_write_data_report, workdir, train_it)
         logging.info("%s", opt_lib.describe_split(state.params, state.frozen))
         if not cfg.data.eval_files:
             logging.info("no data.eval_files: training without evaluation")
@@ -501,6 +533,7 @@ def evaluate(cfg: RunConfig, workdir: str) -> dict[str, float]:
     graphdef, abstract, shards = build.abstract_train_state(ncfg, cfg.trained_parts, tx, mesh)
     batch_sh = build.batch_shardings(mesh, pipeline.BATCH_KEYS)
     check_architecture(f"the checkpoint {source!r}", ncfg, saved, unset_takes_it=False)
+    build.check_adapters(f"the checkpoint {source!r}", ncfg, saved)
     with jax.set_mesh(mesh):
         target = model_parts.merge_dicts(abstract.params, abstract.frozen)
         params, meta = checkpoint.restore_params(source, target)

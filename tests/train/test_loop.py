@@ -132,3 +132,16 @@ def test_nemo_style_config_trains(tmp_path, tiny_config, metrics_of):
         f"config.model.llm.rotary_percentage=1.0: the checkpoint to resume ({tmp_path}) has "
         "rotary_percentage=0.5; set it to 0.5"
     )
+
+
+def test_finite_data_ends_the_run_with_a_checkpoint(tmp_path, tiny_config, metrics_of):
+    """data.num_epochs=1 runs out before train.steps: the run ends at the last full batch
+    with its metrics line and checkpoint (it used to end in a StopIteration traceback,
+    nothing saved)."""
+    w = str(tmp_path / "run")
+    changes = {"data.num_epochs": 1, "train.steps": 1000, "checkpoint.every_steps": 1000}
+    summary = loop.train(tiny_config("stage1", **changes, **{"data.eval_files": ()}), w)
+    last = summary["step"]
+    assert 0 < last < 1000
+    assert checkpoint.complete_steps(os.path.join(w, "checkpoints")) == [last]
+    assert max(metrics_of(w)) == last

@@ -81,6 +81,12 @@ def test_lora_trains_adapters_and_projector_only_and_resumes_after_sigkill(
     abstract, _ = build.param_shardings(plain.model, build.run_mesh(plain))
     with pytest.raises(ConfigError, match="holds LoRA adapters"):
         build.load_init_params(ref_dir, abstract)
+    # Evaluating or resuming it without the same adapters is refused before anything is
+    # built (eval used to restore the base alone and report its loss).
+    plain_eval = tiny_config("stage2", **{"eval.checkpoint": ref_dir})
+    for fn in (loop.evaluate, loop.train):
+        with pytest.raises(ConfigError, match=r"config.model.peft.\*: .* has LoRA rank 4"):
+            fn(plain_eval, ref_dir)
 
     # kill -9 right after step 2's checkpoint (a separate process), then resume.
     flags = [f"--config.{k}={_flag(v)}" for k, v in {**LORA, **RUN}.items()]
