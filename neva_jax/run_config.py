@@ -256,6 +256,11 @@ class DistributedSection:
         n, i = self.num_processes, self.process_id
         _check(n >= 0, f"config.distributed.num_processes={n}: must be >= 0")
         _check(
+            self.initialization_timeout >= 1,
+            f"config.distributed.initialization_timeout={self.initialization_timeout}: must be "
+            ">= 1 (seconds)",
+        )
+        _check(
             i >= -1 and (not n or i < n),
             f"config.distributed.process_id={i}: must be in [0, num_processes) "
             "(-1 = from the environment)",

@@ -370,6 +370,7 @@ def test_settings_that_do_less_than_they_seem_are_logged(data_dir):
                     "data.packing": True,
                     "model.peft.rank": 8,
                     "checkpoint.every_steps": 10**6,
+                    "eval.checkpoint": "/run",
                 },
             )
         )
@@ -380,5 +381,6 @@ def test_settings_that_do_less_than_they_seem_are_logged(data_dir):
     assert "model.peft.rank: no effect with model.peft.scheme=none" in text
     assert "model.llm is frozen at its random initialisation" in text
     assert "only the final step is saved" in text
+    assert "eval.checkpoint is read by --mode eval only" in text
     quiet = build.config_notes(from_config_dict(tiny(data_dir, "stage2")))
     assert not any("projector_lr" in n or "packing" in n or "peft" in n for n in quiet)

@@ -202,6 +202,12 @@ def config_notes(cfg: RunConfig) -> list[str]:
                 f"model.{part} is frozen at its random initialisation (no "
                 f"model.{part}.from_pretrained or init_from)"
             )
+    if cfg.eval.checkpoint:
+        notes.append("eval.checkpoint is read by --mode eval only; training evaluates itself")
+    if cfg.data.system_prompt and cfg.data.template == "plain":
+        notes.append("data.system_prompt: the plain template renders none")
+    if len(cfg.data.weights) == 1:
+        notes.append("data.weights with one train file: nothing to weigh")
     if cfg.checkpoint.every_steps > train.steps:
         notes.append(
             f"checkpoint.every_steps={cfg.checkpoint.every_steps} > train.steps={train.steps}: "
