@@ -216,7 +216,7 @@ class _Answer:
                 delta = self.text.add(event.id)
                 entries = self._logprobs(event) if self.req.logprobs else None
                 if self.text.stopped:  # a stop string: the slot is freed at once
-                    self.handle.cancel()
+                    self.handle.cancel("stop")
                     self.finish = Finished("stop")
                 if delta or entries:
                     yield delta, entries

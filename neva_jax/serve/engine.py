@@ -103,6 +103,7 @@ class Handle:
         self.loop = loop
         self.queue: asyncio.Queue[Token | Finished] = asyncio.Queue()
         self.cancel_event = threading.Event()
+        self.cancel_reason = "cancelled"
         self.generated = 0
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
@@ -112,8 +113,14 @@ class Handle:
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
 
-    def cancel(self) -> None:
-        """Stops generation; the slot is freed before the next decode step (thread-safe)."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stops generation; the slot is freed before the next decode step (thread-safe).
+
+        `reason` is what the request is counted as: "cancelled" (the client left), or
+        "stop" when the caller found a stop string in the text. The first call wins.
+        """
+        if not self.cancel_event.is_set():
+            self.cancel_reason = reason
         self.cancel_event.set()
 
     async def events(self) -> AsyncIterator[Token | Finished]:
@@ -279,12 +286,20 @@ class Engine:
                     return
                 handle = self.pending.popleft()
                 if handle.cancelled:
-                    self._finish(handle, None, "cancelled")
+                    self._finish(handle, None, handle.cancel_reason)
                     continue
                 slot = free[0]
                 self.slots[slot] = handle
             self._gauges()
-            out = self.runner.prefill(slot, handle.ids, handle.pixels, handle.params)
+            try:
+                out = self.runner.prefill(slot, handle.ids, handle.pixels, handle.params)
+            except (ValueError, OverflowError, TypeError) as e:
+                # This request's own values (the protocol's checks should have caught
+                # them): it fails alone; the slot and every other request go on.
+                _log.warning("request refused at prefill: %s: %s", type(e).__name__, e)
+                self._finish(handle, slot, "error", f"{type(e).__name__}: {e}")
+                self._flush()
+                continue
             self._deliver(slot, handle, out.token(0))
             self._flush()
 
@@ -292,7 +307,7 @@ class Engine:
         """One decode step for every active slot; cancelled slots are freed first."""
         for slot, h in enumerate(self.slots):
             if h is not None and h.cancelled:
-                self._finish(h, slot, "cancelled")
+                self._finish(h, slot, h.cancel_reason)
         active = np.array([h is not None for h in self.slots])
         if not active.any():
             return
@@ -327,15 +342,15 @@ class Engine:
         elif handle.generated >= handle.params.max_tokens:
             self._finish(handle, slot, "length")
         elif handle.cancelled:
-            self._finish(handle, slot, "cancelled")
+            self._finish(handle, slot, handle.cancel_reason)
 
-    def _finish(self, handle: Handle, slot: int | None, reason: str) -> None:
+    def _finish(self, handle: Handle, slot: int | None, reason: str, message: str = "") -> None:
         with self.cond:
             if slot is not None:
                 self.slots[slot] = None
                 self.runner.free(slot)
             handle.finished_at = time.perf_counter()
-            self.outbox.append((handle, Finished(reason)))
+            self.outbox.append((handle, Finished(reason, message)))
             if self.metrics is not None:
                 self.metrics.finished(reason, handle.finished_at - handle.submitted)
             self.cond.notify_all()

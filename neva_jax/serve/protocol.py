@@ -86,7 +86,8 @@ class ChatCompletionRequest(_Model):
     max_completion_tokens: int | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # an extension (vLLM has it too); 0 = off
+    # An extension (vLLM has it too); 0 = off. Held as int32 by the decode step.
+    top_k: int = Field(default=0, ge=0, le=2**31 - 1)
     ignore_eos: bool = False  # an extension (vLLM's): generate exactly the token limit
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -133,7 +134,42 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         raise ApiError(400, "stop takes at most 4 strings", param="stop")
     if req.top_logprobs and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    for name, why in _unsupported(data):
+        raise ApiError(400, f"{name}: {why}", param=name)
     return req
+
+
+def _unsupported(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """OpenAI parameters this server does not implement, where the request asks for more
+    than their no-op value: refused, so that no client relies on one silently ignored."""
+    found = []
+
+    def given(name: str, noop: tuple = (None,)) -> bool:
+        return name in data and data[name] not in noop
+
+    fmt = data.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        found.append(("response_format", "structured output (JSON) is not supported"))
+    for name in ("tools", "functions"):
+        if given(name, (None, [])):
+            found.append((name, "tool calling is not supported"))
+    for name in ("tool_choice", "function_call"):
+        if given(name, (None, "none", "auto")):
+            found.append((name, "tool calling is not supported"))
+    if given("logit_bias", (None, {})):
+        found.append(("logit_bias", "not supported"))
+    for name in ("presence_penalty", "frequency_penalty"):
+        if given(name, (None, 0, 0.0)):
+            found.append((name, "not supported"))
+    if given("modalities", (None, ["text"])):
+        found.append(("modalities", "this server answers with text only"))
+    for name, noop in (("best_of", (None, 1)), ("echo", (None, False)), ("prediction", (None,))):
+        if given(name, noop):
+            found.append((name, "not supported"))
+    for i, message in enumerate(data.get("messages") or []):
+        if isinstance(message, dict) and message.get("tool_calls"):
+            found.append((f"messages.{i}.tool_calls", "tool calling is not supported"))
+    return found
 
 
 def _validation_error(e: pydantic.ValidationError) -> ApiError:

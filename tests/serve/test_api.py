@@ -112,6 +112,8 @@ def test_multi_turn_history_uses_the_template(generator, client, image_uri):
 
 
 def test_stop_string_cuts_text_and_frees_the_slot(server, client):
+    stops_before = finish_count(server, "stop")
+    cancels_before = finish_count(server, "cancelled")
     base = client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": QUESTION}], max_tokens=12, temperature=0
     )
@@ -130,6 +132,9 @@ def test_stop_string_cuts_text_and_frees_the_slot(server, client):
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < base.usage.completion_tokens
     assert httpx.get(server.url + "/health").json()["active"] == 0
+    # Counted as a stop, as the client was told, not as a client that left.
+    assert finish_count(server, "cancelled") == cancels_before
+    assert finish_count(server, "stop") >= stops_before + 1
 
 
 def test_logprobs(client):
@@ -188,11 +193,15 @@ def test_metrics(server, client):
     assert values["process_resident_memory_bytes"] > 0
 
 
-def cancelled_count(server) -> float:
+def finish_count(server, reason: str) -> float:
     for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith('neva_requests_total{finish_reason="cancelled"}'):
+        if line.startswith(f'neva_requests_total{{finish_reason="{reason}"}}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def cancelled_count(server) -> float:
+    return finish_count(server, "cancelled")
 
 
 def test_a_client_that_leaves_frees_its_request(server):

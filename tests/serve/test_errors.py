@@ -127,6 +127,15 @@ CASES = {
         400, "only user messages may carry images"),
     "top_logprobs without logprobs": (
         {**user("hi"), "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    # used to pass validation and stop the engine loop for every later request
+    "top_k over int32": ({**user("hi"), "top_k": 2**40}, 400, "top_k:"),
+    "response_format json": (
+        {**user("hi"), "response_format": {"type": "json_object"}}, 400,
+        "response_format: structured output (JSON) is not supported"),
+    "tools": ({**user("hi"), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+              "tools: tool calling is not supported"),
+    "logit_bias": ({**user("hi"), "logit_bias": {"5": 10}}, 400, "logit_bias: not supported"),
+    "presence_penalty": ({**user("hi"), "presence_penalty": 0.5}, 400, "presence_penalty"),
 }  # fmt: skip
 
 
