@@ -335,6 +335,8 @@ def set_model(cd: ml_collections.ConfigDict, model: NevaConfig) -> None:
 
 def model_preset(cd: ml_collections.ConfigDict, name: str) -> None:
     """Sets `cd`'s architecture to `neva_jax.model.neva.PRESETS[name]` (in place)."""
+    if name not in neva.PRESETS:
+        raise ConfigError(f"model preset {name!r}: unknown; known: {', '.join(neva.PRESETS)}")
     set_model(cd, neva.PRESETS[name]())
 
 

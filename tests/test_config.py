@@ -357,6 +357,15 @@ def test_nemo_spellings_and_their_limits(data_dir):
     )
 
 
+def test_python_api_misuse_names_the_fix():
+    from neva_jax.train import loop
+
+    with pytest.raises(ConfigError, match="model preset 'nope': unknown; known: "):
+        config_lib.model_preset(config_lib.default_config(), "nope")
+    with pytest.raises(TypeError, match="from_config_dict"):
+        loop.train(config_lib.default_config(), "/nonexistent")
+
+
 def test_settings_that_do_less_than_they_seem_are_logged(data_dir):
     from neva_jax.train import build
 

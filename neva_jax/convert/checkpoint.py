@@ -303,7 +303,9 @@ def save_model(
 ) -> Path:
     """Writes `model` as a model folder at `out` (which must not exist or be empty).
 
-    `template` / `image_aspect_ratio`: the conversation template and image aspect mode
+    `tokenizer`: a `transformers` tokenizer, a neva-jax `TextTokenizer` (its `.hf`) or a
+    tokenizer folder (copied). `template` / `image_aspect_ratio`: the conversation
+    template and image aspect mode
     the weights were trained with, when known (`conversation.json`; generate and serve
     default to them).
 
@@ -314,6 +316,15 @@ def save_model(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not empty; choose a new output folder")
     conversation = _conversation(template, image_aspect_ratio)
+    hf_tokenizer = getattr(tokenizer, "hf", tokenizer)  # a TextTokenizer holds one
+    if isinstance(tokenizer, str | Path):
+        if not Path(tokenizer).is_dir():
+            raise FileNotFoundError(f"tokenizer {tokenizer}: not a folder")
+    elif tokenizer is not None and not hasattr(hf_tokenizer, "save_pretrained"):
+        raise TypeError(
+            f"tokenizer: expected a transformers tokenizer, a TextTokenizer or a folder, got "
+            f"{type(tokenizer).__name__}"
+        )
     tmp = out.parent / f".{out.name}.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -323,8 +334,10 @@ def save_model(
     # Synchronous: an async save would first copy every array to host memory.
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
         checkpointer.save(tmp / PARAMS, args=ocp.args.StandardSave(params))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / TOKENIZER))
+    if isinstance(tokenizer, str | Path):
+        shutil.copytree(tokenizer, tmp / TOKENIZER)
+    elif tokenizer is not None:
+        hf_tokenizer.save_pretrained(str(tmp / TOKENIZER))
     if preprocessor_config is not None:
         (tmp / PREPROCESSOR).write_text(json.dumps(preprocessor_config, indent=2) + "\n")
     if conversation:

@@ -185,7 +185,7 @@ def generate_tokens(
         images,
         np.int32(max_new_tokens),
         knobs,
-        jax.random.key(sampling.seed),
+        jax.random.key(sampling.seed % 2**32),  # any integer, as the server takes
         np.asarray(eos_ids, np.int32),
         np.int32(pad_id),
         np.int32(rows),
@@ -476,15 +476,30 @@ class Generator:
         return enc.text, enc.ids.tolist()
 
     def preprocess(self, image: Any) -> np.ndarray:
-        """A PIL image or a path -> CLIP-normalised [H, W, 3] float32 (arrays pass through)."""
+        """A PIL image, a path or an array -> CLIP-normalised [H, W, 3] float32.
+
+        A float array of the model's [size, size, 3] is taken as already preprocessed (what
+        this method returns); a uint8 array is an image's raw pixels ([H, W], [H, W, 3] or
+        [H, W, 4]) and is preprocessed like a PIL image; anything else is refused.
+        """
+        size = self.model.config.vision.image_size
         if isinstance(image, np.ndarray):
-            return image.astype(np.float32)
+            if image.dtype == np.uint8 and image.ndim in (2, 3):
+                from PIL import Image
+
+                image = Image.fromarray(image)
+            elif np.issubdtype(image.dtype, np.floating) and image.shape == (size, size, 3):
+                return image.astype(np.float32)
+            else:
+                raise ValueError(
+                    f"an image array of {image.dtype} {image.shape}: give raw uint8 pixels "
+                    f"([H, W, 3]) or preprocessed float pixels ([{size}, {size}, 3])"
+                )
         img = (
             image
             if hasattr(image, "convert")
             else image_lib.open_image(str(image), where=str(image))
         )
-        size = self.model.config.vision.image_size
         return image_lib.preprocess(
             img, size=size, aspect=self.image_aspect, mean=self.image_mean, std=self.image_std
         )
@@ -505,6 +520,16 @@ class Generator:
         Generation ends at the tokenizer's EOS or the template's stop token; the
         text is also cut at the first of `stop` (and the template's stop string).
         """
+        if isinstance(questions, str):
+            raise TypeError("questions: a list of strings, got one str; pass [question]")
+        if not isinstance(images, Sequence) or isinstance(images, str | np.ndarray):
+            raise TypeError("images: a list (an image or None per question); pass [image]")
+        if not questions:
+            raise ValueError("no questions to answer")
+        if isinstance(stop, str):
+            stop = (stop,)  # one stop string, not its characters
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
+            raise TypeError(f"max_new_tokens: an integer, got {max_new_tokens!r}")
         if len(questions) != len(images):
             raise ValueError(f"{len(questions)} questions but {len(images)} images")
         rendered = [
@@ -560,6 +585,11 @@ class Generator:
         """
         if any(q.get("image") for q in questions) and not image_folder:
             raise ValueError("questions name images; give the image folder")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for i, q in enumerate(questions):
+            if not isinstance(q.get("text"), str) or not q["text"].strip():
+                raise ValueError(f"question {i} ({q.get('question_id')!r}) has no 'text'")
         out: list[Completion] = []
         for i in range(0, len(questions), batch_size):
             chunk = questions[i : i + batch_size]
@@ -567,7 +597,7 @@ class Generator:
                 image_lib.resolve_image_path(image_folder, q["image"]) if q.get("image") else None
                 for q in chunk
             ]
-            out += self.generate([str(q.get("text", "")) for q in chunk], images, **kwargs)
+            out += self.generate([q["text"] for q in chunk], images, **kwargs)
         return out
 
     def _cut(

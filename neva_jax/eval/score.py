@@ -34,6 +34,7 @@ def continuation_ids(
     """(ids of prompt + continuation, how many of the last ids are the continuation's)."""
     if not continuation:
         raise ValueError("the continuation to score is empty")
+    gen.prompt_ids(question, has_image)  # the checks generate makes (image placeholders)
     if has_image and IMAGE_PLACEHOLDER not in question:
         question = IMAGE_PLACEHOLDER + "\n" + question
     spans = list(gen.template.render([Message("user", question)], system=gen.system))
@@ -80,12 +81,17 @@ def continuation_scores(
 ) -> list[tuple[float, bool]]:
     """(log P(continuation), is_greedy) for each (question, continuation, image or None).
 
-    One request at a time, right-padded to `generate`'s prompt buckets (one compiled
-    program per bucket and image/no image).
+    The continuation is the text after the assistant's opening as the model writes it:
+    with its leading space (" red"); `Completion.text` has that space stripped, so score
+    " " + text to score a generated answer. One request at a time, right-padded to
+    `generate`'s prompt buckets (one compiled program per bucket and image/no image).
     """
     graphdef, state = nnx.split(gen.model)
     out = []
-    for question, continuation, image in requests:
+    for i, request in enumerate(requests):
+        if not isinstance(request, tuple | list) or len(request) != 3:
+            raise ValueError(f"request {i}: expected (question, continuation, image or None)")
+        question, continuation, image = request
         ids, n = continuation_ids(gen, question, continuation, image is not None)
         limit = gen.model.config.llm.encoder_seq_length
         if len(ids) > limit:

@@ -413,8 +413,17 @@ class Loop:
         return summary
 
 
+def _require_run_config(cfg: Any) -> None:
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(
+            f"expected a RunConfig, got {type(cfg).__name__}; convert an experiment ConfigDict "
+            "with neva_jax.config.from_config_dict(cd)"
+        )
+
+
 def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, Any]:
     """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns a summary."""
+    _require_run_config(cfg)
     run = prepare(cfg)
     os.makedirs(workdir, exist_ok=True)
     _copy_tokenizer(run, workdir)
@@ -512,6 +521,7 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
 
 def evaluate(cfg: RunConfig, workdir: str) -> dict[str, float]:
     """Restores the newest checkpoint (or `eval.checkpoint`) onto this mesh and evaluates."""
+    _require_run_config(cfg)
     if not cfg.data.eval_files:
         raise ConfigError(
             "config.data.eval_files is empty: --mode eval needs evaluation files; name them"

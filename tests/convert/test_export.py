@@ -148,6 +148,14 @@ def test_conversation_travels_with_the_model_folder(tmp_path, capsys):
     )
     conversation = {"template": "llava_llama_2", "image_aspect_ratio": "pad"}
     assert json.loads((folder / "conversation.json").read_text()) == conversation
+    # The tokenizer may also be given as a folder or as the Generator's TextTokenizer.
+    gen = Generator.load(str(folder))
+    for name, tokenizer in (("by_path", folder / "tokenizer"), ("by_text", gen.tokenizer)):
+        checkpoint.save_model(tmp_path / name, imported.model, tokenizer=tokenizer)
+        assert (tmp_path / name / "tokenizer" / "tokenizer_config.json").exists()
+    with pytest.raises(TypeError, match="expected a transformers tokenizer"):
+        checkpoint.save_model(tmp_path / "bad", imported.model, tokenizer=object())
+    assert not (tmp_path / ".bad.partial").exists() and not (tmp_path / "bad").exists()
     gen = Generator.load(str(folder))
     assert (gen.template.name, gen.image_aspect) == ("llava_llama_2", "pad")
     assert Generator.load(str(folder), template="nvgpt").template.name == "nvgpt"

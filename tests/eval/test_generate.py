@@ -195,3 +195,28 @@ def test_generator_renders_template_and_cuts_at_stop(llava_dir, imported):
     [d] = g.generate(["What colour are the shapes?"], [image], max_new_tokens=8, stop=[word])
     assert word not in d.text and d.finished and len(d.token_ids) <= len(c.token_ids)
     assert jnp.all(jnp.asarray(d.token_ids) == jnp.asarray(c.token_ids[: len(d.token_ids)]))
+    # A plain string is one stop string, not a set of characters.
+    [e] = g.generate(["What colour are the shapes?"], [image], max_new_tokens=8, stop=word)
+    assert e.text == d.text
+    # Raw uint8 pixels are an image like the PIL one; preprocessed floats pass through.
+    pixels = np.asarray(image)
+    [f] = g.generate(["What colour are the shapes?"], [pixels], max_new_tokens=8)
+    assert f.token_ids == c.token_ids
+    [h] = g.generate(["What colour are the shapes?"], [g.preprocess(image)], max_new_tokens=8)
+    assert h.token_ids == c.token_ids
+    # Inputs that used to answer something else, or fail deep inside.
+    bad = [
+        ((["q"], [np.zeros((5, 5, 3), np.float32)]), ValueError, "an image array of float32"),
+        (("q", [None]), TypeError, "a list of strings, got one str"),
+        ((["q"], image), TypeError, "images: a list"),
+        (([], []), ValueError, "no questions"),
+    ]
+    for args, kind, message in bad:
+        with pytest.raises(kind, match=message):
+            g.generate(*args, max_new_tokens=4)
+    with pytest.raises(TypeError, match="max_new_tokens: an integer"):
+        g.generate(["q"], [None], max_new_tokens=2.5)
+    with pytest.raises(ValueError, match="has no 'text'"):
+        g.answer_questions([{"question_id": 1, "question": "q"}])
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        gen_lib.SamplingParams(temperature=float("nan"))
