@@ -101,20 +101,26 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": state.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "neva-jax",
+            "max_model_len": state.engine.runner.max_len,
+        }
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "neva-jax",
-                    "max_model_len": state.engine.runner.max_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    async def model(model_id: str) -> dict[str, Any]:  # the OpenAI client's models.retrieve
+        if model_id != state.model_name:
+            raise protocol.ApiError(
+                404, f"model {model_id!r}: this server has {state.model_name!r}", kind="not_found"
+            )
+        return model_card()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request) -> Response:

@@ -47,7 +47,10 @@ class ApiError(Exception):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: "5" for max_tokens or "yes" for stream is a 400, as OpenAI answers (an int
+    # for a float field is still fine); unknown fields are ignored, known unsupported
+    # ones refused (`_unsupported`).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ImageUrl(_Model):
@@ -120,6 +123,7 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    _check_content_parts(data.get("messages"))
     try:
         req = ChatCompletionRequest.model_validate(data)
     except pydantic.ValidationError as e:
@@ -137,6 +141,33 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
     for name, why in _unsupported(data):
         raise ApiError(400, f"{name}: {why}", param=name)
     return req
+
+
+def _check_content_parts(messages: Any) -> None:
+    """Clear errors for content parts (pydantic's union errors name neither the part nor
+    the problem): a known type, its text or its image_url.url."""
+    if not isinstance(messages, list):
+        return
+    for i, message in enumerate(messages):
+        parts = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(parts, list):
+            continue
+        for j, part in enumerate(parts):
+            where = f"messages.{i}.content.{j}"
+            if not isinstance(part, dict):
+                raise ApiError(400, f"{where}: a content part is an object with a type")
+            kind = part.get("type")
+            if kind not in ("text", "image_url"):
+                raise ApiError(
+                    400, f"{where}.type: {kind!r} is not supported (text and image_url parts are)"
+                )
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}.text: a string is required")
+            url = part.get("image_url")
+            if kind == "image_url" and not (
+                isinstance(url, dict) and isinstance(url.get("url"), str)
+            ):
+                raise ApiError(400, f'{where}.image_url: expected {{"url": "data:..." or a path}}')
 
 
 def _unsupported(data: dict[str, Any]) -> list[tuple[str, str]]:

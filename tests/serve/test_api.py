@@ -31,7 +31,9 @@ def image_message(uri: str, text: str = QUESTION) -> dict:
 
 def test_models_and_health(server, client):
     [model] = client.models.list().data
-    assert model.id == "tiny-llava"
+    assert model.id == "tiny-llava" and client.models.retrieve("tiny-llava").id == "tiny-llava"
+    other = httpx.get(server.url + "/v1/models/gpt-4")
+    assert other.status_code == 404 and "this server has 'tiny-llava'" in other.text
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["slots"] == 16
 

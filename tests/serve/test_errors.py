@@ -127,6 +127,14 @@ CASES = {
         400, "only user messages may carry images"),
     "top_logprobs without logprobs": (
         {**user("hi"), "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    "unknown content part": (
+        {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+        400, "messages.0.content.0.type: 'input_audio' is not supported"),
+    "image_url without url": (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        400, "messages.0.content.0.image_url: expected"),
+    "max_tokens as a string": ({**user("hi"), "max_tokens": "5"}, 400, "max_tokens:"),
+    "stream as a string": ({**user("hi"), "stream": "yes"}, 400, "stream:"),
     # used to pass validation and stop the engine loop for every later request
     "top_k over int32": ({**user("hi"), "top_k": 2**40}, 400, "top_k:"),
     "response_format json": (
