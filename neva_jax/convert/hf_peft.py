@@ -57,7 +57,39 @@ _UNSUPPORTED = {
     "target_parameters": None,
     "trainable_token_indices": None,
     "layer_replication": None,
+    # LoRA variants that change what an adapter computes (PEFT marks them
+    # `is_lora_variant`); plain LoRA would import their tensors and compute something else.
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "use_bdlora": None,
+    "kasa_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
 }
+
+
+def _variant_fields() -> dict[str, Any]:
+    """PEFT's own list of LoRA variants, where this PEFT is installed (newer ones too)."""
+    try:
+        import dataclasses
+
+        import peft
+    except ImportError:
+        return {}
+    return {
+        f.name: None if f.default is dataclasses.MISSING else f.default
+        for f in dataclasses.fields(peft.LoraConfig)
+        if f.metadata.get("is_lora_variant")
+    }
+
+
+def _plain(value: Any, plain: Any) -> bool:
+    """Whether a config value is the option's no-op (0 is not None, as `0 == False` is)."""
+    if value is None or (isinstance(value, dict | list) and not value):
+        return True
+    if isinstance(plain, bool) or isinstance(value, bool):
+        return value is plain or value is False
+    return value == plain
 
 
 def _module_key(layers_prefix: str, layer: int, projection: str) -> str:
@@ -76,8 +108,8 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     config = json.loads(path.read_text())
     if config.get("peft_type") != "LORA":
         raise HFImportError(f"{path}: peft_type={config.get('peft_type')!r}; only LORA imports")
-    for name, plain in _UNSUPPORTED.items():
-        if config.get(name, plain) not in (plain, None, {}, False):
+    for name, plain in {**_variant_fields(), **_UNSUPPORTED}.items():
+        if not _plain(config.get(name, plain), plain):
             raise HFImportError(
                 f"{path}: {name}={config[name]!r} is not supported; train with {name}={plain!r}"
             )

@@ -10,6 +10,8 @@ model, e.g. PEFT's unmerged and merged ones in torch, already differ by ~8e-6.)
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -243,6 +245,13 @@ def test_import_cli_and_refusals(adapter, llava_std_dir, tmp_path):
     (bad / hf_peft.ADAPTER_WEIGHTS).write_bytes((folder / hf_peft.ADAPTER_WEIGHTS).read_bytes())
     with pytest.raises(hf.HFImportError, match="use_dora"):
         hf.import_llava(llava_std_dir, adapter=bad)
+    # LoRA variants whose tensors look like plain LoRA's (aLoRA acts only after its
+    # invocation tokens) and an option set to 0 (which equals False) are refused too.
+    base_config = json.loads((folder / hf_peft.ADAPTER_CONFIG).read_text())
+    for name, value in (("alora_invocation_tokens", [30, 40]), ("layers_to_transform", 0)):
+        (bad / hf_peft.ADAPTER_CONFIG).write_text(json.dumps({**base_config, name: value}))
+        with pytest.raises(hf.HFImportError, match=re.escape(f"{name}={value!r} is not")):
+            hf.import_llava(llava_std_dir, adapter=bad)
 
 
 @pytest.mark.parametrize("adapter", ["llava"], indirect=True)
