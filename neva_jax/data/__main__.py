@@ -175,7 +175,10 @@ def cmd_validate(args: argparse.Namespace, cfg: DataConfig) -> int:
     samples: list[tuple[int, int]] = []
     read = truncated = truncated_tokens = 0
     for f in files:
-        ds = grain.MapDataset.source(open_source(f, cfg)).map(preparer)
+        source = open_source(f, cfg)
+        if len(source) == 0:  # as training refuses it
+            raise ValueError(f"{f}: holds no records")
+        ds = grain.MapDataset.source(source).map(preparer)
         it = ds.to_iter_dataset(
             grain.ReadOptions(
                 num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size

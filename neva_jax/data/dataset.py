@@ -45,6 +45,9 @@ REASONS = (
     "image_slots_cut",
     "no_trained_token",
     "template_mismatch",
+    "control_token_in_text",
+    "empty_answer",
+    "plain_not_one_caption",
 )
 
 
@@ -61,11 +64,23 @@ class DataError(ValueError):
 def load_records(path: str) -> list[Any]:
     """Reads a LLaVA JSON list or a JSONL file; raises DataError naming the file/line."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is fine
             text = f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e}); check config.data paths") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); LLaVA data is JSON") from None
     stripped = text.lstrip()
+    if stripped.startswith("{") and "\n" in stripped.rstrip():  # one object over many lines?
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines
+        if isinstance(whole, dict):
+            raise DataError(
+                f"{path}: one JSON object (keys {', '.join(list(whole)[:4])}), not a list of "
+                "records; LLaVA data is a JSON list or JSON lines"
+            )
     if stripped.startswith("["):
         try:
             records = json.loads(text)
@@ -223,9 +238,10 @@ class SamplePreparer:
         self.cfg = cfg
         self.template = conversation.get_template(cfg.template)
         self._tok = tokenizer
+        self._controls: tuple[str, ...] | None = None
 
     def __getstate__(self) -> dict:
-        return {"cfg": self.cfg, "template": self.template, "_tok": None}
+        return {"cfg": self.cfg, "template": self.template, "_tok": None, "_controls": None}
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -288,6 +304,10 @@ class SamplePreparer:
         system = raw.get("system", cfg.system_prompt)
         try:
             messages = conversation.messages_from_llava(turns)
+        except conversation.ConversationError as e:
+            raise BadSampleError("malformed_record", str(e)) from e
+        self._check_messages(messages)
+        try:
             spans = self.template.render(messages, system if isinstance(system, str) else None)
         except conversation.ConversationError as e:
             raise BadSampleError("malformed_record", str(e)) from e
@@ -310,6 +330,50 @@ class SamplePreparer:
             pixels[j], name = self._load_image(ref, where)
             names.append(name)
         return Prepared(enc, pixels, names, where, dropped, cut, full_length)
+
+    def _check_messages(self, messages: list[conversation.Message]) -> None:
+        """What the templates would render but train wrongly, as counted skips.
+
+        - A control token written in the text (`</s>`, `<|eot_id|>`, ...) would be encoded
+          as that token: an answer that ends mid-way, or a forged turn. (LLaVA encodes it
+          too, then its round split fails and it masks the whole sample.)
+        - An empty answer would train only an end of turn (LLaVA masks the sample).
+        - `plain` is one image and its caption: LLaVA's preprocess_plain asserts two turns
+          with `<image>` in the first.
+        """
+        controls = self._control_strings()
+        for i, m in enumerate(messages):
+            found = next((c for c in controls if c in m.text), None)
+            if found is not None:
+                raise BadSampleError(
+                    "control_token_in_text",
+                    f"turn {i} contains {found!r}, which the tokenizer encodes as a control token",
+                )
+            if m.role == "assistant" and not m.text.strip():
+                raise BadSampleError("empty_answer", f"turn {i} is an empty answer")
+        if self.template.name == "plain" and (
+            len(messages) != 2 or conversation.IMAGE_PLACEHOLDER not in messages[0].text
+        ):
+            raise BadSampleError(
+                "plain_not_one_caption",
+                f"{len(messages)} turns; the plain template takes one image and its caption "
+                "(two turns, <image> in the first)",
+            )
+
+    def _control_strings(self) -> tuple[str, ...]:
+        """Special tokens of the tokenizer and the template's control tokens, but the
+        image placeholder and its start/end tokens (which records may carry)."""
+        if self._controls is None:
+            hf = self.tokenizer.hf
+            allowed = {conversation.IMAGE_PLACEHOLDER, *self._image_markers()}
+            found = {*getattr(hf, "all_special_tokens", ()), *self.template.control_tokens}
+            self._controls = tuple(sorted(t for t in found if t and t not in allowed))
+        return self._controls
+
+    def _image_markers(self) -> tuple[str, ...]:
+        tok = self.tokenizer
+        ids = [i for i in (tok.im_start_id, tok.im_end_id) if i is not None]
+        return tuple(tok.hf.convert_ids_to_tokens(ids)) if ids else ()
 
     def _encode(self, spans: list[conversation.Span]) -> Encoded:
         try:

@@ -61,9 +61,21 @@ def resolve_image_path(folder: str, name: str) -> str:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB conversion as `transformers` does it (transparency over white)."""
+    """RGB conversion as `transformers` does it (transparency over white).
+
+    One difference: a 16-bit greyscale image (PNG `I;16`) is scaled to 8 bits; PIL's
+    conversion, which `transformers` and LLaVA use, clips every value over 255 to white.
+    Other wide modes (32-bit integer or float pixels) have no known range and are refused
+    (`image_unreadable`).
+    """
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img, np.uint16) >> 8).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F"):
+        raise ImageError(
+            "image_unreadable", f"{img.mode!r} pixels (32-bit) have no known range; save as 8-bit"
+        )
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -175,3 +175,11 @@ def test_bad_config_is_one_line_exit_2(synth_config: str, capsys) -> None:
     assert err.startswith("error: config.data.template='vicuna': unknown") and "\n" not in err
     assert main(["validate", "--config", synth_config, "--config.data.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+
+
+def test_validate_refuses_an_empty_file_as_training_does(tmp_path, synth_dir: str, capsys) -> None:
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    cfg = _config(tmp_path, synth_dir, str(empty), os.path.join(synth_dir, "images"))
+    assert main(["validate", "--config", cfg, "--split", "train"]) == 2
+    assert "empty.json: holds no records" in capsys.readouterr().err

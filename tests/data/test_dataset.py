@@ -68,6 +68,49 @@ def test_jsonl_and_bad_files(tmp_path) -> None:
         load_records(str(tmp_path / "missing.json"))
 
 
+def test_file_level_problems_are_one_error_naming_the_file(tmp_path) -> None:
+    """A byte-order mark is fine; one JSON object spread over lines, or bytes that are not
+    UTF-8, are one error for the file (they were N malformed records or a bare codec error)."""
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'[\n  {"id": 1, "conversations": []}\n]')
+    assert load_records(str(bom))[0]["id"] == 1
+    obj = tmp_path / "obj.json"
+    obj.write_text('{\n  "data": [{"id": 1}]\n}')
+    with pytest.raises(DataError, match=r"obj.json: one JSON object \(keys data\)"):
+        load_records(str(obj))
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'[{"id": "caf\xe9"}]')
+    with pytest.raises(DataError, match=r"latin\.json: not UTF-8 text"):
+        load_records(str(latin))
+
+
+def _turns(*values: str) -> list[dict]:
+    return [{"from": ("human", "gpt")[i % 2], "value": v} for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize(
+    ("template", "turns", "reason"),
+    [
+        ("vicuna_v1", _turns("<image>\nWhat?", "Write <s>old</s> here."), "control_token_in_text"),
+        ("vicuna_v1", _turns("<image>\nWhat?", "   "), "empty_answer"),
+        ("plain", _turns("<image>\nQ1", "A1", "Where?", "A2"), "plain_not_one_caption"),
+        ("plain", _turns("no image here", "a caption"), "plain_not_one_caption"),
+    ],
+)
+def test_samples_that_would_train_wrongly_are_skipped(
+    synth_cfg: DataConfig, template: str, turns: list[dict], reason: str
+) -> None:
+    """A control token in the text would be encoded as one (an answer that stops mid-way),
+    an empty answer would train only the end of turn, and plain is one caption of one
+    image: each is a counted skip (LLaVA masks or refuses the same samples)."""
+    images = "train/000000.png" if "<image>" in turns[0]["value"] else None
+    raw = {"image": images, "conversations": turns} if images else {"conversations": turns}
+    cfg = dataclasses.replace(synth_cfg, template=template)
+    with pytest.raises(BadSampleError) as e:
+        SamplePreparer(cfg).prepare(raw, "r")
+    assert e.value.reason == reason, e.value
+
+
 def test_unparsable_jsonl_line_is_a_malformed_record(tmp_path, synth_cfg: DataConfig) -> None:
     path = tmp_path / "a.jsonl"
     path.write_text("not json\n")

@@ -160,3 +160,13 @@ def test_paths_stay_inside_the_image_folder(tmp_path) -> None:
         with pytest.raises(I.ImageError) as e:
             I.resolve_image_path(str(root), bad)
         assert e.value.reason == "image_path_outside_folder", bad
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path) -> None:
+    """PIL's convert("RGB") clips 16-bit values over 255 to white; they are scaled."""
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)  # uint16 -> mode I;16
+    img = I.open_image(str(path))
+    assert Image.open(path).mode.startswith("I;16") and img.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(img)[..., 0], (ramp >> 8).astype(np.uint8))
