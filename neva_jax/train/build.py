@@ -347,6 +347,12 @@ def initial_state(
             logging.warning("%s", mismatch)
     if _covers(loaded, abstract_params) and not jax.tree.leaves(abstract.other):
         full, other = _subset(loaded, abstract_params), {}
+        logging.info(
+            "every parameter is loaded: seed=%d draws none (it still seeds dropout); the data "
+            "order follows data.seed=%d",
+            cfg.seed,
+            cfg.data.seed,
+        )
     else:
         model = sharding.create_sharded(model_constructor(ncfg, cfg.seed), mesh)
         _, params, frozen, other = model_parts.split_model(model, parts)
