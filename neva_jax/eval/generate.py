@@ -32,7 +32,7 @@ from flax import nnx
 from neva_jax import platform
 from neva_jax.convert.checkpoint import load_model
 from neva_jax.data import image as image_lib
-from neva_jax.data.conversation import IMAGE_PLACEHOLDER, Message, Template, get_template
+from neva_jax.data.conversation import IMAGE_PLACEHOLDER, Message, Span, Template, get_template
 from neva_jax.data.tokenize import TextTokenizer, encode_spans, load_tokenizer
 from neva_jax.eval.sampling import SamplingParams, select_next
 from neva_jax.model.neva import mask_padded_vocab
@@ -455,10 +455,17 @@ class Generator:
         )
 
     def prompt_ids(self, question: str, has_image: bool) -> tuple[str, list[int]]:
-        """The rendered prompt for one question and its ids (image slots expanded).
+        """The rendered prompt for one question and its ids (image slots expanded)."""
+        spans = self.prompt_spans(question, has_image)
+        enc = encode_spans(spans, self.tokenizer, self.model.config.num_image_tokens)
+        return enc.text, enc.ids.tolist()
+
+    def prompt_spans(self, question: str, has_image: bool) -> list[Span]:
+        """The rendered prompt for one question, as the template's (untrained) spans.
 
         With an image and no `<image>` in the question, the placeholder goes first
-        (LLaVA's evaluation scripts do the same).
+        (LLaVA's evaluation scripts do the same); a placeholder without an image, or two,
+        is a ValueError.
         """
         if has_image and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question
@@ -471,9 +478,7 @@ class Generator:
                 f"question {question[:40]!r} has {question.count(IMAGE_PLACEHOLDER)} "
                 f"{IMAGE_PLACEHOLDER} placeholders; a question takes one image"
             )
-        spans = self.template.render([Message("user", question)], system=self.system)
-        enc = encode_spans(spans, self.tokenizer, self.model.config.num_image_tokens)
-        return enc.text, enc.ids.tolist()
+        return self.template.render([Message("user", question)], system=self.system)
 
     def preprocess(self, image: Any) -> np.ndarray:
         """A PIL image, a path or an array -> CLIP-normalised [H, W, 3] float32.

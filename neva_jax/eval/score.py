@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from neva_jax.data.conversation import IMAGE_PLACEHOLDER, Message, Span
+from neva_jax.data.conversation import Span
 from neva_jax.data.tokenize import TemplateMismatchError, encode_spans
 from neva_jax.eval.generate import Generator, bucket_prompt_length
 from neva_jax.model.neva import mask_padded_vocab
@@ -34,11 +34,7 @@ def continuation_ids(
     """(ids of prompt + continuation, how many of the last ids are the continuation's)."""
     if not continuation:
         raise ValueError("the continuation to score is empty")
-    gen.prompt_ids(question, has_image)  # the checks generate makes (image placeholders)
-    if has_image and IMAGE_PLACEHOLDER not in question:
-        question = IMAGE_PLACEHOLDER + "\n" + question
-    spans = list(gen.template.render([Message("user", question)], system=gen.system))
-    spans = [Span(s.text, False, s.round) for s in spans]
+    spans = gen.prompt_spans(question, has_image)  # as generate renders it, checks included
     slots = gen.model.config.num_image_tokens
     prompt = encode_spans(spans, gen.tokenizer, slots)
     try:
