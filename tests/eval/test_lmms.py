@@ -4,35 +4,12 @@ local four-image task asked both ways: generated answers and multiple choice."""
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import numpy as np
 import pytest
+from lmms_colours import COLOURS, QUESTION, write_task
 from PIL import Image
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 220), "white": (250,) * 3}
-QUESTION = "What colour is the image? Answer with one word."
-
-UTILS = """
-from PIL import Image
-
-
-def doc_to_visual(doc):
-    return [Image.open(doc["image"]).convert("RGB")]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return doc["question"]
-
-
-def doc_to_choice(doc):
-    return ["red", "green", "blue", "white"]
-
-
-def process_results(doc, results):
-    return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +47,9 @@ def test_score_of_the_greedy_answer_is_its_decoded_logprobs(generator):
 def task_dir(tmp_path_factory):
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the test extra has it)")
     root = tmp_path_factory.mktemp("lmms_model_task")
-    with open(root / "data.jsonl", "w") as f:
-        for i, (name, rgb) in enumerate(COLOURS.items()):
-            Image.new("RGB", (48, 40), rgb).save(root / f"{name}.png")
-            row = {"question_id": i, "image": str(root / f"{name}.png"), "question": QUESTION,
-                   "answer": name, "label": i}  # fmt: skip
-            f.write(json.dumps(row) + "\n")
-    (root / "colours_utils.py").write_text(UTILS)
-    common = f"""\
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {root / "data.jsonl"}
-        test_split: test
-        doc_to_visual: !function colours_utils.doc_to_visual
-        doc_to_text: !function colours_utils.doc_to_text
-        """
+    common = write_task(root)
     (root / "colours_gen.yaml").write_text(
-        textwrap.dedent(common)
+        common
         + textwrap.dedent("""\
         task: colours_gen
         output_type: generate_until
@@ -104,7 +66,7 @@ def task_dir(tmp_path_factory):
         """)
     )
     (root / "colours_mc.yaml").write_text(
-        textwrap.dedent(common)
+        common
         + textwrap.dedent("""\
         task: colours_mc
         output_type: multiple_choice

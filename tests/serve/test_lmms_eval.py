@@ -9,66 +9,28 @@ records must be the server's greedy answers, and its metric must be computed on 
 from __future__ import annotations
 
 import base64
-import json
 import textwrap
 
 import httpx
 import pytest
+from lmms_colours import COLOURS, QUESTION, write_task
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the test extra has it)")
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 220), "white": (250,) * 3}
-QUESTION = "What colour is the image? Answer with one word."
-
-UTILS = """
-from PIL import Image
-
-
-def doc_to_visual(doc):
-    return [Image.open(doc["image"]).convert("RGB")]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return doc["question"]
-
-
-def process_results(doc, results):
-    return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
-"""
 
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("lmms_task")
-    with open(root / "data.jsonl", "w") as f:
-        for i, (name, rgb) in enumerate(COLOURS.items()):
-            Image.new("RGB", (48, 40), rgb).save(root / f"{name}.png")
-            row = {
-                "question_id": i,
-                "image": str(root / f"{name}.png"),
-                "question": QUESTION,
-                "answer": name,
-            }
-            f.write(json.dumps(row) + "\n")
-    (root / "tiny_colours_utils.py").write_text(UTILS)
     (root / "tiny_colours.yaml").write_text(
-        textwrap.dedent(f"""\
+        write_task(root)
+        + textwrap.dedent("""\
         task: tiny_colours
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {root / "data.jsonl"}
-        test_split: test
         output_type: generate_until
-        doc_to_visual: !function tiny_colours_utils.doc_to_visual
-        doc_to_text: !function tiny_colours_utils.doc_to_text
         doc_to_target: answer
         generation_kwargs:
           max_new_tokens: 8
           temperature: 0
-        process_results: !function tiny_colours_utils.process_results
+        process_results: !function colours_utils.process_results
         metric_list:
           - metric: exact_match
             aggregation: mean
