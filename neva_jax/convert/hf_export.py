@@ -41,6 +41,7 @@ import numpy as np
 
 from neva_jax.convert import hf_clip, hf_llama, hf_peft
 from neva_jax.convert.hf_chat import chat_template
+from neva_jax.convert.weights import check_tokenizer_folder
 from neva_jax.data.conversation import IMAGE_PLACEHOLDER, TEMPLATES, get_template
 from neva_jax.data.image import CLIP_MEAN, CLIP_STD
 from neva_jax.model import lora
@@ -292,8 +293,7 @@ def export_hf(
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not empty; choose a new output folder")
-    if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise ValueError(f"--tokenizer {tokenizer}: not a folder (a Hugging Face tokenizer)")
+    check_tokenizer_folder(tokenizer)
     model, info = checkpoint.load_model(ckpt_path)
     cfg: NevaConfig = info.config
     tok_path = tokenizer or info.tokenizer_path

@@ -32,6 +32,7 @@ import yaml
 from neva_jax.convert import nemo_config, nemo_write
 from neva_jax.convert.nemo_context import Call, PyRef, to_fiddle_json, to_yaml_dict
 from neva_jax.convert.nemo_io import NemoError, require_torch
+from neva_jax.convert.weights import check_tokenizer_folder
 from neva_jax.model import lora
 from neva_jax.model.neva import NevaConfig
 from neva_jax.model.projector import projector_depth
@@ -254,8 +255,7 @@ def export_nemo(
             f"{out}: a NeMo 2 checkpoint is a folder and .nemo names NeMo 1's tar; pass "
             "--format nemo1 for a .nemo, or name the NeMo 2 folder without .nemo"
         )
-    if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise NemoError(f"--tokenizer {tokenizer}: not a folder (a Hugging Face tokenizer)")
+    check_tokenizer_folder(tokenizer)
     model, info = checkpoint.load_model(ckpt_path)
     cfg: NevaConfig = info.config
     tok_path = Path(tokenizer or info.tokenizer_path or "")

@@ -36,7 +36,13 @@ from neva_jax.convert.nemo_io import NemoError, Source
 from neva_jax.convert.nemo_merge import Subset, check_entries
 from neva_jax.convert.nemo_read import read_checkpoint
 from neva_jax.convert.nemo_tokenizer import vocabulary
-from neva_jax.convert.weights import Entry, SafetensorsFolder, entries_from, load_into
+from neva_jax.convert.weights import (
+    Entry,
+    SafetensorsFolder,
+    check_tokenizer_folder,
+    entries_from,
+    load_into,
+)
 from neva_jax.data.conversation import IMAGE_PLACEHOLDER
 from neva_jax.model import clip
 from neva_jax.model.clip import ClipConfig
@@ -165,8 +171,7 @@ def import_nemo(
       seed: seed of a fresh projector (default 0).
       runtime: RUNTIME_FIELDS (param_dtype, dtype, ...) of the imported config.
     """
-    if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise NemoError(f"--tokenizer {tokenizer}: not a folder (a Hugging Face tokenizer)")
+    check_tokenizer_folder(tokenizer)
     with tempfile.TemporaryDirectory(prefix="neva_nemo_") as tmp, contextlib.ExitStack() as stack:
         source = stack.enter_context(Source(src))
         parts = read_checkpoint(source, Path(tmp), allow_pickle=allow_pickle)

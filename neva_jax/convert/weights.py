@@ -113,6 +113,13 @@ class SafetensorsFolder:
         return data[start:end].view(dtype).reshape(shape)
 
 
+def check_tokenizer_folder(tokenizer: str | Path | None) -> None:
+    """A `--tokenizer` given to a converter names a Hugging Face tokenizer folder; anything
+    else is a ValueError naming it, before any weights are read (None: not given)."""
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ValueError(f"--tokenizer {tokenizer}: not a folder (a Hugging Face tokenizer)")
+
+
 def read_hf_config(path: str | Path, model_types: Iterable[str]) -> dict[str, Any]:
     """config.json of `path`, completed with `transformers`' defaults, as a dict."""
     import transformers
