@@ -184,8 +184,10 @@ def read_jsonl(path: str | Path, what: str) -> list[dict[str, Any]]:
 
 def default_model_id(checkpoint: str) -> str:
     """The folder's name; for a step folder (`run/checkpoints/2000`), `run-2000`."""
+    from neva_jax.convert.checkpoint import CHECKPOINT_DIR
+
     path = Path(checkpoint).absolute()
-    if path.name.isdigit() and path.parent.name == "checkpoints":
+    if path.name.isdigit() and path.parent.name == CHECKPOINT_DIR:
         return f"{path.parent.parent.name}-{path.name}"
     return path.name
 
