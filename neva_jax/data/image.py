@@ -14,7 +14,8 @@ NeMo's variable-size `keep` does not fit static batch shapes).
 Modes other than RGB are converted like `transformers.image_transforms.convert_to_rgb`:
 anything with transparency is composited onto white, the rest uses PIL's
 conversion. Truncated files are never loaded (PIL's LOAD_TRUNCATED_IMAGES stays
-off); paths resolve inside the image folder or are refused.
+off); image names stay inside the image folder (no absolute names, no `..` out
+of it) or are refused; symbolic links in the folder are followed.
 """
 
 from __future__ import annotations
@@ -40,22 +41,25 @@ class ImageError(ValueError):
 
 
 def resolve_image_path(folder: str, name: str) -> str:
-    """Joins `name` under `folder`; refuses absolute names and anything that leaves it.
+    """Joins `name` under `folder`; refuses absolute names and names that climb out of it.
 
-    Symbolic links are resolved first, so a link pointing outside is refused too.
+    The check is on the name (`..` segments), not on where symbolic links lead: an image
+    folder whose subfolders link to the datasets (LLaVA's `playground/data/coco -> ...`)
+    is the user's own layout and loads. The server, which takes names from clients,
+    resolves links before its check (`neva_jax.serve.images`).
     """
     if not isinstance(name, str) or not name:
         raise ImageError("malformed_record", f"image name {name!r} is not a non-empty string")
-    root = os.path.realpath(folder or ".")
+    root = os.path.abspath(folder or ".")
     if os.path.isabs(name):
         raise ImageError(
             "image_path_outside_folder",
             f"image {name!r} is an absolute path; use one relative to {root}",
         )
-    full = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, full]) != root:
+    full = os.path.normpath(os.path.join(root, name))
+    if os.path.commonpath([root, full]) != root or full == root:
         raise ImageError(
-            "image_path_outside_folder", f"image {name!r} resolves outside the image folder {root}"
+            "image_path_outside_folder", f"image {name!r} leads outside the image folder {root}"
         )
     return full
 

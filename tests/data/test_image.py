@@ -151,15 +151,32 @@ def test_bad_images_raise_with_reasons(tmp_path) -> None:
 def test_paths_stay_inside_the_image_folder(tmp_path) -> None:
     root = tmp_path / "images"
     root.mkdir()
-    (tmp_path / "secret.png").write_bytes(b"x")
-    os.symlink(tmp_path / "secret.png", root / "link.png")
-    assert I.resolve_image_path(str(root), "a/b.png") == os.path.join(
-        os.path.realpath(root), "a", "b.png"
-    )
-    for bad in ("../secret.png", "/etc/passwd", "a/../../secret.png", "link.png"):
+    _rng_image(8, 8).save(tmp_path / "secret.png")
+    assert I.resolve_image_path(str(root), "a/b.png") == os.path.join(root, "a", "b.png")
+    for bad in ("../secret.png", "/etc/passwd", "a/../../secret.png", ".", "a/.."):
         with pytest.raises(I.ImageError) as e:
             I.resolve_image_path(str(root), bad)
         assert e.value.reason == "image_path_outside_folder", bad
+
+
+def test_symbolic_links_in_the_image_folder_are_followed(tmp_path) -> None:
+    """LLaVA's layout links dataset folders into the image folder (`coco -> /data/coco`)."""
+    data = tmp_path / "datasets" / "coco"
+    data.mkdir(parents=True)
+    _rng_image(8, 8).save(data / "1.png")
+    root = tmp_path / "playground"
+    root.mkdir()
+    os.symlink(data, root / "coco")
+    os.symlink(data / "1.png", root / "one.png")
+    for name in ("coco/1.png", "one.png", "coco/./1.png"):
+        path = I.resolve_image_path(str(root), name)
+        assert os.path.dirname(os.path.relpath(path, root)) in ("coco", ""), path
+        np.testing.assert_array_equal(
+            np.asarray(I.open_image(path)), np.asarray(I.open_image(str(data / "1.png")))
+        )
+    with pytest.raises(I.ImageError) as e:  # `..` after a link is judged by the name too
+        I.resolve_image_path(str(root), "coco/../../datasets/coco/1.png")
+    assert e.value.reason == "image_path_outside_folder"
 
 
 def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path) -> None:
