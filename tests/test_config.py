@@ -380,6 +380,7 @@ def test_settings_that_do_less_than_they_seem_are_logged(data_dir):
                     "model.peft.rank": 8,
                     "checkpoint.every_steps": 10**6,
                     "eval.checkpoint": "/run",
+                    "train.warmup_ratio": 0.1,
                 },
             )
         )
@@ -391,5 +392,8 @@ def test_settings_that_do_less_than_they_seem_are_logged(data_dir):
     assert "model.llm is frozen at its random initialisation" in text
     assert "only the final step is saved" in text
     assert "eval.checkpoint is read by --mode eval only" in text
+    assert "train.warmup_ratio=0.1 is unused: train.warmup_steps=2 sets the warmup" in text
     quiet = build.config_notes(from_config_dict(tiny(data_dir, "stage2")))
-    assert not any("projector_lr" in n or "packing" in n or "peft" in n for n in quiet)
+    assert not any(
+        "projector_lr" in n or "packing" in n or "peft" in n or "warmup" in n for n in quiet
+    )

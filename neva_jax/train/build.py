@@ -202,6 +202,11 @@ def config_notes(cfg: RunConfig) -> list[str]:
                 f"model.{part} is frozen at its random initialisation (no "
                 f"model.{part}.from_pretrained or init_from)"
             )
+    if train.warmup_steps >= 0 and train.warmup_ratio != type(train)().warmup_ratio:
+        notes.append(
+            f"train.warmup_ratio={train.warmup_ratio:g} is unused: train.warmup_steps="
+            f"{train.warmup_steps} sets the warmup (-1 takes the ratio)"
+        )
     if cfg.eval.checkpoint:
         notes.append("eval.checkpoint is read by --mode eval only; training evaluates itself")
     if cfg.data.system_prompt and cfg.data.template == "plain":
