@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    # Compile times are figures here: a program read back from a persistent compilation
+    # cache (JAX_COMPILATION_CACHE_DIR) would be timed as a file read.
+    jax.config.update("jax_enable_compilation_cache", False)
+
     from neva_jax import allocator
     from neva_jax.bench import shapes
     from neva_jax.bench.report import Report

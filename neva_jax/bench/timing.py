@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# A program read from the persistent compilation cache (JAX_COMPILATION_CACHE_DIR) is
+# not compiled, so it records this instead of the event above.
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def configure_threads(n: int | None) -> dict[str, Any]:
@@ -118,7 +121,8 @@ def ratio_summary(name: str, num: Sequence[float], den: Sequence[float]) -> dict
 
 
 class CompileCounter:
-    """Counts XLA backend compilations (any jitted function) while it is active."""
+    """Counts the programs XLA compiles, or reads back from the persistent compilation
+    cache, for any jitted function while it is active; `seconds` is the compile time."""
 
     def __init__(self):
         self.count = 0
@@ -129,15 +133,21 @@ class CompileCounter:
             self.count += 1
             self.seconds += duration
 
+    def _hit(self, event: str, **_: Any) -> None:
+        if event == CACHE_HIT_EVENT:
+            self.count += 1
+
     @contextlib.contextmanager
     def active(self) -> Iterator[CompileCounter]:
         import jax
 
         jax.monitoring.register_event_duration_secs_listener(self._listener)
+        jax.monitoring.register_event_listener(self._hit)
         try:
             yield self
         finally:
             jax.monitoring.unregister_event_duration_listener(self._listener)
+            jax.monitoring.unregister_event_listener(self._hit)
 
 
 def jax_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
@@ -193,3 +203,14 @@ def weight_read_seconds(nbytes: int, width: int = 512, repeats: int = 9) -> floa
     matvec(h, w).block_until_ready()
     runs = [timed(lambda: matvec(h, w).block_until_ready())[1] for _ in range(repeats)]
     return float(np.median(runs))
+
+
+def stream_read_seconds(nbytes: int, repeats: int = 9) -> float:
+    """Median seconds of numpy summing `nbytes` of float32: the same read as
+    `weight_read_seconds` by code outside XLA, so the floor does not rest on XLA's
+    matvec alone."""
+    import numpy as np
+
+    a = np.ones(max(1, nbytes // 4), np.float32)
+    a.sum()
+    return float(np.median([timed(a.sum)[1] for _ in range(repeats)]))

@@ -202,7 +202,7 @@ def test_decode():
     per_layer = 2 * D * D + 2 * D * kv * H + 3 * D * F + 2 * D  # q, o, k, v, MLP, 2 norms
     expected = (L * per_layer + D + D * V) * 4
     assert floor["weight_mb"] == pytest.approx(expected / 1e6)
-    assert floor["weight_read_ms"] > 0
+    assert floor["weight_read_ms"] == min(floor["xla_matvec_ms"], floor["numpy_sum_ms"]) > 0
     assert floor["best_possible_rate_ratio"] == pytest.approx(
         floor["hf_step_ms"] / floor["weight_read_ms"]
     )
