@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from compile_flags import FAST_COMPILE
 from nbclient import NotebookClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def _write_kernel_spec(root: Path) -> Path:
         "language": "python",
         # The tests simulate 8 devices (conftest.py); the notebook is a one-device user.
         "env": {
-            "XLA_FLAGS": "",
+            "XLA_FLAGS": FAST_COMPILE,
             "JAX_PLATFORMS": "cpu",
             "MPLBACKEND": "module://matplotlib_inline.backend_inline",  # plots as outputs
         },

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from compile_flags import FAST_COMPILE
 
 from neva_jax.convert import checkpoint
 
@@ -42,7 +43,7 @@ def _env(devices: int, cache: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
         JAX_COMPILATION_CACHE_DIR=cache,  # the resumed run reuses the reference's programs
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         TOKENIZERS_PARALLELISM="false",
