@@ -46,6 +46,22 @@ _DTYPES = {
 }
 
 
+def pickled_hint(folder: Path, name: str) -> str:
+    """The error for a folder with only pickled weights, with the one-time conversion:
+    for a PEFT adapter (`adapter_model.bin`) its tensors re-saved, else the model's."""
+    head = f"{folder}: only pickled weights ({name}); neva-jax reads safetensors only. "
+    if name.startswith("adapter_model"):
+        return head + (
+            "Convert once in Python (PEFT reads either file): import torch; "
+            "from safetensors.torch import save_file; "
+            f"save_file(torch.load('{folder / name}'), '{folder / 'adapter_model.safetensors'}')"
+        )
+    return head + (
+        "Convert once in Python: model = <its transformers class>.from_pretrained(SRC); "
+        "model.save_pretrained(DST, safe_serialization=True)"
+    )
+
+
 class SafetensorsFolder:
     """The safetensors tensors of a folder (single file or sharded with an index).
 
@@ -70,11 +86,7 @@ class SafetensorsFolder:
                 p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")
             )
             if pickled:
-                raise HFImportError(
-                    f"{self.path}: only pickled weights ({pickled[0]}); neva-jax reads safetensors only. "
-                    "Convert once in Python: model = <its transformers class>.from_pretrained(SRC); "
-                    "model.save_pretrained(DST, safe_serialization=True)"
-                )
+                raise HFImportError(pickled_hint(self.path, pickled[0]))
             raise HFImportError(f"{self.path}: no *.safetensors weights found")
         self._where: dict[str, tuple[np.memmap, int, int, np.dtype, tuple[int, ...], str]] = {}
         for name in files:

@@ -225,7 +225,7 @@ def test_merged_and_adapter_only_exports(adapter, llava_std_dir, tmp_path):
 
 @pytest.mark.parametrize("adapter", ["llava"], indirect=True)
 def test_import_cli_and_refusals(adapter, llava_std_dir, tmp_path):
-    _, _, folder, imported = adapter
+    _, peft_model, folder, imported = adapter
     out = tmp_path / "imported"
     assert (
         convert_cli.main(["import-hf", str(llava_std_dir), str(out), "--adapter", str(folder)]) == 0
@@ -252,6 +252,16 @@ def test_import_cli_and_refusals(adapter, llava_std_dir, tmp_path):
         (bad / hf_peft.ADAPTER_CONFIG).write_text(json.dumps({**base_config, name: value}))
         with pytest.raises(hf.HFImportError, match=re.escape(f"{name}={value!r} is not")):
             hf.import_llava(llava_std_dir, adapter=bad)
+    # A pickled adapter (adapter_model.bin) is refused with the conversion for an adapter,
+    # and the conversion it prints makes the folder import.
+    pickled = tmp_path / "pickled"
+    peft_model.save_pretrained(pickled, safe_serialization=False)
+    assert not (pickled / hf_peft.ADAPTER_WEIGHTS).exists()
+    with pytest.raises(hf.HFImportError, match=re.escape("(adapter_model.bin)")) as e:
+        hf.import_llava(llava_std_dir, adapter=pickled)
+    exec(str(e.value).split("Convert once in Python (PEFT reads either file): ")[1])
+    again = hf.import_llava(llava_std_dir, adapter=pickled, **platform.resolve_runtime())
+    np.testing.assert_array_equal(_logits(again.model, ids, pixels), _logits(model, ids, pixels))
 
 
 @pytest.mark.parametrize("adapter", ["llava"], indirect=True)
