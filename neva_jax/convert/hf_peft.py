@@ -194,9 +194,17 @@ def adapter_entries(
     used = {k for e in entries for k in e.keys}
     stray = sorted(k for k in keys - used if not k.startswith(projector_prefix))
     if stray:
+        hint = ""
+        if any(part in k for k in stray for part in ("vision_tower", "multi_modal_projector")):
+            hint = (
+                "; a plain list of module names in target_modules also matches the vision "
+                "tower's (CLIP has q_proj, k_proj, v_proj too): LLaVA trains with a regex "
+                r"such as '.*language_model.*\.(q_proj|k_proj|v_proj)'"
+            )
         raise HFImportError(
             f"{folder}: tensor {stray[0]!r} has no place in the model ({len(stray)} in all); "
-            "adapters go on the language model's q/k/v/o/gate/up/down projections of every layer"
+            "adapters go on the language model's q/k/v/o/gate/up/down projections of every "
+            f"layer{hint}"
         )
     has_projector = any(k.startswith(projector_prefix) for k in keys)
     return entries, reader, projector_prefix if has_projector else None

@@ -262,6 +262,16 @@ def test_import_cli_and_refusals(adapter, llava_std_dir, tmp_path):
     exec(str(e.value).split("Convert once in Python (PEFT reads either file): ")[1])
     again = hf.import_llava(llava_std_dir, adapter=pickled, **platform.resolve_runtime())
     np.testing.assert_array_equal(_logits(again.model, ids, pixels), _logits(model, ids, pixels))
+    # A plain list of module names also puts adapters on the vision tower's q/v: refused,
+    # with the regex that keeps them on the language model.
+    import peft
+    from transformers import LlavaForConditionalGeneration
+
+    base = LlavaForConditionalGeneration.from_pretrained(llava_std_dir)
+    listed = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    listed.save_pretrained(tmp_path / "listed")
+    with pytest.raises(hf.HFImportError, match=r"vision_tower.*has no place.*language_model"):
+        hf.import_llava(llava_std_dir, adapter=tmp_path / "listed")
 
 
 @pytest.mark.parametrize("adapter", ["llava"], indirect=True)
