@@ -137,11 +137,20 @@ def peft_config_of(folder: str | Path, cfg: NevaConfig) -> lora.PeftConfig:
     config = read_adapter_config(folder)
     keys = SafetensorsFolder(folder).keys()
     layers, _ = _layout(keys, folder)
-    found = [
-        p
-        for p in lora.PROJECTIONS
-        if any(k.startswith(_module_key(layers, 0, p) + ".lora_A") for k in keys)
-    ]
+    L = cfg.llm.num_layers
+    found = []
+    for p in lora.PROJECTIONS:
+        have = [i for i in range(L) if _module_key(layers, i, p) + ".lora_A.weight" in keys]
+        if have and len(have) < L:
+            raise HFImportError(
+                f"{folder}: {lora.HF_NAMES[p]} has adapters on {len(have)} of the {L} layers "
+                f"(layers {', '.join(map(str, have[:8]))}{', ...' if len(have) > 8 else ''}; "
+                f"target_modules={config.get('target_modules')!r}); neva-jax "
+                "gives every layer of a targeted projection an adapter: train with a "
+                "target_modules that matches all layers"
+            )
+        if have:
+            found.append(p)
     rank = int(config["r"])
     alpha = float(config.get("lora_alpha", 8))
     if config.get("use_rslora"):

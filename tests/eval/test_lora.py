@@ -272,6 +272,14 @@ def test_import_cli_and_refusals(adapter, llava_std_dir, tmp_path):
     listed.save_pretrained(tmp_path / "listed")
     with pytest.raises(hf.HFImportError, match=r"vision_tower.*has no place.*language_model"):
         hf.import_llava(llava_std_dir, adapter=tmp_path / "listed")
+    # A regex that covers some layers only: refused by the option, not by a missing tensor.
+    some = peft.LoraConfig(r=4, target_modules=r".*language_model.*layers\.1\.self_attn\.q_proj")
+    base = LlavaForConditionalGeneration.from_pretrained(llava_std_dir)
+    peft.get_peft_model(base, some).save_pretrained(tmp_path / "some")
+    with pytest.raises(
+        hf.HFImportError, match=r"q_proj has adapters on 1 of the \d+ layers \(layers 1;"
+    ):
+        hf.import_llava(llava_std_dir, adapter=tmp_path / "some")
 
 
 @pytest.mark.parametrize("adapter", ["llava"], indirect=True)
