@@ -180,10 +180,22 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Checks/converts one value to the field's annotated type."""
     args = typing.get_args(annotation)
     if isinstance(annotation, types.UnionType):
-        if value is None and type(None) in args:
+        # ml_collections hands `--config.KEY=None` over as the string 'None' where the
+        # default is None (a system prompt "None" would be trained otherwise).
+        if (value is None or value == "None") and type(None) in args:
             return None
         rest = [a for a in args if a is not type(None)]
-        return _coerce(key, value, rest[0]) if len(rest) == 1 else value
+        if len(rest) == 1:
+            return _coerce(key, value, rest[0])
+        # e.g. str | tuple[str, ...]: the first that takes it, the tuple first (None is
+        # "none of them" there, while a str field takes None as "").
+        for option in sorted(rest, key=lambda a: typing.get_origin(a) is not tuple):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in rest)
+        raise ConfigError(f"config.{key}={value!r}: expected {names}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -199,6 +211,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value is None:
             return ""
     elif typing.get_origin(annotation) is tuple:
+        if value is None or (isinstance(value, tuple | list) and list(value) == [None]):
+            return ()  # `--config.data.eval_files=None`: none (ml_collections gives (None,))
         if isinstance(value, int) and not isinstance(value, bool):
             value = (value,)
         if isinstance(value, tuple | list):

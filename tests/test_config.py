@@ -244,29 +244,47 @@ def test_model_preset_sets_every_architecture_key(preset):
     assert got.llm.dtype == "bfloat16"  # run-time fields keep the run config's
 
 
-def test_rotary_percentage_from_the_command_line_reaches_attention(data_dir, monkeypatch):
-    """A knob added to the run config by marking one LlamaConfig field (NeMo's partial rotary)."""
+def _command_line(monkeypatch, data_dir, *overrides, variant="stage1"):
+    """The RunConfig `python -m neva_jax.main` builds from `--config.KEY=VALUE` overrides
+    (absl defines a flag per overridden key once per process: each key once per session)."""
     import sys
 
     from absl import flags
-    from flax import nnx
 
     from neva_jax import main as main_lib
-    from neva_jax.model.neva import Neva
 
     argv = [
         "neva_jax.main",
-        f"--config={ROOT}/configs/tiny.py:stage1,data_dir={data_dir}",
+        f"--config={ROOT}/configs/tiny.py:{variant},data_dir={data_dir}",
         "--workdir=/unused",
-        "--config.model.llm.rotary_percentage=0.5",
+        *(f"--config.{o}" for o in overrides),
     ]
     monkeypatch.setattr(sys, "argv", argv)  # config_flags reads --config.* overrides here
     flags.FLAGS.unparse_flags()
     try:
         main_lib.parse_flags(argv)
-        cfg = from_config_dict(main_lib._config_value())
+        return from_config_dict(main_lib._config_value())
     finally:
         flags.FLAGS.unparse_flags()
+
+
+def test_none_from_the_command_line(data_dir, monkeypatch):
+    """`=None` is the key's None, not the text 'None': the template's system prompt, no
+    eval files (ml_collections hands over 'None' and (None,))."""
+    cfg = _command_line(
+        monkeypatch, data_dir, "data.system_prompt=None", "data.eval_files=None", variant="stage2"
+    )
+    assert cfg.data.system_prompt is None and cfg.data.eval_files == ()
+    assert _command_line(monkeypatch, data_dir, "data.train_files=None").data.train_files == ()
+
+
+def test_rotary_percentage_from_the_command_line_reaches_attention(data_dir, monkeypatch):
+    """A knob added to the run config by marking one LlamaConfig field (NeMo's partial rotary)."""
+    from flax import nnx
+
+    from neva_jax.model.neva import Neva
+
+    cfg = _command_line(monkeypatch, data_dir, "model.llm.rotary_percentage=0.5")
     assert cfg.model.llm.rotary_percentage == 0.5
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: Neva(cfg.model, rngs=nnx.Rngs(0)))
