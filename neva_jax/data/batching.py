@@ -157,12 +157,19 @@ class BatchIterator(grain.DatasetIterator):
         saved += [(s["parent"], s.get("exhausted", False)) for s in state.get("streams", [])]
         if len(saved) != len(self._streams):
             raise ValueError(
-                f"data iterator state has {len(saved)} stream(s), this pipeline {len(self._streams)}: "
-                "config.data.group_by_modality_length differs from the run that saved it; set it "
-                "as that run did"
+                "config.data.group_by_modality_length differs from the run that saved the "
+                f"checkpoint (its data position has {len(saved)} stream(s), this pipeline "
+                f"{len(self._streams)}); set it as that run did"
             )
         for s, (parent, exhausted) in zip(self._streams, saved, strict=True):
-            s.it.set_state(parent)
+            try:
+                s.it.set_state(parent)
+            except (KeyError, TypeError, ValueError) as e:  # grain's own state layout
+                raise ValueError(
+                    "config.data.num_workers differs from the run that saved the checkpoint "
+                    f"(its data position does not fit this pipeline: {type(e).__name__} {e}); "
+                    "set it as that run did"
+                ) from e
             s.exhausted, s.pending, s.rewind = bool(exhausted), None, None
         self._stats = {**self._new_stats(), **copy.deepcopy(state["stats"])}
         self._position = int(state.get("schedule_pos", 0))

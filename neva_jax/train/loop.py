@@ -44,6 +44,7 @@ from neva_jax import distributed, platform
 from neva_jax.convert import checkpoint
 from neva_jax.data import pipeline
 from neva_jax.data.conversation import get_template
+from neva_jax.data.dataset import DataError, open_source
 from neva_jax.data.tokenize import TextTokenizer, load_tokenizer
 from neva_jax.model import parts as model_parts
 from neva_jax.model.neva import NevaConfig, with_runtime
@@ -168,9 +169,17 @@ def _copy_tokenizer(run: Run, workdir: str) -> None:
 
 
 def evaluate_state(
-    run: Run, eval_fn: Any, state: state_lib.TrainState, shardings: dict[str, Any]
-) -> dict[str, float]:
-    """eval/loss, eval/accuracy, eval/tokens over the eval files (or `eval.steps` batches)."""
+    run: Run,
+    eval_fn: Any,
+    state: state_lib.TrainState,
+    shardings: dict[str, Any],
+    stop: StopFlag | None = None,
+) -> dict[str, float] | None:
+    """eval/loss, eval/accuracy, eval/tokens over the eval files (or `eval.steps` batches);
+    None when `stop` was requested on the way (SIGTERM, one process).
+
+    An eval set none of whose samples could be used is a `DataError` (its loss would read
+    0); skipped samples are logged with their reasons."""
     cfg = run.cfg
     bs = cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum_steps
     it = pipeline.make_eval_iterator(
@@ -185,14 +194,29 @@ def evaluate_state(
         for i, local in enumerate(it):
             if cfg.eval.steps and i >= cfg.eval.steps:
                 break
+            if stop is not None and stop.requested:
+                return None
             batch = global_batch(local, shardings)
             params = model_parts.merge_dicts(state.params, state.frozen)
             out = jax.device_get(eval_fn(params, state.other, batch))
             for k in sums:
                 sums[k] += float(out[k])
+        report = it.report()
     finally:
         it.close()
-    n = max(sums["tokens"], 1.0)
+    skipped = report["samples_skipped"]
+    if skipped:
+        reasons = ", ".join(f"{r} {n}" for r, n in report["skipped_by_reason"].items())
+        first = next(iter(report["first_skipped_by_reason"].values()))
+        counted = (
+            f"{skipped} of {report['samples_read']} eval samples skipped ({reasons}; e.g. {first})"
+        )
+        if not sums["tokens"]:
+            raise DataError(f"config.data.eval_files: no sample could be evaluated: {counted}")
+        logging.warning("%s; the eval figures cover the rest", counted)
+    elif not sums["tokens"]:
+        raise DataError("config.data.eval_files: no token to evaluate (every answer is empty)")
+    n = sums["tokens"]
     return {
         "eval/loss": sums["loss_sum"] / n,
         "eval/accuracy": sums["correct"] / n,
@@ -312,7 +336,9 @@ class Loop:
         every = cfg.eval.every_steps if cfg.data.eval_files else 0  # no eval set: no eval
         if every and self.step % every == 0 and self.step < cfg.train.steps:
             self.report()
-            self.writer.write(self.step, self.evaluate())
+            ev = self.evaluate()
+            if ev is not None:  # else SIGTERM: the run saves and stops after this step
+                self.writer.write(self.step, ev)
             self.timing.last = time.time()  # evaluation time is not step time
         for hook in self.hooks.after_step:
             hook(self)
@@ -369,9 +395,9 @@ class Loop:
             logging.info("checkpoint %d started", self.step)
         _write_data_report(self.workdir, self.data, self.step)
 
-    def evaluate(self) -> dict[str, float]:
-        """eval/* of the current state."""
-        return evaluate_state(self.run, self.eval_fn, self.state, self.batch_shardings)
+    def evaluate(self) -> dict[str, float] | None:
+        """eval/* of the current state; None when SIGTERM came during it."""
+        return evaluate_state(self.run, self.eval_fn, self.state, self.batch_shardings, self.stop)
 
     def run_all(self) -> dict[str, Any]:
         """Steps until `train.steps` or a stop request; returns the run's summary."""
@@ -383,6 +409,13 @@ class Loop:
                 if distributed.reached_preemption_sync_point(self.step):
                     self.stop.requested = True
             self.report()
+            if self.data_ended and not self.data.report()["samples_yielded"]:
+                report = self.data.report()
+                raise DataError(
+                    f"config.data.train_files: no sample could be used: "
+                    f"{report['samples_skipped']} of {report['samples_read']} skipped "
+                    f"({report['skipped_by_reason']}); see python -m neva_jax.data validate"
+                )
             if self.data_ended:
                 logging.warning(
                     "data.num_epochs=%d: the data ended after step %d of train.steps=%d; the "
@@ -396,15 +429,25 @@ class Loop:
                 self.save()
             self.progress.close()
             if self.stop.requested:
+                if self.window:  # the steps since the last line, not lost to the resume
+                    self._write_line(self.step)
                 self.save()
                 self.ckpt.wait()
                 logging.warning("stopped by SIGTERM at step %d; checkpoint committed", self.step)
                 return {"step": self.step, "stopped": "SIGTERM"}
-        summary: dict[str, Any] = {"step": self.step}
-        if cfg.data.eval_files:
-            ev = self.evaluate()
-            self.writer.write(self.step, ev)
-            summary.update(ev)
+            summary: dict[str, Any] = {"step": self.step}
+            if cfg.data.eval_files:
+                ev = self.evaluate()
+                if ev is None:  # SIGTERM during the final evaluation: the step is saved
+                    self.ckpt.wait()
+                    logging.warning(
+                        "stopped by SIGTERM during the final evaluation of step %d; its "
+                        "checkpoint is committed (--mode eval evaluates it)",
+                        self.step,
+                    )
+                    return {"step": self.step, "stopped": "SIGTERM"}
+                self.writer.write(self.step, ev)
+                summary.update(ev)
         self.ckpt.wait()
         if self.timing.steady_sec > 0:
             summary["tokens_per_sec"] = self.timing.steady_tokens / self.timing.steady_sec
@@ -451,6 +494,8 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
             process_count=jax.process_count(),
         )
         stack.callback(train_it.close)
+        for f in cfg.data.eval_files:  # a bad eval file fails now, not after training
+            open_source(f, cfg.data)
         writer = metrics_lib.MetricsWriter(workdir)
         stack.callback(writer.close)
         latest = ckpt.latest_step()
@@ -475,6 +520,7 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
             writer.drop_after(latest)
         else:
             state = build.initial_state(cfg, ncfg, tx, mesh, abstract, shards)
+            writer.drop_after(0)  # lines of an attempt that died before its first checkpoint
         # From here on the iterator holds the run's position: its report is the run's (a
         # run stopped earlier, by a config error, leaves the folder's report as it was).
         stack.callback(_write_data_report, workdir, train_it)
@@ -553,8 +599,9 @@ def evaluate(cfg: RunConfig, workdir: str) -> dict[str, float]:
             graphdef, cfg, ncfg.tokenizer_vocab_size, shards, batch_sh, build.replicated(mesh)
         )
         out = evaluate_state(run, eval_fn, state, batch_sh)
+    step = int(meta.get("step", 0))  # a model folder (import/export) has no training step
     writer = metrics_lib.MetricsWriter(workdir)
-    writer.write(int(meta["step"]), out)
+    writer.write(step, out)
     writer.close()
-    logging.info("eval of %s step %s: %s", source, meta["step"], out)
+    logging.info("eval of %s step %s: %s", source, step, out)
     return out

@@ -12,6 +12,7 @@ from etils import epath
 from flax import nnx
 
 from neva_jax.convert import checkpoint
+from neva_jax.data.dataset import DataError
 from neva_jax.train import loop
 from neva_jax.train import optimizer as opt_lib
 
@@ -64,6 +65,14 @@ def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of, init_params, bit_
     model, info = checkpoint.load_model(w2)
     assert info.step == 6 and str(info.tokenizer_path) == os.path.join(w2, "tokenizer")
     assert _same(nnx.to_pure_dict(nnx.state(model, nnx.Param)), p2)
+    # ... and a model folder (import-hf/import-nemo/save_model write those), which has no
+    # training step: its line is step 0 (it was a KeyError after evaluating).
+    folder = tmp_path / "model"
+    checkpoint.save_model(folder, model, tokenizer=str(info.tokenizer_path))
+    cfg_mf = dataclasses.replace(cfg2, eval=dataclasses.replace(cfg2.eval, checkpoint=str(folder)))
+    assert loop.evaluate(cfg_mf, str(tmp_path / "eval_mf")) == out
+    with open(tmp_path / "eval_mf" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [0]
 
 
 def test_nan_steps_are_skipped_then_k_in_a_row_stop(tmp_path, tiny_config, metrics_of, nan_batch):
@@ -132,6 +141,67 @@ def test_nemo_style_config_trains(tmp_path, tiny_config, metrics_of):
         f"config.model.llm.rotary_percentage=1.0: the checkpoint to resume ({tmp_path}) has "
         "rotary_percentage=0.5; set it to 0.5"
     )
+
+
+def test_unusable_train_or_eval_data_is_an_error(tmp_path, tiny_config, synth_dir):
+    """An eval set with no usable sample used to report eval/loss 0.0, a small unusable
+    train set ended with status 0, a corrupt eval file was found after training."""
+    with open(os.path.join(synth_dir, "stage1_eval.json")) as f:
+        records = json.load(f)[:8]
+    for r in records:
+        r["image"] = "missing/" + r["image"]
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps(records))
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('[{"id": 1,\n')
+    quick = {"train.steps": 2, "checkpoint.every_steps": 1}
+    with pytest.raises(
+        DataError,
+        match=r"eval_files: no sample could be evaluated: 8 of 8 .*"
+        r"image_missing 8",
+    ):
+        loop.train(
+            tiny_config("stage1", **quick, **{"data.eval_files": (str(missing),)}),
+            str(tmp_path / "a"),
+        )
+    with pytest.raises(DataError, match=r"train_files: no sample could be used: 8 of 8 skipped"):
+        loop.train(
+            tiny_config(
+                "stage1",
+                **quick,
+                **{
+                    "data.train_files": (str(missing),),
+                    "data.num_epochs": 1,
+                    "data.eval_files": (),
+                },
+            ),
+            str(tmp_path / "b"),
+        )
+    with pytest.raises(DataError, match=r"corrupt\.json: invalid JSON"):
+        loop.train(
+            tiny_config("stage1", **quick, **{"data.eval_files": (str(corrupt),)}),
+            str(tmp_path / "c"),
+        )
+    assert not os.path.exists(tmp_path / "c" / "checkpoints" / "1")  # before any step
+
+
+def test_sigterm_writes_the_steps_since_the_last_line(
+    tmp_path, tiny_config, metrics_of, signal_driver
+):
+    """With log_every=4, SIGTERM at step 3: step 3's line holds steps 1-3 (they were lost:
+    the resumed run's step-4 line averaged step 4 alone). The folder holds the line of an
+    attempt that died before its first checkpoint: a fresh start drops it."""
+    import signal
+
+    driver, _ = signal_driver
+    w = str(tmp_path / "run")
+    os.makedirs(w)
+    with open(os.path.join(w, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n")
+    cfg = tiny_config("stage1", **{"train.steps": 8, "train.log_every": 4, "data.eval_files": ()})
+    hooks = loop.Hooks(after_step=(driver.signal_at(3, signal.SIGTERM),))
+    assert loop.train(cfg, w, hooks=hooks) == {"step": 3, "stopped": "SIGTERM"}
+    assert sorted(metrics_of(w)) == [3]
 
 
 def test_finite_data_ends_the_run_with_a_checkpoint(tmp_path, tiny_config, metrics_of):
