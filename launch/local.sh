@@ -30,6 +30,9 @@ fi
 config=$1
 workdir=$2
 shift 2
+# WORKDIR is taken from the current directory; CONFIG's file from the repository root
+# (the script runs there), so give a data_dir= inside CONFIG as an absolute path.
+[[ $workdir == /* ]] || workdir="$PWD/$workdir"
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-}

@@ -32,6 +32,9 @@ fi
 config=$1
 workdir=$2
 shift 2
+# WORKDIR is taken from the current directory; CONFIG's file from the repository root
+# (the script runs there), so give a data_dir= inside CONFIG as an absolute path.
+[[ $workdir == /* ]] || workdir="$PWD/$workdir"
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-}
@@ -50,7 +53,9 @@ export TOKENIZERS_PARALLELISM=false
 
 pids=()
 stop_all() {
-  for pid in "${pids[@]}"; do [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null; done
+  # `|| true`: a peer that already exited is no error (set -e would end the script
+  # here, with status 1 and the other processes left running).
+  for pid in "${pids[@]}"; do [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null || true; done
   return 0
 }
 trap 'stop_all' TERM INT
@@ -84,7 +89,7 @@ while :; do
   [[ $running -eq 1 ]] || break
   if [[ $status -ne 0 && $((SECONDS - failed_at)) -gt 30 ]]; then
     # Peers of a dead process can block in a collective: SIGTERM is not enough.
-    for pid in "${pids[@]}"; do [[ -n "$pid" ]] && kill -KILL "$pid" 2>/dev/null; done
+    for pid in "${pids[@]}"; do [[ -n "$pid" ]] && kill -KILL "$pid" 2>/dev/null || true; done
   fi
   sleep 0.5
 done

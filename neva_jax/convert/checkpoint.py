@@ -329,19 +329,25 @@ def save_model(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    (tmp / MODEL_CONFIG).write_text(json.dumps(neva.config_to_dict(model.config), indent=2) + "\n")
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    # Synchronous: an async save would first copy every array to host memory.
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-        checkpointer.save(tmp / PARAMS, args=ocp.args.StandardSave(params))
-    if isinstance(tokenizer, str | Path):
-        shutil.copytree(tokenizer, tmp / TOKENIZER)
-    elif tokenizer is not None:
-        hf_tokenizer.save_pretrained(str(tmp / TOKENIZER))
-    if preprocessor_config is not None:
-        (tmp / PREPROCESSOR).write_text(json.dumps(preprocessor_config, indent=2) + "\n")
-    if conversation:
-        (tmp / CONVERSATION).write_text(json.dumps(conversation, indent=2) + "\n")
+    try:
+        (tmp / MODEL_CONFIG).write_text(
+            json.dumps(neva.config_to_dict(model.config), indent=2) + "\n"
+        )
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        # Synchronous: an async save would first copy every array to host memory.
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+            checkpointer.save(tmp / PARAMS, args=ocp.args.StandardSave(params))
+        if isinstance(tokenizer, str | Path):
+            shutil.copytree(tokenizer, tmp / TOKENIZER)
+        elif tokenizer is not None:
+            hf_tokenizer.save_pretrained(str(tmp / TOKENIZER))
+        if preprocessor_config is not None:
+            (tmp / PREPROCESSOR).write_text(json.dumps(preprocessor_config, indent=2) + "\n")
+        if conversation:
+            (tmp / CONVERSATION).write_text(json.dumps(conversation, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failure leaves nothing behind
+        raise
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -316,34 +317,47 @@ def export_hf(
         raise ValueError(f"--dtype {np_dtype.name}: use one of {', '.join(_ST_DTYPES)}")
 
     tmp = _partial(out)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if cfg.peft.enabled:  # fold the adapters in: a plain llava-hf model
-        params = lora.merge_params(params, cfg.peft)
-    write_weights(tmp, hf_tensors(params, cfg), np_dtype, max_shard_bytes)
-    ids = dict(pad_id=hf_tok.pad_token_id, bos_id=hf_tok.bos_token_id, eos_id=hf_tok.eos_token_id)
-    hf_config = transformers.LlavaConfig(**llava_hf_config(cfg, **ids))
-    hf_config.dtype = np_dtype.name
-    hf_config.save_pretrained(str(tmp))
-    gen = transformers.GenerationConfig(
-        bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"]
-    )
-    gen.save_pretrained(str(tmp))
-    image_processor = transformers.CLIPImageProcessor.from_dict(
-        image_processor_config(cfg, info.preprocessor_config)
-    )
-    processor = transformers.LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=hf_tok,
-        patch_size=cfg.vision.patch_dim,
-        vision_feature_select_strategy="default" if cfg.vision.class_token_length else "full",
-        chat_template=chat_template(chat),
-        image_token=IMAGE_PLACEHOLDER,
-        num_additional_image_tokens=1,
-    )
-    processor.save_pretrained(str(tmp))
-    # transformers 5 nests the image processor in processor_config.json; tools that
-    # read the classic layout (vLLM, AutoImageProcessor) look for this file.
-    image_processor.save_pretrained(str(tmp))
+    try:
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        if cfg.peft.enabled:  # fold the adapters in: a plain llava-hf model
+            params = lora.merge_params(params, cfg.peft)
+        write_weights(tmp, hf_tensors(params, cfg), np_dtype, max_shard_bytes)
+        ids = dict(
+            pad_id=hf_tok.pad_token_id, bos_id=hf_tok.bos_token_id, eos_id=hf_tok.eos_token_id
+        )
+        hf_config = transformers.LlavaConfig(**llava_hf_config(cfg, **ids))
+        hf_config.dtype = np_dtype.name
+        hf_config.save_pretrained(str(tmp))
+        gen = transformers.GenerationConfig(
+            bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"]
+        )
+        gen.save_pretrained(str(tmp))
+        image_processor = transformers.CLIPImageProcessor.from_dict(
+            image_processor_config(cfg, info.preprocessor_config)
+        )
+        processor = transformers.LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=hf_tok,
+            patch_size=cfg.vision.patch_dim,
+            vision_feature_select_strategy="default" if cfg.vision.class_token_length else "full",
+            chat_template=chat_template(chat),
+            image_token=IMAGE_PLACEHOLDER,
+            num_additional_image_tokens=1,
+        )
+        processor.save_pretrained(str(tmp))
+        # transformers 5 nests the image processor in processor_config.json; tools that
+        # read the classic layout (vLLM, AutoImageProcessor) look for this file.
+        image_processor.save_pretrained(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a refusal or failure leaves nothing behind
+        raise
+    if info.image_aspect_ratio in ("pad", "keep"):
+        print(
+            f"warning: {ckpt_path} was trained with image_aspect_ratio={info.image_aspect_ratio!r}; "
+            "llava-hf's CLIPImageProcessor resizes and centre-crops (square), so transformers "
+            "sees other pixels: pad or resize the images to a square before its processor",
+            file=sys.stderr,
+        )
     if out.exists():
         out.rmdir()
     tmp.rename(out)

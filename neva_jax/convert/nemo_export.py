@@ -136,6 +136,11 @@ def _nemo2_config(
     depth = projector_depth(cfg.projector)
     if depth not in (1, 2):
         raise NemoError(f"projector {cfg.projector!r} has no NeMo 2 LLaVA equivalent")
+    if cfg.use_im_start_end:
+        raise NemoError(
+            "use_im_start_end=True (NeMo 1's <im_start>/<im_end> around the image) has no "
+            "NeMo 2 LLaVA equivalent; export with --format nemo1 (or --llm-only)"
+        )
     D, E = cfg.llm.hidden_size, cfg.vision.hidden_size
     llava = Call(
         "nemo.collections.vlm.neva.model.llava.LlavaConfig",
@@ -273,6 +278,7 @@ def export_nemo(
     np_dtype = (
         np.dtype(dtype) if dtype != "bfloat16" else np.dtype(__import__("ml_dtypes").bfloat16)
     )
+    out.parent.mkdir(parents=True, exist_ok=True)  # as import-hf and export-hf do
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if fmt == "nemo2":

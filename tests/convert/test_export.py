@@ -160,7 +160,10 @@ def test_conversation_travels_with_the_model_folder(tmp_path, capsys):
     assert (gen.template.name, gen.image_aspect) == ("llava_llama_2", "pad")
     assert Generator.load(str(folder), template="nvgpt").template.name == "nvgpt"
 
+    capsys.readouterr()
     assert convert_cli.main(["export-hf", str(folder), str(export)]) == 0
+    # llava-hf's processor centre-crops: the pad the model was trained with is not kept
+    assert "trained with image_aspect_ratio='pad'; llava-hf's" in capsys.readouterr().err
     assert convert_cli.main(["import-hf", str(export), str(tmp_path / "back")]) == 0
     assert "template llava_llama_2 (" in capsys.readouterr().out
     _, info = checkpoint.load_model(tmp_path / "back")

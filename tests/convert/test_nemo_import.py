@@ -410,7 +410,9 @@ def _zarr_files(tensors: dict) -> dict[str, bytes]:
     return files
 
 
-def test_neva_media_token_rows_become_image_and_im_start_end(nemo1_tensors, clip_dir, tmp_path):
+def test_neva_media_token_rows_become_image_and_im_start_end(
+    nemo1_tensors, clip_dir, tmp_path, capsys
+):
     """A NeMo 1 NeVA with `use_im_start_end` whose tokenizer appends NeMo's media tokens
     <extra_id_3/4/5>: <image>, <im_start>, <im_end> join the tokenizer and their
     embedding and output rows are copies of the media tokens' trained rows."""
@@ -456,6 +458,17 @@ def test_neva_media_token_rows_become_image_and_im_start_end(nemo1_tensors, clip
     np.testing.assert_array_equal(
         np.asarray(imported.model.projector.linear_1.kernel[...]), weights[adapter + "weight"].T
     )
+    # Exports that cannot hold <im_start>/<im_end> refuse it and leave nothing behind:
+    # llava-hf (its refusal came after the weights were written, which stayed as
+    # .OUT.partial) and NeMo 2 (which wrote the model without the option).
+    folder = checkpoint.save_model(tmp_path / "model", imported.model, tokenizer=imported.tokenizer)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(["export-hf", str(folder), str(tmp_path / "hf")]) == 1
+    assert "use_im_start_end models have no llava-hf equivalent" in capsys.readouterr().err
+    assert main(["export-nemo", str(folder), str(tmp_path / "nemo2")]) == 1
+    assert "no NeMo 2 LLaVA equivalent; export with --format nemo1" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_import_places_weights_on_a_mesh(clip_dir, nemo_imported):
