@@ -151,8 +151,13 @@ def peft_config_of(folder: str | Path, cfg: NevaConfig) -> lora.PeftConfig:
             )
         if have:
             found.append(p)
-    rank = int(config["r"])
-    alpha = float(config.get("lora_alpha", 8))
+    path = folder / ADAPTER_CONFIG
+    rank, alpha = config.get("r"), config.get("lora_alpha", 8)  # PEFT's default alpha
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise HFImportError(f"{path}: r={rank!r}; expected the LoRA rank, an integer >= 1")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+        raise HFImportError(f"{path}: lora_alpha={alpha!r}; expected a number > 0")
+    alpha = float(alpha)
     if config.get("use_rslora"):
         alpha *= math.sqrt(rank)  # scale alpha / sqrt(r) as alpha' / r
     return lora.PeftConfig(

@@ -505,7 +505,26 @@ def train(cfg: RunConfig, workdir: str, *, hooks: Hooks = Hooks()) -> dict[str, 
                 f"the checkpoint to resume ({workdir})", ncfg, saved, unset_takes_it=False
             )
             build.check_adapters(f"the checkpoint to resume ({workdir})", ncfg, saved)
-            tree, _ = ckpt.restore(latest, abstract.checkpoint_tree(), train_it)
+            step_dir = os.path.join(ckpt.directory, str(latest))
+            saved_parts = checkpoint.read_meta(step_dir).get("trained_parts")
+            if saved_parts is not None and tuple(saved_parts) != tuple(parts):
+                raise ConfigError(
+                    f"{workdir}: its checkpoint trained {', '.join(saved_parts)}; this config "
+                    f"trains {', '.join(parts)} (model.*.freeze or model.peft differ). Resume "
+                    "with that run's settings, or start a new --workdir with "
+                    f"--config.init_from={workdir} (stage 2 starts from stage 1 so)"
+                )
+            try:
+                tree, _ = ckpt.restore(latest, abstract.checkpoint_tree(), train_it)
+            except ValueError as e:
+                if "tree structures do not match" not in str(e):
+                    raise
+                raise ConfigError(
+                    f"{workdir}: the optimizer state of its checkpoint does not fit this config "
+                    "(train.grad_clip, train.projector_lr or the optimizer differ from the run "
+                    "that saved it); resume with that run's settings, or start a new --workdir "
+                    f"with --config.init_from={workdir}"
+                ) from None
             state = state_lib.TrainState.from_checkpoint_tree(tree, parts, {})
             logging.info("resumed from %s/%d", ckpt.directory, latest)
             if cfg.init_from:

@@ -252,6 +252,15 @@ def test_import_cli_and_refusals(adapter, llava_std_dir, tmp_path):
         (bad / hf_peft.ADAPTER_CONFIG).write_text(json.dumps({**base_config, name: value}))
         with pytest.raises(hf.HFImportError, match=re.escape(f"{name}={value!r} is not")):
             hf.import_llava(llava_std_dir, adapter=bad)
+    # Values PEFT's own loader would choke on: one line naming the file and the value.
+    no_rank = {k: v for k, v in base_config.items() if k != "r"}
+    for config, expected in (
+        (no_rank, "r=None"),
+        ({**base_config, "lora_alpha": None}, "lora_alpha=None"),
+    ):
+        (bad / hf_peft.ADAPTER_CONFIG).write_text(json.dumps(config))
+        with pytest.raises(hf.HFImportError, match=re.escape(f"adapter_config.json: {expected};")):
+            hf.import_llava(llava_std_dir, adapter=bad)
     # A pickled adapter (adapter_model.bin) is refused with the conversion for an adapter,
     # and the conversion it prints makes the folder import.
     pickled = tmp_path / "pickled"

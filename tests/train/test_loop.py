@@ -204,6 +204,23 @@ def test_sigterm_writes_the_steps_since_the_last_line(
     assert sorted(metrics_of(w)) == [3]
 
 
+def test_resume_with_other_trained_parts_or_optimizer_is_one_line(tmp_path, tiny_config):
+    """It was an Orbax tree-structure traceback after the model was built."""
+    from neva_jax.run_config import ConfigError
+
+    w = str(tmp_path / "run")
+    common = {"train.steps": 2, "data.eval_files": ()}
+    loop.train(tiny_config("stage1", **common), w)
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoint trained projector; this config trains "
+        r"projector, llm .* --config.init_from=",
+    ):
+        loop.train(tiny_config("stage2", **{**common, "train.steps": 4}), w)
+    with pytest.raises(ConfigError, match="the optimizer state of its checkpoint does not fit"):
+        loop.train(tiny_config("stage1", **{**common, "train.steps": 4, "train.grad_clip": 0.0}), w)
+
+
 def test_finite_data_ends_the_run_with_a_checkpoint(tmp_path, tiny_config, metrics_of):
     """data.num_epochs=1 runs out before train.steps: the run ends at the last full batch
     with its metrics line and checkpoint (it used to end in a StopIteration traceback,
