@@ -214,8 +214,12 @@ class EvalSection:
     """`eval`: periodic evaluation during training and `--mode eval`."""
 
     every_steps: int = 0  # 0 = only at the end of training
-    steps: int = 0  # batches per evaluation; 0 = the whole eval set
-    batch_size: int = 0  # 0 = train.batch_size // train.grad_accum_steps
+    # Per evaluation: `steps` x train.batch_size samples (eval.batch_size set: `steps`
+    # batches of it); 0 = the whole eval set.
+    steps: int = 0
+    # 0 = train.batch_size // train.grad_accum_steps (one micro-batch), `steps` scaled so
+    # that accumulation does not change what is evaluated
+    batch_size: int = 0
     checkpoint: str = ""  # --mode eval: a workdir or step folder; "" = the newest in --workdir
 
     def __post_init__(self):

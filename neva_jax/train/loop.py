@@ -182,6 +182,9 @@ def evaluate_state(
     0); skipped samples are logged with their reasons."""
     cfg = run.cfg
     bs = cfg.eval.batch_size or cfg.train.batch_size // cfg.train.grad_accum_steps
+    # eval.steps counts train.batch_size samples when the batch is the micro-batch, so
+    # the same samples are evaluated whatever train.grad_accum_steps is.
+    limit = cfg.eval.steps * (1 if cfg.eval.batch_size else cfg.train.grad_accum_steps)
     it = pipeline.make_eval_iterator(
         run.cfg.data,
         batch_size=bs,
@@ -192,7 +195,7 @@ def evaluate_state(
     sums = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
     try:
         for i, local in enumerate(it):
-            if cfg.eval.steps and i >= cfg.eval.steps:
+            if limit and i >= limit:
                 break
             if stop is not None and stop.requested:
                 return None

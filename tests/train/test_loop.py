@@ -62,6 +62,17 @@ def test_stage1_then_stage2(tmp_path, tiny_config, metrics_of, init_params, bit_
     # --mode eval restores the newest checkpoint and writes eval/* at its step.
     out = loop.evaluate(cfg2, w2)
     assert np.isfinite(out["eval/loss"]) and 0 <= out["eval/accuracy"] <= 1
+    # eval.steps covers the same samples whatever the accumulation (it covered half with 2)
+    assert cfg2.eval.steps and cfg2.train.grad_accum_steps == 1
+    accum = dataclasses.replace(  # tensor=2: a micro-batch of 4 rows over 4 data shards
+        cfg2,
+        train=dataclasses.replace(cfg2.train, grad_accum_steps=2),
+        eval=dataclasses.replace(cfg2.eval, checkpoint=w2),
+        mesh=dataclasses.replace(cfg2.mesh, tensor=2),
+    )
+    out2 = loop.evaluate(accum, str(tmp_path / "eval_accum"))
+    assert out2["eval/tokens"] == out["eval/tokens"]
+    np.testing.assert_allclose(out2["eval/loss"], out["eval/loss"], rtol=1e-6)
     model, info = checkpoint.load_model(w2)
     assert info.step == 6 and str(info.tokenizer_path) == os.path.join(w2, "tokenizer")
     assert _same(nnx.to_pure_dict(nnx.state(model, nnx.Param)), p2)
