@@ -505,17 +505,20 @@ def _type_lock_line(line: str) -> str:
     return f"config.{key}={value!r}: a {given} where a {wanted} is expected{fix}"
 
 
-def unknown_key_line(err: AttributeError, argv: Sequence[str]) -> str:
-    """One line for config_flags' AttributeError on a `--config.KEY` that does not exist."""
+def unknown_key_line(err: AttributeError | KeyError, argv: Sequence[str]) -> str:
+    """One line for config_flags' error on a `--config.KEY` that does not exist: an
+    AttributeError for the last name, a KeyError for a section (`--config.trian.steps`)."""
     text = str(err).replace("\\n", "\n").replace("\\'", "'")
     names = re.findall(r"'([^'\s]+)'", text)
     hint = re.search(r'Did you mean "([^"]+)"', text)
     bad = names[0] if names else ""
     for arg in argv:
         key = arg.split("=", 1)[0]
-        if key.startswith("--config.") and key.split(".")[-1] == bad:
-            fix = f"; did you mean {key.rsplit('.', 1)[0][2:]}.{hint.group(1)}?" if hint else ""
-            return f"{key[2:]}: unknown config key{fix}"
+        parts = key.split(".")
+        if key.startswith("--config.") and bad in parts[1:]:
+            i = parts.index(bad, 1)
+            fixed = ".".join([*parts[:i], hint.group(1), *parts[i + 1 :]])[2:] if hint else ""
+            return f"{key[2:]}: unknown config key" + (f"; did you mean {fixed}?" if hint else "")
     return f"config: unknown key {bad!r}" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
 
 

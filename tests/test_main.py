@@ -52,6 +52,10 @@ def run(capsys, monkeypatch, *args: str) -> tuple[int, str]:
         (["--config.mesh.tensor=3"], "error: config.mesh.tensor=3: must divide"),
         (["--config.data.template=nope"], "error: config.data.template='nope': unknown"),
         (["--config.mesh.tensr=2"], "error: config.mesh.tensr: unknown config key; did you mean "),
+        (  # a misspelt section: ml_collections raises KeyError (its repr was printed)
+            ["--config.trian.steps=2"],
+            "error: config.trian.steps: unknown config key; did you mean config.train.steps?",
+        ),
         (["--config.train.steps=x"], "error: "),
         (["--mode=predict"], "error: "),
         (["stray"], "error: unexpected arguments: stray"),
