@@ -505,9 +505,10 @@ def _type_lock_line(line: str) -> str:
     return f"config.{key}={value!r}: a {given} where a {wanted} is expected{fix}"
 
 
-def unknown_key_line(err: AttributeError | KeyError, argv: Sequence[str]) -> str:
+def unknown_key_line(err: AttributeError | KeyError, argv: Sequence[str]) -> str | None:
     """One line for config_flags' error on a `--config.KEY` that does not exist: an
-    AttributeError for the last name, a KeyError for a section (`--config.trian.steps`)."""
+    AttributeError for the last name, a KeyError for a section (`--config.trian.steps`);
+    None for a KeyError that names no `--config.` flag (the config file raised it)."""
     text = str(err).replace("\\n", "\n").replace("\\'", "'")
     names = re.findall(r"'([^'\s]+)'", text)
     hint = re.search(r'Did you mean "([^"]+)"', text)
@@ -519,6 +520,8 @@ def unknown_key_line(err: AttributeError | KeyError, argv: Sequence[str]) -> str
             i = parts.index(bad, 1)
             fixed = ".".join([*parts[:i], hint.group(1), *parts[i + 1 :]])[2:] if hint else ""
             return f"{key[2:]}: unknown config key" + (f"; did you mean {fixed}?" if hint else "")
+    if isinstance(err, KeyError):
+        return None
     return f"config: unknown key {bad!r}" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
 
 

@@ -62,10 +62,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # config_flags: --config.KEY that does not exist
-        line = unknown_key_line(e, argv)
-        if isinstance(e, KeyError) and line.startswith("config: unknown key"):
-            line = f"--config: KeyError: {e}"  # raised by the config file, not by a flag
-        _fail(line)
+        _fail(unknown_key_line(e, argv) or f"--config: KeyError: {e}")  # else: the file's
     except (flags.Error, ValueError, TypeError, FileNotFoundError) as e:
         _fail(error_line(e))
     except Exception as e:  # the config file itself failed to import or run

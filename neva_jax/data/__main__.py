@@ -41,9 +41,9 @@ def load_data_config(argv: list[str]) -> DataConfig:
     )
     try:
         fv(argv)
-    except AttributeError as e:  # --config.KEY that does not exist
-        raise ValueError(unknown_key_line(e, argv)) from e
-    except (flags.Error, KeyError, TypeError) as e:
+    except (AttributeError, KeyError) as e:  # --config.KEY that does not exist (or the file's)
+        raise ValueError(unknown_key_line(e, argv) or error_line(e)) from e
+    except (flags.Error, TypeError) as e:
         raise ValueError(error_line(e)) from e
     cd = fv.config
     problem = load_error_line(cd, fv["config"].config_filename)

@@ -175,6 +175,10 @@ def test_bad_config_is_one_line_exit_2(synth_config: str, capsys) -> None:
     assert err.startswith("error: config.data.template='vicuna': unknown") and "\n" not in err
     assert main(["validate", "--config", synth_config, "--config.data.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+    assert main(["validate", "--config", synth_config, "--config.dta.template=plain"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: config.dta.template: unknown config key; did you mean config.data.template?"
+    )
 
 
 def test_validate_refuses_an_empty_file_as_training_does(tmp_path, synth_dir: str, capsys) -> None:
