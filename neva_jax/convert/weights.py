@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,15 @@ class SafetensorsFolder:
         file = self.path / name
         if not file.exists():
             raise HFImportError(f"{file}: listed in model.safetensors.index.json but missing")
+        size = file.stat().st_size
         with open(file, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
+            if size < 8 or 8 + n > size:
+                raise HFImportError(f"{file}: truncated or not a safetensors file ({size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise HFImportError(f"{file}: not a safetensors file (header: {e})") from None
         data = np.memmap(file, dtype=np.uint8, mode="r")
         for key, meta in header.items():
             if key == "__metadata__":
@@ -109,6 +116,11 @@ class SafetensorsFolder:
                 raise HFImportError(f"{file}: tensor {key!r} has unsupported dtype {meta['dtype']}")
             start, end = meta["data_offsets"]
             dtype = np.dtype(_DTYPES[meta["dtype"]])
+            if 8 + n + end > size or end - start != math.prod(meta["shape"]) * dtype.itemsize:
+                raise HFImportError(
+                    f"{file}: truncated or damaged (tensor {key!r} is bytes {8 + n + start}.."
+                    f"{8 + n + end} of a {size}-byte file); download or save it again"
+                )
             self._where[key] = (data, 8 + n + start, 8 + n + end, dtype, tuple(meta["shape"]), name)
 
     def keys(self) -> set[str]:

@@ -366,6 +366,16 @@ def test_other_import_errors(llava, tmp_path, capsys):
         ["import-hf", str(wrong), str(tmp_path / "o2")], capsys
     )
 
+    # An interrupted download: the file ends inside a tensor (it was a reshape error).
+    cut = _copy_without_weights(folder, tmp_path / "cut")
+    whole = (folder / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(whole[: len(whole) - 100])
+    message = _error(["import-hf", str(cut), str(tmp_path / "o6")], capsys)
+    assert f"{cut / 'model.safetensors'}: truncated or damaged (tensor " in message
+    (cut / "model.safetensors").write_bytes(whole[:4])
+    message = _error(["import-hf", str(cut), str(tmp_path / "o7")], capsys)
+    assert "model.safetensors: truncated or not a safetensors file (4 bytes)" in message
+
     pickled = _copy_without_weights(folder, tmp_path / "pickled")
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, pickled / "pytorch_model.bin")
     message = _error(["import-hf", str(pickled), str(tmp_path / "o3")], capsys)
