@@ -140,8 +140,16 @@ class SafetensorsFolder:
 def check_tokenizer_folder(tokenizer: str | Path | None) -> None:
     """A `--tokenizer` given to a converter names a Hugging Face tokenizer folder; anything
     else is a ValueError naming it, before any weights are read (None: not given)."""
-    if tokenizer is not None and not Path(tokenizer).is_dir():
+    if tokenizer is None:
+        return
+    if not Path(tokenizer).is_dir():
         raise ValueError(f"--tokenizer {tokenizer}: not a folder (a Hugging Face tokenizer)")
+    files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if not any((Path(tokenizer) / f).is_file() for f in files):
+        raise ValueError(
+            f"--tokenizer {tokenizer}: no tokenizer files in it ({', '.join(files)}); "
+            "name the folder a tokenizer's save_pretrained wrote"
+        )
 
 
 def read_hf_config(path: str | Path, model_types: Iterable[str]) -> dict[str, Any]:

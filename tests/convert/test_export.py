@@ -223,6 +223,9 @@ def test_export_refuses_existing_folder(tmp_path):
         hf_export.export_hf(tmp_path / "nothing", tmp_path / "out")
     with pytest.raises(ValueError, match=r"--tokenizer .*: not a folder"):
         hf_export.export_hf(tmp_path / "nothing", tmp_path / "new", tokenizer=tmp_path / "x")
+    (tmp_path / "empty").mkdir()  # was transformers' "Couldn't instantiate the backend..."
+    with pytest.raises(ValueError, match=r"--tokenizer .*empty: no tokenizer files in it"):
+        hf_export.export_hf(tmp_path / "nothing", tmp_path / "new", tokenizer=tmp_path / "empty")
     argv = ["export-hf", str(tmp_path / "nothing"), str(tmp_path / "new"), "--adapter-only"]
     assert convert_cli.main([*argv, "--template", "vicuna_v1"]) == 1  # PEFT's folder has none
 
