@@ -8,7 +8,8 @@ of the global batch, image slots included), `step_time_sec`; plus `tokens_per_se
 (the window's tokens / its wall time), `learning_rate` and `nonfinite_count` (skipped
 steps so far) of its last step, and `mfu` when the device's peak is known. Evaluation
 lines carry `step` and `eval/loss`, `eval/accuracy`, `eval/tokens`. After a resume
-the lines past the restored step are dropped, so each step appears once.
+the lines past the restored step are dropped, so each step appears once; a step has at
+most one eval line (evaluating it again replaces it).
 
 Model FLOPs follow docs/REFERENCE.md "FLOP convention": the LLM counts 6N per token when its
 weights train and 4N when frozen (N = its matmul parameters, LM head included,
@@ -97,6 +98,11 @@ def model_flops_per_step(
     return flops
 
 
+def _same_eval(line: Mapping[str, Any], row: Mapping[str, Any]) -> bool:
+    """Whether `line` is an evaluation of `row`'s step."""
+    return line.get("step") == row["step"] and any(k.startswith("eval/") for k in line)
+
+
 class MetricsWriter:
     """Appends metrics to `metrics.jsonl` and TensorBoard (process 0 only)."""
 
@@ -121,13 +127,23 @@ class MetricsWriter:
             f.writelines(kept)
 
     def write(self, step: int, values: Mapping[str, Any]) -> None:
-        """Writes one line `{"step": step, **values}` (floats) and the TensorBoard scalars."""
+        """Writes one line `{"step": step, **values}` (floats) and the TensorBoard scalars.
+
+        An evaluation of a step that already has one (`--mode eval` again, a finished run
+        started again) replaces that line, so each step keeps one eval line."""
         if not self.enabled:
             return
         row = {"step": int(step)}
         for k, v in values.items():
             v = np.asarray(v)
             row[k] = bool(v) if v.dtype == bool else (int(v) if v.dtype.kind in "iu" else float(v))
+        if any(k.startswith("eval/") for k in row) and os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = [ln for ln in f if ln.strip()]
+            kept = [ln for ln in lines if not _same_eval(json.loads(ln), row)]
+            if len(kept) < len(lines):
+                with open(self.path, "w") as f:
+                    f.writelines(kept)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:

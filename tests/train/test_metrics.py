@@ -24,6 +24,23 @@ def test_writer_lines_and_drop_after(tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())  # event files
 
 
+def test_a_step_keeps_one_eval_line(tmp_path):
+    """A second evaluation of a step (--mode eval again, a finished run started again)
+    replaces the first; it appended a second line."""
+    w = metrics_lib.MetricsWriter(str(tmp_path), enabled=True)
+    w.write(4, {"loss": 1.0})
+    w.write(4, {"eval/loss": 0.5})
+    w.write(6, {"eval/loss": 0.4})
+    w.write(4, {"eval/loss": 0.3})
+    w.close()
+    rows = [json.loads(x) for x in (tmp_path / metrics_lib.METRICS_FILE).read_text().splitlines()]
+    assert rows == [
+        {"step": 4, "loss": 1.0},
+        {"step": 6, "eval/loss": 0.4},
+        {"step": 4, "eval/loss": 0.3},
+    ]
+
+
 def test_model_flops_convention():
     D, F, V, L, S = 8, 16, 32, 2, 10
     params = {
