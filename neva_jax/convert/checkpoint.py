@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from neva_jax import platform
 from neva_jax.convert import hf
+from neva_jax.convert.weights import written_folder
 from neva_jax.data.image import ASPECT_MODES
 from neva_jax.model import neva
 from neva_jax.model.neva import Neva, NevaConfig
@@ -325,11 +326,7 @@ def save_model(
             f"tokenizer: expected a transformers tokenizer, a TextTokenizer or a folder, got "
             f"{type(tokenizer).__name__}"
         )
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with written_folder(out) as tmp:
         (tmp / MODEL_CONFIG).write_text(
             json.dumps(neva.config_to_dict(model.config), indent=2) + "\n"
         )
@@ -345,12 +342,6 @@ def save_model(
             (tmp / PREPROCESSOR).write_text(json.dumps(preprocessor_config, indent=2) + "\n")
         if conversation:
             (tmp / CONVERSATION).write_text(json.dumps(conversation, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failure leaves nothing behind
-        raise
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
     return out
 
 

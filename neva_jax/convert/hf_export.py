@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 
 from neva_jax.convert import hf_clip, hf_llama, hf_peft
 from neva_jax.convert.hf_chat import chat_template
-from neva_jax.convert.weights import check_tokenizer_folder
+from neva_jax.convert.weights import check_tokenizer_folder, written_folder
 from neva_jax.data.conversation import IMAGE_PLACEHOLDER, TEMPLATES, get_template
 from neva_jax.data.image import CLIP_MEAN, CLIP_STD
 from neva_jax.model import lora
@@ -316,8 +315,7 @@ def export_hf(
     if np_dtype.name not in _ST_DTYPES:
         raise ValueError(f"--dtype {np_dtype.name}: use one of {', '.join(_ST_DTYPES)}")
 
-    tmp = _partial(out)
-    try:
+    with written_folder(out) as tmp:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         if cfg.peft.enabled:  # fold the adapters in: a plain llava-hf model
             params = lora.merge_params(params, cfg.peft)
@@ -348,9 +346,6 @@ def export_hf(
         # transformers 5 nests the image processor in processor_config.json; tools that
         # read the classic layout (vLLM, AutoImageProcessor) look for this file.
         image_processor.save_pretrained(str(tmp))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a refusal or failure leaves nothing behind
-        raise
     if info.image_aspect_ratio in ("pad", "keep"):
         print(
             f"warning: {ckpt_path} was trained with image_aspect_ratio={info.image_aspect_ratio!r}; "
@@ -358,19 +353,7 @@ def export_hf(
             "sees other pixels: pad or resize the images to a square before its processor",
             file=sys.stderr,
         )
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
     return out
-
-
-def _partial(out: Path) -> Path:
-    """A fresh temporary folder next to `out`, renamed to `out` when complete."""
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def export_adapter(
@@ -409,16 +392,13 @@ def export_adapter(
     tensors = dict(hf_peft.adapter_tensors(params, cfg))
     for key, value in _projector_tensors(params.get("projector", {}), cfg):
         tensors[hf_peft.projector_key(key)] = value
-    tmp = _partial(out)
-    write_safetensors(
-        tmp / hf_peft.ADAPTER_WEIGHTS,
-        {k: np.asarray(v).astype(np_dtype) for k, v in tensors.items()},
-    )
-    config = hf_peft.adapter_config(cfg, base)
-    (tmp / hf_peft.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    with written_folder(out) as tmp:
+        write_safetensors(
+            tmp / hf_peft.ADAPTER_WEIGHTS,
+            {k: np.asarray(v).astype(np_dtype) for k, v in tensors.items()},
+        )
+        config = hf_peft.adapter_config(cfg, base)
+        (tmp / hf_peft.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 

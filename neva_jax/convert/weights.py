@@ -10,10 +10,12 @@ so host memory never holds a second copy of the model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,25 @@ class SafetensorsFolder:
         """A read-only memory-mapped view of tensor `key`."""
         data, start, end, dtype, shape, _ = self._where[key]
         return data[start:end].view(dtype).reshape(shape)
+
+
+@contextlib.contextmanager
+def written_folder(out: Path) -> Iterator[Path]:
+    """A fresh `.OUT.partial` folder next to `out` to write into: renamed to `out` (absent
+    or empty) when the block completes, removed when it fails or refuses, so `out` is
+    never half-written and nothing is left behind."""
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
 
 
 def check_tokenizer_folder(tokenizer: str | Path | None) -> None:
