@@ -412,13 +412,15 @@ class Loop:
                 if distributed.reached_preemption_sync_point(self.step):
                     self.stop.requested = True
             self.report()
-            if self.data_ended and not self.data.report()["samples_yielded"]:
-                report = self.data.report()
+            report = self.data.report() if self.data_ended else {}
+            if self.data_ended and not report["samples_yielded"]:
                 raise DataError(
                     f"config.data.train_files: no sample could be used: "
                     f"{report['samples_skipped']} of {report['samples_read']} skipped "
                     f"({report['skipped_by_reason']}); see python -m neva_jax.data validate"
                 )
+            if self.window and (self.data_ended or self.stop.requested):
+                self._write_line(self.step)  # the steps since the last line, not lost
             if self.data_ended:
                 logging.warning(
                     "data.num_epochs=%d: the data ended after step %d of train.steps=%d; the "
@@ -427,13 +429,9 @@ class Loop:
                     self.step,
                     cfg.train.steps,
                 )
-                if self.window:
-                    self._write_line(self.step)
                 self.save()
             self.progress.close()
             if self.stop.requested:
-                if self.window:  # the steps since the last line, not lost to the resume
-                    self._write_line(self.step)
                 self.save()
                 self.ckpt.wait()
                 logging.warning("stopped by SIGTERM at step %d; checkpoint committed", self.step)

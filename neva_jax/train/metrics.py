@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -118,13 +118,19 @@ class MetricsWriter:
 
     def drop_after(self, step: int) -> None:
         """Removes lines with `step` > `step` (after a resume from that step)."""
-        if not self.enabled or not os.path.exists(self.path):
+        if self.enabled:
+            self._drop(lambda line: line.get("step", 0) > step)
+
+    def _drop(self, unwanted: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrites the file without the lines `unwanted` picks (when it picks any)."""
+        if not os.path.exists(self.path):
             return
         with open(self.path) as f:
             lines = [ln for ln in f if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        kept = [ln for ln in lines if not unwanted(json.loads(ln))]
+        if len(kept) < len(lines):
+            with open(self.path, "w") as f:
+                f.writelines(kept)
 
     def write(self, step: int, values: Mapping[str, Any]) -> None:
         """Writes one line `{"step": step, **values}` (floats) and the TensorBoard scalars.
@@ -137,13 +143,8 @@ class MetricsWriter:
         for k, v in values.items():
             v = np.asarray(v)
             row[k] = bool(v) if v.dtype == bool else (int(v) if v.dtype.kind in "iu" else float(v))
-        if any(k.startswith("eval/") for k in row) and os.path.exists(self.path):
-            with open(self.path) as f:
-                lines = [ln for ln in f if ln.strip()]
-            kept = [ln for ln in lines if not _same_eval(json.loads(ln), row)]
-            if len(kept) < len(lines):
-                with open(self.path, "w") as f:
-                    f.writelines(kept)
+        if any(k.startswith("eval/") for k in row):
+            self._drop(lambda line: _same_eval(line, row))
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
